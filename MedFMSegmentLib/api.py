@@ -1,0 +1,95 @@
+"""High-level functions shared by the command line, batch work and the Slicer module."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .io import MedicalImage, label_format, read_image, write_label
+from .models import DEFAULT_MODEL, PromptableModel, load_model
+from .predictor import PredictorSettings, SegmentationSession
+from .preprocessing import IntensitySettings
+from .prompts import Prompts
+
+
+@dataclass
+class SegmentResult:
+    """What :func:`segment_file` produced."""
+
+    output: Path
+    mask: np.ndarray
+    foreground_voxels: int
+    device: str
+
+
+def load_segmenter(model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
+                   adapter: str | os.PathLike | None = None, device: str = "auto"):
+    """Load a model and, when given, apply a fine-tuned adapter to it.
+
+    Returns:
+        ``(model, adapter_info)``; ``adapter_info`` is None without an adapter, else the
+        adapter's metadata (intensity settings, label, automatic-mode support).
+    """
+    if adapter is None:
+        return load_model(model_name, checkpoint, device), None
+    try:
+        from .finetune.adapters import load_adapted_model
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("MedFMSegmentLib"):
+            raise InputError("adapters need the fine-tuning module, which this installation lacks") from None
+        raise
+    return load_adapted_model(adapter, model_name=model_name, checkpoint=checkpoint, device=device)
+
+
+def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts, *, axis: str = "axial",
+                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
+                  adapter_info=None, keep_components: str | None = None,
+                  settings: PredictorSettings | None = None, progress=None, cancel=None) -> np.ndarray:
+    """Segment an in-memory image: prompted, or automatic with an adapter trained for it.
+
+    Returns:
+        ``(K, J, I)`` boolean mask on the image's grid.
+    """
+    if adapter_info is not None and intensity is None:
+        intensity = adapter_info.intensity
+    session = SegmentationSession(model, image, axis=axis, intensity=intensity, settings=settings)
+    if prompts.is_empty:
+        if adapter_info is None or not adapter_info.automatic:
+            raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
+        from .finetune.automatic import segment_automatic
+
+        return segment_automatic(session, keep=keep_components or adapter_info.keep_components,
+                                 progress=progress, cancel=cancel)
+    return session.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+
+
+def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, prompts: Prompts, *,
+                 model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
+                 adapter: str | os.PathLike | None = None, device: str = "auto", axis: str = "axial",
+                 intensity: IntensitySettings | None = None, propagate: bool | None = None,
+                 keep_components: str | None = None) -> SegmentResult:
+    """Read an image, segment it and write the label map on the image's exact grid.
+
+    Everything that can be checked is checked before the model runs, and the output is written
+    atomically, so a failure never leaves a partial file.
+    """
+    output_path = Path(output_path)
+    fmt = label_format(output_path)
+    if not output_path.parent.exists():
+        raise InputError(f"output folder does not exist: {output_path.parent}")
+    image = read_image(image_path)
+    if fmt == ".png" and not image.is_2d and image.geometry.size[2] != 1:
+        raise InputError("PNG output needs a 2D image; use .nii.gz, .nrrd or .seg.nrrd for volumes")
+    prompts.validate(image.geometry)
+    if prompts.is_empty and adapter is None:
+        raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
+    model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device)
+    mask = segment_image(model, image, prompts, axis=axis, intensity=intensity, propagate=propagate,
+                         adapter_info=adapter_info, keep_components=keep_components)
+    name = adapter_info.label_name if adapter_info is not None else "Segment_1"
+    write_label(mask, image.geometry, output_path, is_2d=image.is_2d, segment_name=name)
+    return SegmentResult(output_path, mask, int(mask.sum()), str(model.device))

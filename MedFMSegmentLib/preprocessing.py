@@ -1,0 +1,147 @@
+"""Intensity normalisation and the slice <-> model-input mapping.
+
+A slice goes to the model as LiteMedSAM and MedSAM were trained: intensities clipped and scaled
+to [0, 1], the slice resized so its longer physical side fills the model input (keeping the
+physical aspect ratio, so anisotropic pixels are not distorted), padded at the bottom/right.
+:class:`SliceTransform` maps boxes and clicks into that frame and logits back to the slice's own
+pixel grid exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+#: Default CT window (level, width) in HU: soft tissue.
+DEFAULT_CT_WINDOW = (40.0, 400.0)
+
+
+@dataclass(frozen=True)
+class IntensitySettings:
+    """How raw voxel values become [0, 1].
+
+    Attributes:
+        mode: ``"auto"`` (CT window for CT, percentiles otherwise), ``"percentile"``, ``"ct"``
+            or ``"none"`` (values already in [0, 1] or 0..255).
+        window: CT ``(level, width)`` in HU, used by ``"ct"`` and by ``"auto"`` on CT images.
+        percentiles: Lower and upper clipping percentiles of the non-zero voxels (MR, US, ...).
+    """
+
+    mode: str = "auto"
+    window: tuple[float, float] = DEFAULT_CT_WINDOW
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "window": list(self.window), "percentiles": list(self.percentiles)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "IntensitySettings":
+        return cls(data.get("mode", "auto"), tuple(data.get("window", DEFAULT_CT_WINDOW)),
+                   tuple(data.get("percentiles", (0.5, 99.5))))
+
+
+def normalize_intensity(volume: np.ndarray, settings: IntensitySettings = IntensitySettings(),
+                        modality: str | None = None) -> np.ndarray:
+    """Clip and scale a whole volume to float32 [0, 1] (computed once per volume, not per slice)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    mode = settings.mode
+    if mode == "auto":
+        mode = "ct" if (modality or "").upper() == "CT" else "percentile"
+    if mode == "ct":
+        level, width = settings.window
+        low, high = level - width / 2.0, level + width / 2.0
+    elif mode == "percentile":
+        foreground = volume[volume > volume.min()] if np.any(volume > volume.min()) else volume.ravel()
+        if foreground.size > 2_000_000:  # percentiles of a large CT do not need every voxel
+            foreground = foreground[:: foreground.size // 2_000_000 + 1]
+        low, high = np.percentile(foreground, settings.percentiles)
+    elif mode == "none":
+        low, high = (0.0, 255.0) if volume.max() > 1.0 else (0.0, 1.0)
+    else:
+        raise ValueError(f"unknown intensity mode {settings.mode!r}")
+    if high <= low:
+        high = low + 1.0
+    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SliceTransform:
+    """Maps one slice (``rows x cols`` pixels of size ``pixel_size``) into a square model input.
+
+    Attributes:
+        rows, cols: Slice size in pixels.
+        new_rows, new_cols: Size of the resized slice inside the ``target`` x ``target`` input.
+        target: Model input side.
+    """
+
+    rows: int
+    cols: int
+    new_rows: int
+    new_cols: int
+    target: int
+
+    @classmethod
+    def create(cls, rows: int, cols: int, target: int,
+               pixel_size: tuple[float, float] = (1.0, 1.0)) -> "SliceTransform":
+        """Fit a slice whose pixels measure ``pixel_size`` = (row spacing, column spacing) mm."""
+        height, width = rows * pixel_size[0], cols * pixel_size[1]
+        scale = target / max(height, width)
+        new_rows = min(target, max(1, int(round(height * scale))))
+        new_cols = min(target, max(1, int(round(width * scale))))
+        return cls(rows, cols, new_rows, new_cols, target)
+
+    @property
+    def scale_rows(self) -> float:
+        return self.new_rows / self.rows
+
+    @property
+    def scale_cols(self) -> float:
+        return self.new_cols / self.cols
+
+    def image_to_input(self, image: np.ndarray) -> torch.Tensor:
+        """A 2D slice in [0, 1] -> ``(3, target, target)`` tensor, min-max rescaled and padded.
+
+        The per-slice min-max stretch follows LiteMedSAM's and MedSAM's inference code.
+        """
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        downscale = self.new_rows < self.rows or self.new_cols < self.cols
+        resized = F.interpolate(tensor, size=(self.new_rows, self.new_cols), mode="bilinear",
+                                align_corners=False, antialias=downscale)
+        low, high = resized.min(), resized.max()
+        resized = (resized - low) / torch.clamp(high - low, min=1e-8)
+        padded = F.pad(resized, (0, self.target - self.new_cols, 0, self.target - self.new_rows))
+        return padded[0].expand(3, -1, -1)
+
+    def box_to_input(self, box: tuple[float, float, float, float]) -> np.ndarray:
+        """Box ``(col0, row0, col1, row1)`` with inclusive pixel corners -> model-input ``(x0, y0, x1, y1)``."""
+        c0, r0, c1, r1 = box
+        return np.array([c0 * self.scale_cols, r0 * self.scale_rows,
+                         (c1 + 1) * self.scale_cols - 1, (r1 + 1) * self.scale_rows - 1], dtype=np.float32)
+
+    def input_to_box(self, box: np.ndarray) -> tuple[float, float, float, float]:
+        """Inverse of :meth:`box_to_input`."""
+        x0, y0, x1, y1 = (float(v) for v in box)
+        return (x0 / self.scale_cols, y0 / self.scale_rows,
+                (x1 + 1) / self.scale_cols - 1, (y1 + 1) / self.scale_rows - 1)
+
+    def points_to_input(self, points: np.ndarray) -> np.ndarray:
+        """Pixel centres ``(N, 2)`` as ``(col, row)`` -> model-input ``(x, y)``."""
+        points = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        return np.stack([(points[:, 0] + 0.5) * self.scale_cols - 0.5,
+                         (points[:, 1] + 0.5) * self.scale_rows - 0.5], axis=1)
+
+    def logits_to_slice(self, logits: torch.Tensor) -> torch.Tensor:
+        """Low-res logits ``(N, 1, h, w)`` covering the padded input -> ``(N, rows, cols)`` logits."""
+        upsampled = F.interpolate(logits.float(), size=(self.target, self.target), mode="bilinear",
+                                  align_corners=False)
+        cropped = upsampled[..., : self.new_rows, : self.new_cols]
+        return F.interpolate(cropped, size=(self.rows, self.cols), mode="bilinear", align_corners=False)[:, 0]
+
+    def mask_to_input(self, mask: np.ndarray) -> torch.Tensor:
+        """A slice mask ``(rows, cols)`` -> ``(target, target)`` float mask in the input frame (nearest)."""
+        tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        resized = F.interpolate(tensor, size=(self.new_rows, self.new_cols), mode="nearest")
+        return F.pad(resized, (0, self.target - self.new_cols, 0, self.target - self.new_rows))[0, 0]

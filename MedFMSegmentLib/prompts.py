@@ -1,0 +1,130 @@
+"""Prompts in voxel indices and the 2D box arithmetic the predictor uses.
+
+A :class:`Prompts` holds what a user gives: at most one box (a 3D box, or a 2D box on one
+slice) and any number of positive and negative clicks, all as 0-based voxel indices
+``(i, j, k)``. In 2D, boxes are ``(col0, row0, col1, row1)`` with inclusive corners and clicks
+are ``(col, row)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from .errors import InputError
+from .geometry import VolumeGeometry
+
+Box2D = tuple[float, float, float, float]
+
+
+@dataclass
+class Prompts:
+    """User prompts in voxel indices.
+
+    Attributes:
+        box: ``(i0, j0, k0, i1, j1, k1)`` inclusive corners, or None.
+        positives: Clicks on the structure, ``(i, j, k)`` each.
+        negatives: Clicks on background, ``(i, j, k)`` each.
+    """
+
+    box: tuple[int, int, int, int, int, int] | None = None
+    positives: list[tuple[float, float, float]] = field(default_factory=list)
+    negatives: list[tuple[float, float, float]] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.box is None and not self.positives
+
+    def validate(self, geometry: VolumeGeometry) -> None:
+        """Raise :class:`InputError` for a box or click outside the image or an inverted box."""
+        size = geometry.size
+        if self.box is not None:
+            if len(self.box) != 6:
+                raise InputError("a box needs six numbers: I0 J0 K0 I1 J1 K1")
+            lower, upper = self.box[:3], self.box[3:]
+            for axis, name in enumerate("IJK"):
+                if lower[axis] > upper[axis]:
+                    raise InputError(f"inverted box: {name}0={lower[axis]} > {name}1={upper[axis]}")
+                if lower[axis] < 0 or upper[axis] > size[axis] - 1:
+                    raise InputError(f"box {name} range {lower[axis]}..{upper[axis]} is outside the image "
+                                     f"(valid 0..{size[axis] - 1})")
+        for kind, points in (("click", self.positives), ("negative click", self.negatives)):
+            for point in points:
+                if len(point) != 3:
+                    raise InputError(f"a {kind} needs three numbers: I J K")
+                if not geometry.contains_index(point):
+                    raise InputError(f"{kind} {tuple(point)} is outside the image of size {size}")
+        if self.is_empty and self.negatives:
+            raise InputError("negative clicks need a box or a positive click")
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box) if self.box else None,
+                "points": [list(p) for p in self.positives],
+                "negatives": [list(p) for p in self.negatives]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Prompts":
+        """From ``{"box": [...6], "points": [[i, j, k], ...], "negatives": [...]}`` (all optional)."""
+        try:
+            box = data.get("box")
+            return cls(tuple(int(round(v)) for v in box) if box else None,
+                       [tuple(float(v) for v in p) for p in data.get("points", [])],
+                       [tuple(float(v) for v in p) for p in data.get("negatives", [])])
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InputError(f"malformed prompts {json.dumps(data)[:120]}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------- 2D boxes
+def mask_bbox(mask: np.ndarray) -> Box2D | None:
+    """Tight inclusive box ``(col0, row0, col1, row1)`` of a 2D mask, or None when empty."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return (float(cols[0]), float(rows[0]), float(cols[-1]), float(rows[-1]))
+
+
+def expand_box(box: Box2D, margin: float | tuple[float, float], shape: tuple[int, int],
+               limit: Box2D | None = None) -> Box2D:
+    """Grow a box by ``margin`` pixels (or ``(col, row)`` margins), clipped to the slice and to ``limit``."""
+    mc, mr = (margin, margin) if np.isscalar(margin) else margin
+    c0, r0, c1, r1 = box
+    lo_c, lo_r, hi_c, hi_r = 0.0, 0.0, shape[1] - 1.0, shape[0] - 1.0
+    if limit is not None:
+        lo_c, lo_r, hi_c, hi_r = max(lo_c, limit[0]), max(lo_r, limit[1]), min(hi_c, limit[2]), min(hi_r, limit[3])
+    return (max(lo_c, c0 - mc), max(lo_r, r0 - mr), min(hi_c, c1 + mc), min(hi_r, r1 + mr))
+
+
+def box_iou(a: Box2D, b: Box2D) -> float:
+    """Intersection over union of two inclusive pixel boxes."""
+    ic = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    ir = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    inter = max(0.0, ic) * max(0.0, ir)
+    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter) if inter > 0 else 0.0
+
+
+def components_touching(mask: np.ndarray, points: Iterable[Sequence[float]]) -> np.ndarray:
+    """The connected components of a 2D mask that contain any of ``points`` ``(col, row)``."""
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask.astype(bool)
+    keep = {int(labels[int(round(r)), int(round(c))]) for c, r in points} - {0}
+    return np.isin(labels, list(keep)) if keep else np.zeros_like(mask, dtype=bool)
+
+
+def apply_click_constraints(mask: np.ndarray, positives: Sequence[Sequence[float]],
+                            negatives: Sequence[Sequence[float]]) -> np.ndarray:
+    """Keep components under positive clicks (if any is under one) and drop those under negatives."""
+    mask = mask.astype(bool)
+    if positives:
+        kept = components_touching(mask, positives)
+        if kept.any():
+            mask = kept
+    if negatives:
+        mask = mask & ~components_touching(mask, negatives)
+    return mask
