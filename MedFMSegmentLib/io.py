@@ -287,7 +287,7 @@ def _quiet_itk() -> Iterator[None]:
     import SimpleITK as sitk
 
     previous = sitk.ProcessObject.GetGlobalWarningDisplay()
-    sitk.ProcessObject.SetGlobalWarningDisplayOff()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         yield
     finally:

@@ -25,8 +25,7 @@ from .geometry import in_plane_axes, slice_from_volume, to_slice_coords
 from .io import MedicalImage
 from .models import PromptableModel
 from .preprocessing import IntensitySettings, SliceTransform, normalize_intensity
-from .prompts import (Box2D, Prompts, apply_click_constraints, box_iou, components_touching, expand_box,
-                      mask_bbox)
+from .prompts import Box2D, Prompts, apply_click_constraints, components_touching, expand_box, mask_bbox
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -38,10 +37,10 @@ class PredictorSettings:
     Attributes:
         box_margin_px: Margin (model-input pixels) added around a mask's tight box when it is
             turned back into a prompt; LiteMedSAM was trained on boxes a few pixels loose.
-        refine_iterations: Times a loose box is replaced by the predicted mask's own box.
-        click_box_start: Side of the first box grown around a single click, as a fraction of the
-            model input.
-        click_max_iterations: Box-growing steps for clicks.
+        refine_iterations: Times a box is replaced by the predicted mask's own box plus margin
+            (0 by default: on HC18 it lowered tight-box Dice by about 0.01).
+        click_box_sizes: Sides of the candidate boxes centred on clicks, as fractions of the
+            model input (see ``SegmentationSession._clicks_to_box``).
         min_area_px: Propagation stops on a slice whose mask has fewer pixels.
         min_overlap: Propagation stops when a slice's mask covers less than this fraction of the
             previous slice's mask (the model jumped to another structure).
@@ -49,9 +48,8 @@ class PredictorSettings:
     """
 
     box_margin_px: float = 5.0
-    refine_iterations: int = 1
-    click_box_start: float = 0.08
-    click_max_iterations: int = 8
+    refine_iterations: int = 0
+    click_box_sizes: tuple[float, ...] = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
     min_area_px: int = 3
     min_overlap: float = 0.3
     cache_bytes: int = 1 << 30
@@ -256,42 +254,40 @@ class SegmentationSession:
 
     def _clicks_to_box(self, index: int, positives: Sequence[Sequence[float]],
                        negatives: Sequence[Sequence[float]]) -> Box2D:
-        """Turn clicks into a box for a box-only model by growing a box until the mask fits inside.
+        """Turn clicks into a box for a box-only model (LiteMedSAM gives Dice 0 on a bare click).
 
-        Start from the clicks' own extent (at least ``click_box_start`` of the input), predict,
-        and on every side where the mask reaches the box edge push that side outwards by half the
-        box size; on free sides, shrink to the mask plus margin. Stop when no side touches.
-        Negative clicks cap the growth: a side never moves past a negative click's row/column.
+        Boxes of several sizes are centred on the clicks' extent; each is predicted, tightened to
+        its mask's own box plus margin and predicted again. The box whose mask agrees best with
+        the masks of the other sizes (mean IoU) wins: a structure that is really there comes out
+        the same from several box sizes, while boxes that are too small give arbitrary blobs and
+        boxes that are too large swallow neighbours. All candidates share one cached embedding,
+        so this costs decoder calls only. Negative clicks pull box sides in so they stay outside.
         """
         rows, cols = self.transform.rows, self.transform.cols
         pts = np.asarray(positives, dtype=float).reshape(-1, 2)
-        start_c = self.settings.click_box_start * self.model.image_size / self.transform.scale_cols / 2
-        start_r = self.settings.click_box_start * self.model.image_size / self.transform.scale_rows / 2
-        box = expand_box((pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max()),
-                         (start_c, start_r), (rows, cols))
-        margin_c, margin_r = self._margin()
-        for _ in range(self.settings.click_max_iterations):
+        extent = (pts[:, 0].min(), pts[:, 1].min(), pts[:, 0].max(), pts[:, 1].max())
+        candidates: list[tuple[Box2D, np.ndarray]] = []
+        for fraction in self.settings.click_box_sizes:
+            half_c = fraction * self.model.image_size / self.transform.scale_cols / 2
+            half_r = fraction * self.model.image_size / self.transform.scale_rows / 2
+            box = expand_box(extent, (half_c, half_r), (rows, cols))
+            box = expand_box(_limit_by_negatives(box, pts, negatives), 0, (rows, cols))
             mask = components_touching(self._decode(index, box), pts)
             tight = mask_bbox(mask)
             if tight is None:
-                grown = expand_box(box, ((box[2] - box[0]) / 2, (box[3] - box[1]) / 2), (rows, cols))
-                if grown == box:
-                    break
-                box = grown
                 continue
-            width, height = box[2] - box[0] + 1, box[3] - box[1] + 1
-            touch = (tight[0] <= box[0] + 1 and box[0] > 0, tight[1] <= box[1] + 1 and box[1] > 0,
-                     tight[2] >= box[2] - 1 and box[2] < cols - 1, tight[3] >= box[3] - 1 and box[3] < rows - 1)
-            new_box = (box[0] - width / 2 if touch[0] else tight[0] - margin_c,
-                       box[1] - height / 2 if touch[1] else tight[1] - margin_r,
-                       box[2] + width / 2 if touch[2] else tight[2] + margin_c,
-                       box[3] + height / 2 if touch[3] else tight[3] + margin_r)
-            new_box = expand_box(_limit_by_negatives(new_box, pts, negatives), 0, (rows, cols))
-            converged = not any(touch) and box_iou(new_box, box) > 0.9
-            box = new_box
-            if converged:
-                break
-        return box
+            box = expand_box(_limit_by_negatives(expand_box(tight, self._margin(), (rows, cols)), pts, negatives),
+                             0, (rows, cols))
+            mask = components_touching(self._decode(index, box), pts)
+            if mask.any():
+                candidates.append((box, mask))
+        if not candidates:
+            return expand_box(extent, self._margin(), (rows, cols))
+        if len(candidates) == 1:
+            return candidates[0][0]
+        masks = [m for _, m in candidates]
+        agreement = [np.mean([_mask_iou(m, other) for other in masks if other is not m]) for m in masks]
+        return candidates[int(np.argmax(agreement))][0]
 
     # ------------------------------------------------------------------ 3D
     def segment(self, prompts: Prompts, propagate: bool | None = None,
@@ -408,6 +404,11 @@ def _limit_by_negatives(box: Box2D, positives: np.ndarray, negatives: Sequence[S
         if options:
             c0, r0, c1, r1 = min(options)[1]
     return (c0, r0, c1, r1)
+
+
+def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
 
 
 def _check(cancel: threading.Event | None) -> None:

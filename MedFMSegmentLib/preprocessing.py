@@ -24,7 +24,8 @@ class IntensitySettings:
     """How raw voxel values become [0, 1].
 
     Attributes:
-        mode: ``"auto"`` (CT window for CT, percentiles otherwise), ``"percentile"``, ``"ct"``
+        mode: ``"auto"`` (CT window for CT, 8-bit data as it is, percentiles otherwise),
+            ``"percentile"``, ``"ct"``
             or ``"none"`` (values already in [0, 1] or 0..255).
         window: CT ``(level, width)`` in HU, used by ``"ct"`` and by ``"auto"`` on CT images.
         percentiles: Lower and upper clipping percentiles of the non-zero voxels (MR, US, ...).
@@ -49,7 +50,12 @@ def normalize_intensity(volume: np.ndarray, settings: IntensitySettings = Intens
     volume = np.asarray(volume, dtype=np.float32)
     mode = settings.mode
     if mode == "auto":
-        mode = "ct" if (modality or "").upper() == "CT" else "percentile"
+        if (modality or "").upper() == "CT":
+            mode = "ct"
+        elif volume.min() >= 0 and volume.max() <= 255 and np.array_equal(volume, np.round(volume)):
+            mode = "none"  # 8-bit data (PNG/JPEG, 8-bit MR) keeps its full range: measured better on HC18
+        else:
+            mode = "percentile"
     if mode == "ct":
         level, width = settings.window
         low, high = level - width / 2.0, level + width / 2.0

@@ -1,0 +1,164 @@
+"""The predictor session: lazy cached embeddings, box and click prompts, 3D propagation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import dice, ellipsoid_mask
+from MedFMSegmentLib.errors import CancelledError, InputError
+from MedFMSegmentLib.io import MedicalImage
+from MedFMSegmentLib.models import tiny_random_model_for_tests
+from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings, SegmentationSession
+from MedFMSegmentLib.prompts import Prompts, mask_bbox
+
+
+def _disk_image(rows=96, cols=128, center=(50, 60), radius=22, noise=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    r, c = np.ogrid[:rows, :cols]
+    disk = (r - center[0]) ** 2 + (c - center[1]) ** 2 <= radius ** 2
+    image = 0.2 + 0.6 * disk + noise * rng.standard_normal((rows, cols))
+    return MedicalImage.from_array((image * 200).astype(np.float32)), disk
+
+
+def _ellipsoid_volume(seed=0):
+    shape = (14, 64, 72)
+    truth = ellipsoid_mask(shape, (7, 30, 38), (5.5, 16, 20))
+    rng = np.random.default_rng(seed)
+    volume = 100 + 500 * truth + 20 * rng.standard_normal(shape)
+    return MedicalImage.from_array(volume.astype(np.float32), spacing=(1.0, 1.0, 1.0)), truth
+
+
+# ----------------------------------------------------------------------------- plumbing (random weights)
+def test_tiny_random_model_second_prompt_reuses_embedding():
+    image, _ = _disk_image()
+    session = SegmentationSession(tiny_random_model_for_tests(), image)
+    session.predict_slice(0, box=(30, 20, 90, 80))
+    assert session.cache.misses == 1 and len(session.cache) == 1
+    session.predict_slice(0, box=(10, 10, 50, 50))
+    session.predict_slice(0, box=(40, 30, 60, 70))
+    assert len(session.cache) == 1 and session.cache.misses == 1 and session.cache.hits >= 2
+
+
+def test_tiny_random_model_slices_embedded_lazily_per_axis():
+    image, _ = _ellipsoid_volume()
+    session = SegmentationSession(tiny_random_model_for_tests(), image, axis="axial")
+    session.predict_slice(3, box=(10, 10, 40, 40))
+    assert session.is_embedded(3) and not session.is_embedded(4)
+    session.set_axis("coronal")
+    assert session.num_slices == 64 and not session.is_embedded(3)
+    mask = session.predict_slice(3, box=(10, 2, 40, 10))
+    assert mask.shape == (14, 72)  # rows K, columns I
+
+
+def test_embedding_cache_respects_memory_budget():
+    import torch
+
+    cache = EmbeddingCache(max_bytes=3 * 4 * 1000)
+    for i in range(10):
+        cache.put((2, i), torch.zeros(1000, dtype=torch.float32))
+    assert len(cache) == 3 and cache.nbytes <= cache.max_bytes
+    assert cache.get((2, 9)) is not None and cache.get((2, 0)) is None
+
+
+def test_tiny_random_model_cancel_stops_segmentation():
+    import threading
+
+    image, _ = _ellipsoid_volume()
+    session = SegmentationSession(tiny_random_model_for_tests(), image)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        session.segment(Prompts(box=(10, 10, 0, 50, 50, 13), positives=[]), propagate=False, cancel=cancel)
+
+
+def test_prompt_validation_messages():
+    image, _ = _ellipsoid_volume()
+    session = SegmentationSession(tiny_random_model_for_tests(), image)
+    with pytest.raises(InputError, match="at least one prompt"):
+        session.segment(Prompts())
+    with pytest.raises(InputError, match="outside"):
+        session.segment(Prompts(positives=[(100, 1, 1)]))
+    with pytest.raises(InputError, match="inverted"):
+        session.segment(Prompts(box=(10, 10, 5, 5, 50, 6)))
+
+
+# ----------------------------------------------------------------------------- real LiteMedSAM
+def test_litemedsam_box_on_synthetic_disk(litemedsam):
+    image, disk = _disk_image()
+    c0, r0, c1, r1 = mask_bbox(disk)
+    mask = SegmentationSession(litemedsam, image).segment(Prompts(box=(int(c0), int(r0), 0, int(c1), int(r1), 0)))
+    assert dice(mask[0], disk) > 0.95
+
+
+def test_litemedsam_single_click_becomes_box(litemedsam):
+    """LiteMedSAM was trained with boxes only: one click must still find the whole disk."""
+    image, disk = _disk_image()
+    session = SegmentationSession(litemedsam, image)
+    mask = session.segment(Prompts(positives=[(60, 50, 0)]))
+    assert dice(mask[0], disk) > 0.9
+    assert len(session.cache) == 1  # all the box growing reused one embedding
+
+
+def test_litemedsam_negative_click_removes_component(litemedsam):
+    rng = np.random.default_rng(0)
+    r, c = np.ogrid[:96, :128]
+    left = (r - 48) ** 2 + (c - 35) ** 2 <= 15 ** 2
+    right = (r - 48) ** 2 + (c - 95) ** 2 <= 15 ** 2
+    image = MedicalImage.from_array(((0.2 + 0.6 * (left | right) + 0.03 * rng.standard_normal((96, 128))) * 200)
+                                    .astype(np.float32))
+    session = SegmentationSession(litemedsam, image)
+    both = session.segment(Prompts(box=(15, 28, 0, 115, 68, 0)))[0]
+    assert dice(both, left | right) > 0.8
+    only_left = session.segment(Prompts(box=(15, 28, 0, 115, 68, 0), negatives=[(95, 48, 0)]))[0]
+    assert dice(only_left, left) > 0.85 and not (only_left & right).any()
+
+
+def test_litemedsam_3d_box_propagates_and_stays_in_range(litemedsam):
+    image, truth = _ellipsoid_volume()
+    k, j, i = np.nonzero(truth)
+    box = (int(i.min()), int(j.min()), 2, int(i.max()), int(j.max()), 11)  # cuts the ellipsoid's ends
+    mask = SegmentationSession(litemedsam, image).segment(Prompts(box=box))
+    assert not mask[:2].any() and not mask[12:].any()
+    assert dice(mask[2:12], truth[2:12]) > 0.85
+
+
+def test_litemedsam_one_slice_prompt_propagates_through_structure(litemedsam):
+    image, truth = _ellipsoid_volume()
+    plane = truth[7]
+    c0, r0, c1, r1 = mask_bbox(plane)
+    session = SegmentationSession(litemedsam, image)
+    mask = session.segment(Prompts(box=(int(c0), int(r0), 7, int(c1), int(r1), 7)), propagate=True)
+    assert dice(mask, truth) > 0.85
+    assert mask[2:13].any(axis=(1, 2)).all()  # reached every slice of the ellipsoid (2..12)
+
+
+def test_litemedsam_real_hc18_box(litemedsam, data_dir):
+    from MedFMSegmentLib.io import read_image
+
+    folder = data_dir / "hc18_fetal_head_us"
+    scores = []
+    for name in ("010_HC", "020_HC"):
+        image = read_image(folder / "images" / f"{name}.png")
+        truth = read_image(folder / "masks" / f"{name}_mask.png").array[0] > 0
+        c0, r0, c1, r1 = mask_bbox(truth)
+        mask = SegmentationSession(litemedsam, image).segment(Prompts(box=(int(c0), int(r0), 0, int(c1), int(r1), 0)))
+        scores.append(dice(mask[0], truth))
+    assert np.mean(scores) > 0.85, scores
+
+
+def test_litemedsam_real_hippocampus_slice_boxes(litemedsam, data_dir):
+    """Tight per-slice boxes on real MRI; the 3D-box path is measured by bench/bench_core.py."""
+    from MedFMSegmentLib.io import read_image
+
+    folder = data_dir / "msd_hippocampus_mri"
+    image = read_image(folder / "imagesTr" / "hippocampus_003.nii.gz")
+    truth = read_image(folder / "labelsTr" / "hippocampus_003.nii.gz").array > 0
+    session = SegmentationSession(litemedsam, image)
+    scores = []
+    for k in (10, 14, 17, 22, 25):
+        c0, r0, c1, r1 = mask_bbox(truth[k])
+        mask = session.segment(Prompts(box=(int(c0), int(r0), k, int(c1), int(r1), k)))
+        assert not np.delete(mask, k, axis=0).any()  # a one-slice box touches only its slice
+        scores.append(dice(mask[k], truth[k]))
+    assert np.mean(scores) > 0.65, scores
