@@ -547,9 +547,11 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def finetuneCommand(self, image_path, label_path, adapter_dir, steps: int = 200, rank: int = 4,
                         device: str = "auto") -> list:
-        return self._cli() + ["finetune", "--image", str(image_path), "--label", str(label_path),
-                              "-o", str(adapter_dir), "--steps", str(int(steps)), "--rank", str(int(rank)),
-                              "--device", device]
+        args = self._cli() + ["finetune", "--image", str(image_path), "--label", str(label_path),
+                              "-o", str(adapter_dir), "--steps", str(int(steps)), "--device", device]
+        if int(rank) != 4:  # only pass --rank when it differs from the command's default
+            args += ["--rank", str(int(rank))]
+        return args
 
     def batchCommand(self, inputs, output_dir, adapter=None, device: str = "auto", fmt: str = "seg.nrrd") -> list:
         args = self._cli() + ["batch", *[str(p) for p in inputs], "-o", str(output_dir), "--format", fmt,

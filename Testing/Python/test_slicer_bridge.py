@@ -360,3 +360,171 @@ def test_roi_corners_include_the_roi_parent_transform(scene):
     center = corners.mean(axis=0)
     assert all(roi.IsPointInROIWorld(p) for p in center + (corners - center) * 0.99)
     assert not any(roi.IsPointInROIWorld(p) for p in center + (corners - center) * 1.01)
+
+
+# ---------------------------------------------------------------------------- the module's Logic, end to end
+MODULE_FILE = __import__("pathlib").Path(__file__).resolve().parents[2] / "MedFMSegment" / "MedFMSegment.py"
+HIPPOCAMPUS = "msd_hippocampus_mri/{}/hippocampus_001.nii.gz"
+
+
+def _framework_stand_ins() -> dict:
+    """Minimal stand-ins for the Slicer *application* modules slicer-core lacks (Qt, CTK, module bases).
+
+    They only let ``MedFMSegment.py`` import outside the app; what the tests check (the Logic's
+    prompts, model, session and segment writes) runs on real MRML and the real model.
+    """
+    import types
+
+    modules = {}
+    for name in ("qt", "ctk"):
+        try:
+            __import__(name)
+        except ImportError:
+            modules[name] = types.ModuleType(name)
+    try:
+        import slicer.ScriptedLoadableModule  # noqa: F401
+    except ImportError:
+        slm = types.ModuleType("slicer.ScriptedLoadableModule")
+
+        class _Base:
+            def __init__(self, parent=None):
+                self.parent = parent
+
+        for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                    "ScriptedLoadableModuleTest"):
+            setattr(slm, cls, type(cls, (_Base,), {}))
+        modules["slicer.ScriptedLoadableModule"] = slm
+    try:
+        import slicer.i18n  # noqa: F401
+    except ImportError:
+        i18n = types.ModuleType("slicer.i18n")
+        i18n.tr = lambda text: text
+        i18n.translate = lambda context, text: text
+        modules["slicer.i18n"] = i18n
+    try:
+        import slicer.parameterNodeWrapper  # noqa: F401
+    except ImportError:
+        pnw = types.ModuleType("slicer.parameterNodeWrapper")
+        pnw.parameterNodeWrapper = lambda cls: cls
+        pnw.Choice = pnw.Default = pnw.WithinRange = lambda *args, **kwargs: None
+        modules["slicer.parameterNodeWrapper"] = pnw
+    return modules
+
+
+@pytest.fixture(scope="module")
+def module_file():
+    import importlib.util
+    import sys
+
+    stand_ins = _framework_stand_ins()
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        spec = importlib.util.spec_from_file_location("MedFMSegment", MODULE_FILE)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        for name, previous in saved.items():
+            if previous is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = previous
+
+
+@pytest.fixture(scope="module")
+def hippocampus(data_dir):
+    from MedFMSegmentLib.io import read_image
+
+    image_path = data_dir / HIPPOCAMPUS.format("imagesTr")
+    label_path = data_dir / HIPPOCAMPUS.format("labelsTr")
+    if not image_path.is_file() or not label_path.is_file():
+        pytest.skip(f"{image_path} or its label is absent")
+    return read_image(image_path), read_image(label_path).array > 0
+
+
+def slice_roi(scene, geometry: VolumeGeometry, box) -> object:
+    """An ROI aligned with the volume's voxel axes covering voxel box (i0, j0, k0, i1, j1, k1)."""
+    lo, hi = np.array(box[:3], float), np.array(box[3:], float)
+    ijk_to_ras = geometry.ijk_to_ras()
+    axes = ijk_to_ras[:3, :3] / np.linalg.norm(ijk_to_ras[:3, :3], axis=0)
+    if np.linalg.det(axes) < 0:  # ROI axes must be right-handed; a flipped axis gives the same box
+        axes[:, 2] *= -1
+    size = (hi - lo) * np.asarray(geometry.spacing) + np.where(hi == lo, 0.5 * np.asarray(geometry.spacing), 0)
+    return make_roi(scene, geometry.index_to_ras((lo + hi) / 2), size, axes)
+
+
+def test_logic_segments_hippocampus_like_the_library(scene, module_file, hippocampus, litemedsam):
+    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.prompts import Prompts
+
+    image, label = hippocampus
+    volume = bridge.image_to_volume_node(image, scene, "hippocampus_001")
+    from_node = bridge.volume_node_to_image(volume)
+    np.testing.assert_array_equal(from_node.array, image.array)
+    assert from_node.geometry.same_grid(image.geometry)
+
+    axis = image.geometry.voxel_axis_for("axial")
+    assert axis == 2  # this case's K axis is axial; the box below is flat along it
+    k = int(np.argmax(label.sum(axis=(1, 2))))
+    jj, ii = np.nonzero(label[k])
+    box = (max(ii.min() - 2, 0), max(jj.min() - 2, 0), k,
+           min(ii.max() + 2, image.geometry.size[0] - 1), min(jj.max() + 2, image.geometry.size[1] - 1), k)
+    roi = slice_roi(scene, image.geometry, box)
+    assert bridge.markups_to_prompts(volume, roi_node=roi).box == box
+
+    logic = module_file.MedFMSegmentLogic()
+    logic.set_model(litemedsam)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "hippocampus_001 MedFMSegment")
+    sid = logic.segment(volume, segmentation, roi_node=roi, axis="axial")
+
+    expected = SegmentationSession(litemedsam, image, axis="axial").segment(Prompts(box=box))
+    written = bridge.segment_to_mask(segmentation, sid, volume)
+    np.testing.assert_array_equal(written, expected)
+    assert written[k].any() and not np.delete(written, k, axis=0).any()
+    truth = label[k]
+    assert dice(written[k], truth) > 0.5, dice(written[k], truth)
+
+    # A second prompt on the same slice reuses the cached embedding and replaces the same segment.
+    session = logic.session_for(volume, "axial")
+    misses = session.cache.misses
+    roi.SetRadiusXYZ(*(np.array(roi.GetSize()) / 2 + [1.0, 1.0, 0.0]))
+    assert logic.segment(volume, segmentation, roi_node=roi) == sid
+    assert session.cache.misses == misses and logic.session_for(volume, "axial") is session
+    assert segmentation.GetSegmentation().GetNumberOfSegments() == 1
+
+    # Undo twice: first back to the first result, exactly, then no segment at all.
+    assert logic.undo() == sid
+    np.testing.assert_array_equal(bridge.segment_to_mask(segmentation, sid, volume), expected)
+    assert logic.undo() == sid
+    assert segmentation.GetSegmentation().GetSegment(sid) is None
+
+
+def test_progress_lines_and_commands(module_file, tmp_path):
+    parse = module_file.parse_progress
+    assert parse("step 50/200 loss 0.31") == 0.25
+    assert parse("case 3/3 done") == 1.0
+    assert parse("progress 40%") == 0.4
+    assert parse("loading model") is None
+    logic = module_file.MedFMSegmentLogic()
+    args = logic.finetuneCommand("img.nii.gz", "lbl.nii.gz", tmp_path / "adapter", steps=20, rank=8, device="cpu")
+    assert args[1:4] == ["-m", "MedFMSegmentLib.cli", "finetune"]
+    assert args[args.index("--steps") + 1] == "20" and args[args.index("-o") + 1] == str(tmp_path / "adapter")
+    args = logic.batchCommand(["a.nii.gz", "b.nii.gz"], tmp_path, adapter=tmp_path / "adapter")
+    assert args[3:6] == ["batch", "a.nii.gz", "b.nii.gz"] and args[args.index("--adapter") + 1] == str(tmp_path / "adapter")
+
+
+def test_logic_exports_training_pair_on_the_volume_grid(scene, module_file, tmp_path):
+    from MedFMSegmentLib.io import read_image
+
+    geometry = GEOMETRIES["oblique_left_handed"]
+    image = random_image(geometry)
+    volume = bridge.image_to_volume_node(image, scene, "my volume")
+    seg = new_segmentation(scene)
+    mask = blob(geometry.shape, (8, 12, 10), (4, 6, 6))
+    bridge.mask_to_segment(mask, volume, seg)
+    image_path, label_path = module_file.MedFMSegmentLogic().exportTrainingPair(volume, seg, tmp_path)
+    back, back_label = read_image(image_path), read_image(label_path)
+    np.testing.assert_array_equal(back.array, image.array)
+    np.testing.assert_array_equal(back_label.array > 0, mask)
+    assert back.geometry.same_grid(geometry) and back_label.geometry.same_grid(geometry)
