@@ -77,10 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _register_optional_commands(commands) -> None:
-    """Subcommands that live in their own modules (fine-tuning, evaluation, batch)."""
+    """Subcommands that live in their own modules (demo, fine-tuning, evaluation, batch)."""
     import importlib
 
-    for module_name in ("MedFMSegmentLib.finetune.cli", "MedFMSegmentLib.evaluation", "MedFMSegmentLib.batch"):
+    for module_name in ("MedFMSegmentLib.demo", "MedFMSegmentLib.finetune.cli", "MedFMSegmentLib.evaluation",
+                        "MedFMSegmentLib.batch"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
