@@ -26,7 +26,7 @@ from slicer import (vtkMRMLMarkupsFiducialNode, vtkMRMLMarkupsROINode, vtkMRMLSc
                     vtkMRMLSegmentationNode)
 from slicer.i18n import tr as _
 from slicer.i18n import translate
-from slicer.parameterNodeWrapper import Choice, Default, WithinRange, parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
@@ -101,7 +101,7 @@ class MedFMSegmentParameterNode:
     modelName: Annotated[str, Choice(["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     adapterPath: Path
     steps: Annotated[int, WithinRange(1, 100000)] = 200
-    rank: Annotated[int, WithinRange(1, 64), Default(4)] = 4
+    rank: Annotated[int, WithinRange(1, 64)] = 4
 
 
 #
@@ -282,11 +282,13 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ adaptation and batch (subprocess)
     def updateAdapterList(self, path="") -> None:
+        self.ui.adapterComboBox.clear()
+        if missing_dependencies():
+            return
         _ensure_library_on_path()
         from MedFMSegmentLib.slicer_bridge import list_adapters
 
         folder = Path(path) if path else None
-        self.ui.adapterComboBox.clear()
         for adapter in list_adapters(folder.parent if folder else None) + list_adapters(folder):
             self.ui.adapterComboBox.addItem(adapter["name"], adapter["path"])
 
