@@ -4,11 +4,8 @@ The module imports without torch or any optional package: the library (``MedFMSe
 imported lazily inside methods, and dependencies are installed only when the user asks.
 """
 
-from __future__ import annotations
-
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import re
@@ -18,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
-import ctk
+import ctk  # noqa: F401 - the .ui uses CTK widgets; Slicer modules import it by convention
 import qt
 import slicer
 import vtk

@@ -108,6 +108,13 @@ def test_module_compiles_and_imports_no_torch_at_top_level(module_ast):
     assert not found, f"imported at module level (must be lazy): {sorted(found)}"
 
 
+def test_parameter_annotations_are_evaluated(module_ast):
+    """``@parameterNodeWrapper`` reads real annotations: postponed (string) annotations would break it."""
+    futures = {alias.name for node in module_ast.body if isinstance(node, ast.ImportFrom)
+               and node.module == "__future__" for alias in node.names}
+    assert "annotations" not in futures
+
+
 def test_module_has_the_slicer_classes(module_ast):
     classes = {node.name: [getattr(b, "id", None) for b in node.bases]
                for node in module_ast.body if isinstance(node, ast.ClassDef)}
