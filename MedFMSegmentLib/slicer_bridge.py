@@ -216,7 +216,7 @@ def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id
                     segment_name: str = "MedFMSegment", color: Sequence[float] = DEFAULT_SEGMENT_COLOR) -> str:
     """Write a ``(K, J, I)`` mask on ``volume_node``'s grid into one segment, voxel for voxel.
 
-    The segmentation's reference geometry is set from the volume when it has none yet. Only the
+    The segmentation's reference geometry is set from the volume when it has no segment yet. Only the
     target segment changes: other segments keep their voxels. An existing segment is replaced
     (``MODE_REPLACE``); a missing ``segment_id`` creates a segment named ``segment_name``.
 
@@ -236,8 +236,7 @@ def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id
     if mask.shape != expected:
         raise InputError(f"mask shape {mask.shape} does not match the volume {expected}")
     segmentation = segmentation_node.GetSegmentation()
-    reference_key = slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()
-    if not segmentation.GetConversionParameter(reference_key) or segmentation.GetNumberOfSegments() == 0:
+    if segmentation.GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     labelmap = _oriented_image_from_mask(mask, _image_to_segmentation_matrix(volume_node, segmentation_node))
     if segment_id and segmentation.GetSegment(segment_id) is not None:

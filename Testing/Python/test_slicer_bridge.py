@@ -214,6 +214,9 @@ def test_mask_to_segment_is_voxel_exact(scene, name):
     mask[0, 0, 0] = True  # a corner voxel: nothing may be cropped
     sid = bridge.mask_to_segment(mask, volume, seg, segment_name="Hippo")
     assert seg.GetSegmentation().GetSegment(sid).GetName() == "Hippo"
+    reference = seg.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
+    assert reference.endswith(f"0;{geometry.size[0] - 1};0;{geometry.size[1] - 1};0;{geometry.size[2] - 1};")
     np.testing.assert_array_equal(bridge.segment_to_mask(seg, sid, volume), mask)
     # The internal labelmap, read without any resampling, is on the volume's grid too.
     internal = slicer.util.arrayFromSegmentInternalBinaryLabelmap(seg, sid)
@@ -374,6 +377,7 @@ def _framework_stand_ins() -> dict:
     prompts, model, session and segment writes) runs on real MRML and the real model.
     """
     import types
+    import unittest
 
     modules = {}
     for name in ("qt", "ctk"):
@@ -390,9 +394,14 @@ def _framework_stand_ins() -> dict:
             def __init__(self, parent=None):
                 self.parent = parent
 
-        for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                    "ScriptedLoadableModuleTest"):
+        for cls in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic"):
             setattr(slm, cls, type(cls, (_Base,), {}))
+
+        class ScriptedLoadableModuleTest(unittest.TestCase):
+            def delayDisplay(self, message, msec=0):
+                print(message)
+
+        slm.ScriptedLoadableModuleTest = ScriptedLoadableModuleTest
         modules["slicer.ScriptedLoadableModule"] = slm
     try:
         import slicer.i18n  # noqa: F401
@@ -528,3 +537,14 @@ def test_logic_exports_training_pair_on_the_volume_grid(scene, module_file, tmp_
     np.testing.assert_array_equal(back.array, image.array)
     np.testing.assert_array_equal(back_label.array > 0, mask)
     assert back.geometry.same_grid(geometry) and back_label.geometry.same_grid(geometry)
+
+
+def test_module_self_test_runs_on_real_mrml(module_file, monkeypatch, scene):
+    """The in-Slicer self-test (synthetic sphere, one-slice ROI, Dice, undo), run on a slicer-core scene."""
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    test = module_file.MedFMSegmentTest("test_MedFMSegment_sphere")
+    assert not module_file.missing_dependencies()
+    test.setUp()
+    test.test_MedFMSegment_sphere()
+    segmentation = scene.GetFirstNodeByName("Result")
+    assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 0  # undone
