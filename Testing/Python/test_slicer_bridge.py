@@ -548,3 +548,30 @@ def test_module_self_test_runs_on_real_mrml(module_file, monkeypatch, scene):
     test.test_MedFMSegment_sphere()
     segmentation = scene.GetFirstNodeByName("Result")
     assert segmentation is not None and segmentation.GetSegmentation().GetNumberOfSegments() == 0  # undone
+
+
+def test_batch_export_and_result_loading(module_file, monkeypatch, scene, tmp_path):
+    """Volumes go out as NIfTI on their grid; label files coming back become segmentations named after them."""
+    from MedFMSegmentLib.io import read_image, write_label
+
+    monkeypatch.setattr(slicer, "mrmlScene", scene, raising=False)
+    logic = module_file.MedFMSegmentLogic()
+    volumes, masks = [], {}
+    for number, name in enumerate(("oblique_left_handed", "anisotropic_axis_aligned")):
+        geometry = GEOMETRIES[name]
+        volumes.append(bridge.image_to_volume_node(random_image(geometry, seed=number), scene, f"case {name}"))
+        masks[volumes[-1].GetID()] = blob(geometry.shape, np.array(geometry.shape) / 2, np.array(geometry.shape) / 4)
+    inputs = logic.exportVolumes(volumes, tmp_path / "input")
+    output = tmp_path / "output"
+    output.mkdir()
+    for volume in volumes:
+        exported = read_image(inputs[volume.GetID()])
+        np.testing.assert_array_equal(exported.array, slicer.util.arrayFromVolume(volume))
+        assert exported.geometry.same_grid(bridge.volume_node_to_image(volume).geometry)
+        stem = __import__("pathlib").Path(inputs[volume.GetID()]).name.split(".")[0]
+        write_label(masks[volume.GetID()], exported.geometry, output / f"{stem}.seg.nrrd")
+    created = logic.loadBatchResults(inputs, output)
+    assert [s.GetName() for s in created] == [f"{v.GetName()} segmentation" for v in volumes]
+    for volume, segmentation in zip(volumes, created):
+        sid = segmentation.GetSegmentation().GetNthSegmentID(0)
+        np.testing.assert_array_equal(bridge.segment_to_mask(segmentation, sid, volume), masks[volume.GetID()])
