@@ -115,7 +115,6 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._observedPrompts = []
         self._process = None
-        self._processOnFinished = None
         self._tempDir = None
 
     # ------------------------------------------------------------------ setup
@@ -295,19 +294,24 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._tempDir = tempfile.mkdtemp(prefix="MedFMSegment-")
         return Path(self._tempDir)
 
+    def _adapterPath(self) -> Optional[Path]:
+        """The adapter folder from the parameter node, None when it is not set (an empty Path is ".")."""
+        path = self._parameterNode.adapterPath if self._parameterNode else None
+        return path if path is not None and str(path) not in ("", ".") else None
+
     def onFinetune(self) -> None:
         p = self._parameterNode
         label = self.ui.trainingLabelSelector.currentNode()
-        if not (p.inputVolume and label and p.adapterPath):
+        if not (p.inputVolume and label and self._adapterPath()):
             slicer.util.errorDisplay(_("Choose an input volume, a training label and an adapter folder."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not prepare the training data."), waitCursor=True):
             folder = self._newTempDir()
             image_path, label_path = self.logic.exportTrainingPair(p.inputVolume, label, folder)
-            args = self.logic.finetuneCommand(image_path, label_path, p.adapterPath, steps=p.steps, rank=p.rank,
-                                              device=p.device)
+            args = self.logic.finetuneCommand(image_path, label_path, self._adapterPath(), steps=p.steps,
+                                              rank=p.rank, device=p.device)
         self.startProcess(args, self.ui.adaptationProgressBar, self.ui.adaptationCancelButton,
-                          lambda: self.updateAdapterList(str(p.adapterPath)))
+                          lambda: self.updateAdapterList(str(self._adapterPath())))
 
     def onBatch(self) -> None:
         p = self._parameterNode
@@ -315,17 +319,18 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not volumes:
             slicer.util.errorDisplay(_("Check at least one volume."))
             return
-        adapter = p.adapterPath if self.ui.batchUseAdapterCheckBox.checked else None
+        adapter = self._adapterPath() if self.ui.batchUseAdapterCheckBox.checked else None
         with slicer.util.tryWithErrorDisplay(_("Could not export the volumes."), waitCursor=True):
             folder = self._newTempDir()
             inputs = self.logic.exportVolumes(volumes, folder / "input")
             output = folder / "output"
             output.mkdir()
             args = self.logic.batchCommand(list(inputs.values()), output, adapter=adapter, device=p.device)
+        # Exit code 1 means some cases failed: the others still have results to load.
         self.startProcess(args, self.ui.batchProgressBar, self.ui.batchCancelButton,
-                          lambda: self.logic.loadBatchResults(inputs, output))
+                          lambda: self.logic.loadBatchResults(inputs, output), successCodes=(0, 1))
 
-    def startProcess(self, args, progressBar, cancelButton, onSuccess) -> None:
+    def startProcess(self, args, progressBar, cancelButton, onSuccess, successCodes=(0,)) -> None:
         """Run the command line in a QProcess; stdout progress lines drive the progress bar."""
         if self._process is not None:
             slicer.util.errorDisplay(_("Another task is running; cancel it first."))
@@ -357,11 +362,12 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             readOutput()
             cancelButton.enabled = False
             self._process = None
-            if exitCode == 0:
+            if exitStatus != qt.QProcess.CrashExit and exitCode in successCodes:
                 progressBar.value = 100
                 with slicer.util.tryWithErrorDisplay(_("Could not load the results."), waitCursor=True):
                     onSuccess()
-                self.ui.statusLabel.text = _("Done.")
+                self.ui.statusLabel.text = _("Done.") if exitCode == 0 else _("Done; some cases failed: {line}").format(
+                    line=log[-1] if log else "")
             else:
                 progressBar.visible = False
                 self.ui.statusLabel.text = _("Failed or cancelled (exit code {code}): {line}").format(
