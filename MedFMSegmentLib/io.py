@@ -21,7 +21,8 @@ from .geometry import VolumeGeometry
 
 #: Output extensions the writers understand, longest first so ``.seg.nrrd`` wins over ``.nrrd``.
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png")
-_IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: 2D image files read as one-slice volumes.
+IMAGE_2D_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 @dataclass

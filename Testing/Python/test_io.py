@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import random
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import oblique_geometry
+from conftest import oblique_geometry, write_dicom_series
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.io import (find_dicom_series, label_format, mask_to_sitk, read_image, read_label,
                                 write_label)
@@ -105,7 +103,7 @@ def test_dicom_series_is_ordered_by_position_not_file_name(tmp_path):
     source = mask_to_sitk(np.zeros(geometry.shape), geometry)
     image = sitk.GetImageFromArray(volume)
     image.CopyInformation(source)
-    _write_dicom_series(image, tmp_path / "series", shuffle_names=True)
+    write_dicom_series(image, tmp_path / "series", shuffle_names=True)
     read = read_image(tmp_path / "series")
     assert read.modality == "MR"
     np.testing.assert_array_equal(read.array, volume)
@@ -130,25 +128,3 @@ def test_real_jpeg2000_ct_series(data_dir):
 def _write_png(path, array):
     sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
     return path
-
-
-def _write_dicom_series(image, folder, shuffle_names=False):
-    folder.mkdir()
-    direction = image.GetDirection()
-    orientation = "\\".join(str(v) for v in (direction[0], direction[3], direction[6],
-                                             direction[1], direction[4], direction[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    names = list(range(image.GetDepth()))
-    if shuffle_names:
-        random.Random(3).shuffle(names)
-    for k in range(image.GetDepth()):
-        plane = image[:, :, k]
-        position = image.TransformIndexToPhysicalPoint((0, 0, k))
-        for tag, value in (("0008|0060", "MR"), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0037", orientation),
-                           ("0020|0032", "\\".join(map(str, position))), ("0020|0013", str(k + 1)),
-                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")):
-            plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
-        writer.Execute(plane)
