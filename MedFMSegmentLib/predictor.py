@@ -55,7 +55,7 @@ class PredictorSettings:
     box_margin_px: float = 5.0
     user_box_margin_px: float = 3.0
     refine_iterations: int = 0
-    click_box_sizes: tuple[float, ...] = (0.1, 0.14, 0.2, 0.28, 0.4, 0.56, 0.8)
+    click_box_sizes: tuple[float, ...] = (0.1, 0.2, 0.3, 0.45, 0.6, 0.8)
     min_area_px: int = 3
     track_radius_px: float = 15.0
     min_overlap: float = 0.3

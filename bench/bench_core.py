@@ -99,9 +99,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = load_model("litemedsam", device=args.device)
     result = {"benchmark": "core", "machine": machine(), "device": str(model.device), "model": "litemedsam"}
-    result["hc18"] = bench_hc18(model, args.hc18)
-    print(json.dumps(result["hc18"]), file=sys.stderr, flush=True)
-    result["hippocampus"] = bench_hippocampus(model, args.hippocampus)
+    if args.hc18 > 0:
+        result["hc18"] = bench_hc18(model, args.hc18)
+        print(json.dumps(result["hc18"]), file=sys.stderr, flush=True)
+    if args.hippocampus > 0:
+        result["hippocampus"] = bench_hippocampus(model, args.hippocampus)
     result["peak_rss_mb"] = peak_rss_mb()
     text = json.dumps(result, indent=2)
     print(text)
