@@ -1,0 +1,121 @@
+"""Adapter files: LoRA + trained decoder weights (safetensors) and metadata.json."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..models import PromptableModel, load_model
+from ..preprocessing import IntensitySettings
+
+WEIGHTS_FILE = "adapter.safetensors"
+METADATA_FILE = "metadata.json"
+
+
+@dataclass
+class AdapterInfo:
+    intensity: IntensitySettings
+    label_name: str
+    label_value: int | None
+    automatic: bool
+    keep_components: str
+    metadata: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict) -> "AdapterInfo":
+        return cls(IntensitySettings.from_dict(metadata.get("intensity", {})), metadata.get("label_name", "label"),
+                   metadata.get("label_value"), bool(metadata.get("automatic", False)),
+                   metadata.get("keep_components", "largest"), metadata)
+
+
+def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv", "proj"),
+                encoder_stages=None) -> list[str]:
+    """Add LoRA layers (peft) to the image encoder's attention Linear layers, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = []
+    for name, module in model.image_encoder.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in targets and isinstance(module, torch.nn.Linear) and "attn" in name:
+            if encoder_stages is None or any(f"layers.{s}." in name for s in encoder_stages):
+                names.append(name)
+    if not names:
+        raise InputError("no LoRA target layers found in the image encoder")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0)
+    model.image_encoder = inject_adapter_in_model(config, model.image_encoder)
+    return names
+
+
+def trainable_state(model: PromptableModel) -> dict:
+    """LoRA weights of the encoder and all mask decoder weights."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key or key.startswith("mask_decoder."):
+            state[key] = value.detach().cpu().contiguous()
+    return state
+
+
+def save_adapter(model: PromptableModel, folder, metadata: dict) -> Path:
+    """Write ``adapter.safetensors`` + ``metadata.json`` atomically (temp dir beside it, then rename)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_metadata(adapter_dir) -> dict:
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / METADATA_FILE
+    if not path.is_file() or not (adapter_dir / WEIGHTS_FILE).is_file():
+        raise InputError(f"{adapter_dir} is not an adapter folder (needs {WEIGHTS_FILE} and {METADATA_FILE})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON: {exc}") from None
+
+
+def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> PromptableModel:
+    from safetensors.torch import load_file
+
+    lora = metadata.get("lora", {})
+    inject_lora(model, int(lora.get("rank", 4)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("qkv", "proj"))),
+                lora.get("encoder_stages"))
+    state = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    device = model.device
+    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    return model.to(device).eval()
+
+
+def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto"):
+    """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``."""
+    metadata = read_metadata(adapter_dir)
+    model = load_model(model_name, checkpoint, device)
+    base = metadata.get("base_model", {})
+    if base.get("name") != model.spec.name or base.get("sha256") != model.weights_sha256:
+        raise InputError(f"adapter {adapter_dir} was trained on base model {base.get('name')} "
+                         f"(SHA-256 {str(base.get('sha256'))[:12]}...) but the loaded model is {model.spec.name} "
+                         f"(SHA-256 {model.weights_sha256[:12]}...)")
+    apply_adapter(model, adapter_dir, metadata)
+    return model, AdapterInfo.from_metadata(metadata)
