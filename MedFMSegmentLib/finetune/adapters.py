@@ -111,7 +111,12 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
 def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto"):
     """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``."""
     metadata = read_metadata(adapter_dir)
-    model = load_model(model_name, checkpoint, device)
+    if model_name == "tiny_random_for_tests":
+        from ..models import tiny_random_model_for_tests
+
+        model = tiny_random_model_for_tests()
+    else:
+        model = load_model(model_name, checkpoint, device)
     base = metadata.get("base_model", {})
     if base.get("name") != model.spec.name or base.get("sha256") != model.weights_sha256:
         raise InputError(f"adapter {adapter_dir} was trained on base model {base.get('name')} "

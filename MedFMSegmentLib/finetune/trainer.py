@@ -1,0 +1,275 @@
+"""LoRA fine-tuning of a SAM-family model on a few labelled cases."""
+from __future__ import annotations
+
+import datetime
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CancelledError, InputError
+from ..geometry import slice_from_volume
+from ..io import MedicalImage
+from ..models import PromptableModel, load_model, tiny_random_model_for_tests
+from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
+from .adapters import inject_lora, trainable_state
+
+TEST_MODEL = "tiny_random_for_tests"
+
+
+@dataclass
+class FinetuneConfig:
+    model_name: str = "litemedsam"
+    checkpoint: str | None = None
+    device: str = "auto"
+    steps: int = 200
+    batch_size: int = 1
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_targets: tuple = ("qkv", "proj")
+    encoder_stages: tuple | None = None  # None: every stage; e.g. (2, 3) for the last ones only
+    lr: float = 3e-4
+    decoder_lr: float = 1e-4
+    label_value: int | None = None
+    label_name: str = "label"
+    seed: int = 0
+    validation_fraction: float = 0.2
+    max_validation_slices: int = 8
+    validate_every: int = 25
+    augment: bool = True
+    early_stopping_patience: int = 4
+    automatic_fraction: float = 0.5
+    foreground_fraction: float = 0.8
+    box_jitter: float = 0.1
+    axis: str = "axial"
+    intensity: IntensitySettings = field(default_factory=IntensitySettings)
+    keep_components: str = "largest"
+
+
+@dataclass
+class _Slice:
+    image: np.ndarray  # normalised 2D slice
+    mask: np.ndarray  # bool 2D
+    pixel_size: tuple
+    case: int
+
+    @property
+    def has_foreground(self) -> bool:
+        return bool(self.mask.any())
+
+
+def check_cases(cases, label_value) -> None:
+    if not cases:
+        raise InputError("fine-tuning needs at least one image with its label")
+    for n, (image, label) in enumerate(cases):
+        name = label.source or f"case {n}"
+        if not image.geometry.same_grid(label.geometry):
+            raise InputError(f"image and label grids differ for {name}: "
+                             + image.geometry.describe_difference(label.geometry))
+        values = label.array
+        if label_value is None:
+            if not np.any(values != 0):
+                raise InputError(f"label {name} has no foreground")
+        elif not np.any(values == label_value):
+            present = sorted(int(v) for v in np.unique(values) if v != 0)
+            raise InputError(f"label value {label_value} does not occur in {name} (values: {present})")
+
+
+def _load_base(config: FinetuneConfig) -> PromptableModel:
+    if config.model_name == TEST_MODEL:
+        device = torch.device("cpu") if config.device in ("auto", "cpu") else torch.device(config.device)
+        return tiny_random_model_for_tests().to(device)
+    return load_model(config.model_name, config.checkpoint, config.device)
+
+
+def _slices(cases, config: FinetuneConfig) -> list[_Slice]:
+    from ..geometry import in_plane_axes
+
+    out = []
+    for n, (image, label) in enumerate(cases):
+        volume = normalize_intensity(image.array, config.intensity, image.modality)
+        mask = label.array != 0 if config.label_value is None else label.array == config.label_value
+        axis = 2 if image.geometry.size[2] == 1 else image.geometry.voxel_axis_for(config.axis)
+        rows, cols = in_plane_axes(axis)
+        spacing = image.geometry.spacing
+        for index in range(image.geometry.size[axis]):
+            out.append(_Slice(slice_from_volume(volume, axis, index), slice_from_volume(mask, axis, index),
+                              (spacing[rows], spacing[cols]), n))
+    return out
+
+
+def _augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator):
+    """Light MONAI augmentation: flips, 90-degree rotations, small rotations, intensity."""
+    from monai.transforms import Compose, RandAdjustContrastd, RandFlipd, RandRotated, RandScaleIntensityd
+
+    transform = Compose([
+        RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
+        RandRotated(keys=("image", "mask"), range_x=0.26, prob=0.5, mode=("bilinear", "nearest"),
+                    padding_mode="zeros"),
+        RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        RandAdjustContrastd(keys="image", gamma=(0.8, 1.25), prob=0.3),
+    ])
+    transform.set_random_state(seed=int(rng.integers(2**31)))
+    data = transform({"image": image[None].astype(np.float32), "mask": mask[None].astype(np.float32)})
+    img = np.clip(np.asarray(data["image"])[0], 0, 1)
+    return img, np.asarray(data["mask"])[0] > 0.5
+
+
+def _box(mask_input: torch.Tensor, rng: np.random.Generator, jitter: float) -> torch.Tensor:
+    rows = torch.nonzero(mask_input.any(dim=1)).flatten()
+    cols = torch.nonzero(mask_input.any(dim=0)).flatten()
+    x0, x1, y0, y1 = float(cols[0]), float(cols[-1]), float(rows[0]), float(rows[-1])
+    w, h = x1 - x0 + 1, y1 - y0 + 1
+    size = mask_input.shape[0]
+    dx = rng.uniform(-jitter, jitter, 4) * np.array([w, h, w, h]) + rng.uniform(-2, 2, 4)
+    box = np.array([x0, y0, x1, y1]) + dx
+    box[:2] = np.minimum(box[:2], [x0 + w / 4, y0 + h / 4])
+    box[2:] = np.maximum(box[2:], [x1 - w / 4, y1 - h / 4])
+    return torch.tensor(np.clip(box, 0, size - 1), dtype=torch.float32)[None]
+
+
+def _forward(model: PromptableModel, item: _Slice, box: bool, rng, config, augment: bool):
+    image, mask = item.image, item.mask
+    if augment:
+        image, mask = _augment(image, mask, rng)
+    t = SliceTransform.create(image.shape[0], image.shape[1], model.image_size, item.pixel_size)
+    device = model.device
+    x = t.image_to_input(image)[None].to(device)
+    target = t.mask_to_input(mask).to(device)
+    boxes = _box(target, rng, config.box_jitter if augment else 0.0).to(device) if (box and target.any()) else None
+    embedding = model.encode(x)
+    logits, _ = model.decode(embedding, boxes=boxes)
+    logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
+    valid = (slice(0, t.new_rows), slice(0, t.new_cols))
+    return logits[0, 0][valid], target[valid]
+
+
+def _dice(pred: np.ndarray, target: np.ndarray) -> float:
+    total = pred.sum() + target.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
+
+
+def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneConfig | None = None,
+             progress=None, cancel: threading.Event | None = None):
+    """Fine-tune LoRA (encoder attention) + mask decoder; returns ``(model, metadata)``.
+
+    The model stays in eval mode throughout (BatchNorm statistics frozen, no dropout), so the
+    saved adapter reloads to exactly the trained outputs.
+    """
+    config = config or FinetuneConfig()
+    check_cases(cases, config.label_value)
+    start = time.monotonic()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    model = _load_base(config)
+    base_name, base_sha = model.spec.name, model.weights_sha256
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
+    model.to(model.pixel_mean.device)
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name or name.startswith("mask_decoder."))
+    model.eval()
+
+    slices = _slices(cases, config)
+    fg = [s for s in slices if s.has_foreground]
+    # validation: a held-out slice set (foreground slices mostly, a few empty ones)
+    order = rng.permutation(len(slices))
+    n_val = int(round(len(slices) * config.validation_fraction)) if config.validation_fraction > 0 else 0
+    val_ids = set(order[:n_val].tolist()) if len(fg) > 2 else set()
+    train = [s for i, s in enumerate(slices) if i not in val_ids]
+    val = [s for i, s in enumerate(slices) if i in val_ids]
+    val_fg = [s for s in val if s.has_foreground][: max(1, config.max_validation_slices * 3 // 4)]
+    val_bg = [s for s in val if not s.has_foreground][: config.max_validation_slices - len(val_fg)]
+    val = val_fg + val_bg
+    train_fg = [s for s in train if s.has_foreground] or fg
+    train_bg = [s for s in train if not s.has_foreground]
+
+    from monai.losses import DiceCELoss
+
+    loss_fn = DiceCELoss(sigmoid=True)
+    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    dec_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr},
+                                   {"params": dec_params, "lr": config.decoder_lr}], weight_decay=1e-4)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
+    use_amp = model.device.type == "cuda"
+
+    def validate() -> float:
+        if not val:
+            return float("nan")
+        scores = []
+        with torch.no_grad():
+            for item in val:
+                auto = config.automatic_fraction > 0 and (not item.has_foreground or config.automatic_fraction >= 0.5)
+                logits, target = _forward(model, item, not auto, rng, config, augment=False)
+                scores.append(_dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
+        return float(np.mean(scores))
+
+    best_dice, best_state, bad_checks, val_dice, steps_done = -1.0, None, 0, float("nan"), 0
+    for step in range(1, config.steps + 1):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("fine-tuning cancelled")
+        optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(config.batch_size):
+            use_fg = not train_bg or rng.random() < config.foreground_fraction
+            pool = train_fg if use_fg else train_bg
+            item = pool[int(rng.integers(len(pool)))]
+            auto = rng.random() < config.automatic_fraction
+            with torch.autocast("cuda", enabled=use_amp):
+                logits, target = _forward(model, item, not auto, rng, config, augment=config.augment)
+            loss = loss_fn(logits.float()[None, None], target[None, None]) / config.batch_size
+            loss.backward()
+            total += float(loss.detach())
+        optimizer.step()
+        scheduler.step()
+        steps_done = step
+        report = {"step": step, "steps": config.steps, "loss": total, "val_dice": None}
+        if val and (step % config.validate_every == 0 or step == config.steps):
+            val_dice = validate()
+            report["val_dice"] = val_dice
+            if val_dice > best_dice:
+                best_dice, best_state, bad_checks = val_dice, trainable_state(model), 0
+            else:
+                bad_checks += 1
+        if progress is not None:
+            progress(report)
+        if config.early_stopping_patience and bad_checks >= config.early_stopping_patience:
+            break
+    if best_state is not None:
+        device = model.device
+        model.load_state_dict({k: v.to(device) for k, v in best_state.items()}, strict=False)
+    model.eval()
+    from .. import __version__
+
+    names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
+    metadata = {
+        "format": 1,
+        "base_model": {"name": base_name, "sha256": base_sha},
+        "label_name": config.label_name,
+        "label_value": config.label_value,
+        "intensity": config.intensity.to_dict(),
+        "axis": config.axis,
+        "training_cases": {"count": len(cases), "names": names},
+        "steps": steps_done,
+        "steps_planned": config.steps,
+        "validation_dice": None if best_dice < 0 else best_dice,
+        "validation_slices": len(val),
+        "library_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
+                 "encoder_stages": list(config.encoder_stages) if config.encoder_stages is not None else None,
+                 "layers": len(targets)},
+        "automatic": config.automatic_fraction > 0,
+        "keep_components": config.keep_components,
+        "seed": config.seed,
+        "training_seconds": round(time.monotonic() - start, 1),
+        "device": str(model.device),
+    }
+    return model, metadata
