@@ -28,7 +28,11 @@ def evaluate_masks(pred: np.ndarray, label: np.ndarray, spacing=(1.0, 1.0, 1.0))
     hd95 = None
     if n_pred and n_label:
         kji_spacing = tuple(float(s) for s in reversed(tuple(spacing)))
-        hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, g, spacing=kji_spacing)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's deprecated always_return_as_numpy
+            hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, g, spacing=kji_spacing)
         hd95 = float(hd.item())
     return {"dice": dice, "hd95": hd95, "prediction_voxels": n_pred, "label_voxels": n_label,
             "intersection_voxels": inter}

@@ -1,0 +1,59 @@
+"""``medfmsegment finetune``: train an adapter from labelled cases."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import InputError
+
+
+def _progress(report: dict) -> None:
+    line = f"step {report['step']}/{report['steps']} loss {report['loss']:.4f}"
+    if report.get("val_dice") is not None:
+        line += f" val_dice {report['val_dice']:.3f}"
+    print(line, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..io import read_image, read_label
+    from .adapters import save_adapter
+    from .trainer import FinetuneConfig, check_cases, finetune
+
+    images, labels = args.image or [], args.label or []
+    if not images:
+        raise InputError("finetune needs at least one --image IMG --label LBL pair")
+    if len(images) != len(labels):
+        raise InputError(f"every --image needs its --label ({len(images)} images, {len(labels)} labels)")
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise InputError(f"{output} exists (use --overwrite to replace it)")
+    cases = []
+    for image_path, label_path in zip(images, labels):
+        image, label = read_image(image_path), read_label(label_path)
+        cases.append((image, label))
+    check_cases(cases, args.label_value)
+    config = FinetuneConfig(model_name=args.model, checkpoint=args.checkpoint, device=args.device,
+                            steps=args.steps, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
+                            label_value=args.label_value, seed=args.seed,
+                            label_name=args.label_name or (f"label {args.label_value}" if args.label_value else "label"))
+    model, metadata = finetune(cases, config, progress=_progress)
+    save_adapter(model, output, metadata)
+    print(f"adapter written to {output} (validation Dice {metadata['validation_dice']})", flush=True)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    parser = subparsers.add_parser("finetune", help="fine-tune a LoRA adapter on a few labelled cases")
+    parser.add_argument("--image", action="append", help="training image (repeat, each with its --label)")
+    parser.add_argument("--label", action="append", help="label map of the preceding --image")
+    parser.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    parser.add_argument("--label-value", type=int, default=None, help="label value to learn (default: all non-zero)")
+    parser.add_argument("--label-name", default=None)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--model", default="litemedsam")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--overwrite", action="store_true")
+    parser.set_defaults(handler=_run)
