@@ -1,0 +1,115 @@
+"""Fine-tuning: plumbing with the tiny random model, save/reload identity with the real LiteMedSAM."""
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from MedFMSegmentLib.errors import CancelledError, InputError
+from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
+from MedFMSegmentLib.finetune.automatic import segment_automatic
+from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+from MedFMSegmentLib.io import MedicalImage, read_image, read_label
+from MedFMSegmentLib.predictor import SegmentationSession
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
+TINY = "tiny_random_for_tests"
+
+
+def _synthetic_case(seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.random((6, 40, 40)).astype(np.float32) * 50
+    label = np.zeros((6, 40, 40), np.uint8)
+    label[1:5, 10:25, 12:30] = 1
+    image[label > 0] += 150
+    return MedicalImage.from_array(image), MedicalImage.from_array(label)
+
+
+def test_tiny_finetune_save_reload_identical(tmp_path):
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    reports = []
+    model, metadata = finetune(cases, FinetuneConfig(model_name=TINY, steps=4, validate_every=2, device="cpu"),
+                               progress=reports.append)
+    assert [r["step"] for r in reports] == [1, 2, 3, 4]
+    assert all({"step", "steps", "loss", "val_dice"} <= set(r) for r in reports)
+    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "metadata.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    reloaded, info = load_adapted_model(folder, model_name=TINY)
+    assert info.automatic and info.keep_components == "largest"
+    session_a = SegmentationSession(model, cases[0][0])
+    session_b = SegmentationSession(reloaded, cases[0][0])
+    np.testing.assert_array_equal(segment_automatic(session_a), segment_automatic(session_b))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), reloaded.encode(x))
+
+
+def test_cancel_writes_nothing(tmp_path):
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        finetune([_synthetic_case()], FinetuneConfig(model_name=TINY, steps=3, device="cpu"), cancel=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_inputs():
+    image, label = _synthetic_case()
+    with pytest.raises(InputError, match="no foreground"):
+        finetune([(image, MedicalImage.from_array(np.zeros_like(label.array)))], FinetuneConfig(model_name=TINY))
+    with pytest.raises(InputError, match="label value 5"):
+        finetune([(image, label)], FinetuneConfig(model_name=TINY, label_value=5))
+    with pytest.raises(InputError, match="grids differ"):
+        finetune([(image, MedicalImage.from_array(label.array[:, :30]))], FinetuneConfig(model_name=TINY))
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "MedFMSegmentLib.cli", "finetune", *args],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared hippocampus data absent")
+def test_cli_bad_inputs(tmp_path):
+    img = str(DATA / "imagesTr" / "hippocampus_001.nii.gz")
+    lbl = str(DATA / "labelsTr" / "hippocampus_001.nii.gz")
+    other = str(DATA / "labelsTr" / "hippocampus_003.nii.gz")
+    out = tmp_path / "adapter"
+    for args in ([ "--image", img, "-o", str(out)], ["--image", img, "--label", other, "-o", str(out)],
+                 ["--image", img, "--label", lbl, "--label-value", "9", "-o", str(out)]):
+        result = _cli(*args)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared hippocampus data absent")
+def test_real_litemedsam_adapter_roundtrip(tmp_path):
+    cases = [(read_image(DATA / "imagesTr" / f"hippocampus_{n:03d}.nii.gz"),
+              read_label(DATA / "labelsTr" / f"hippocampus_{n:03d}.nii.gz")) for n in (1, 3)]
+    config = FinetuneConfig(steps=2, validate_every=2, max_validation_slices=1, device="cpu")
+    model, metadata = finetune(cases, config)
+    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    assert (folder / "adapter.safetensors").stat().st_size < 20 * 2**20
+    for key in ("base_model", "label_name", "label_value", "intensity", "training_cases", "steps",
+                "validation_dice", "library_version", "date", "lora", "automatic"):
+        assert key in metadata
+    assert metadata["training_cases"]["count"] == 2
+    reloaded, info = load_adapted_model(folder, device="cpu")
+    # identical outputs: BatchNorm must have stayed frozen during training
+    session = SegmentationSession(model, cases[0][0])
+    x = session.transform.image_to_input(session.slice_image(session.num_slices // 2))[None]
+    with torch.no_grad():
+        e1, e2 = model.encode(x), reloaded.encode(x)
+        assert torch.equal(e1, e2)
+        assert torch.equal(model.decode(e1)[0], reloaded.decode(e2)[0])
+    # wrong base model: tampered SHA-256
+    import json
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["base_model"]["sha256"] = "0" * 64
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="SHA-256"):
+        load_adapted_model(folder, device="cpu")
