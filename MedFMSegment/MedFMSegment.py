@@ -93,7 +93,7 @@ class MedFMSegmentParameterNode:
     roiNode: vtkMRMLMarkupsROINode
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
-    axis: Annotated[str, Choice(["axial", "coronal", "sagittal"])] = "axial"
+    axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     modelName: Annotated[str, Choice(["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     adapterPath: Path
@@ -449,7 +449,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             self._sessions.clear()
         return self.model
 
-    def session_for(self, volume_node, axis: str = "axial"):
+    def session_for(self, volume_node, axis: str = "auto"):
         """The cached session of a volume, rebuilt when the volume's voxels or geometry changed."""
         from MedFMSegmentLib.predictor import SegmentationSession
         from MedFMSegmentLib.slicer_bridge import volume_node_to_image
@@ -488,7 +488,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node, segmentation_node, roi_node=None, positive_node=None, negative_node=None,
-                axis: str = "axial", propagate=None, segment_id=None) -> str:
+                axis: str = "auto", propagate=None, segment_id=None) -> str:
         """Segment from markups prompts and write the result into one segment.
 
         Args:
@@ -496,7 +496,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             segmentation_node: Target segmentation (other segments are never changed).
             roi_node: Optional ROI box; flat along the slicing axis segments one slice.
             positive_node, negative_node: Optional fiducials on structure / background.
-            axis: ``axial``, ``coronal`` or ``sagittal``.
+            axis: ``auto`` (from the prompts, see ``choose_axis``), ``axial``, ``coronal`` or ``sagittal``.
             propagate: Force 3D propagation on or off; None decides from the box.
             segment_id: Segment to replace; None replaces the segment the last call wrote, or creates one.
 

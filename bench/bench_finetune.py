@@ -7,16 +7,11 @@ Usage: python bench/bench_finetune.py [--steps 200] [--hippo-train 5] [--hippo-t
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from MedFMSegmentLib.evaluation import evaluate_masks
 from MedFMSegmentLib.finetune.automatic import segment_automatic
@@ -25,16 +20,23 @@ from MedFMSegmentLib.io import read_image, read_label
 from MedFMSegmentLib.models import load_model
 from MedFMSegmentLib.predictor import SegmentationSession
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA_DIR as DATA, emit, machine, peak_rss_mb  # noqa: E402
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _sessions(base, adapted, image, shared: bool):
+    """Sessions for the base and adapted models; with a frozen encoder they share embeddings."""
+    s0 = SegmentationSession(base, image, axis="axial")
+    s1 = SegmentationSession(adapted, image, axis="axial")
+    if shared:
+        s0.embed_slices(range(s0.num_slices))
+        for index in range(s0.num_slices):
+            s1.cache.put(s1._key(index), s0.cache.get(s0._key(index)))
+    return s0, s1
 
 
-def box_dice(model, image, mask) -> float:
-    """Per-slice ground-truth boxes on slices with foreground, 3D Dice."""
-    session = SegmentationSession(model, image)
+def box_dice(session, mask) -> float:
+    """A tight box from the label on every slice with foreground (axial), 3D Dice."""
     from MedFMSegmentLib.geometry import slice_from_volume, slice_into_volume
 
     pred = np.zeros(mask.shape, bool)
@@ -45,32 +47,44 @@ def box_dice(model, image, mask) -> float:
         rows, cols = np.nonzero(plane)
         box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
         slice_into_volume(pred, session.voxel_axis, index, session.predict_slice(index, box=box))
-    return evaluate_masks(pred, mask, image.geometry.spacing)["dice"]
+    return evaluate_masks(pred, mask, session.image.geometry.spacing)["dice"]
 
 
-def auto_dice(model, image, mask) -> float:
-    pred = segment_automatic(SegmentationSession(model, image))
-    return evaluate_masks(pred, mask, image.geometry.spacing)["dice"]
+def auto_dice(session, mask) -> float:
+    pred = segment_automatic(session)
+    return evaluate_masks(pred, mask, session.image.geometry.spacing)["dice"]
 
 
-def run_part(name, train, test, steps, device, log):
-    base = load_model(device=device)
+def run_part(name, train, test, steps, device, encoder, log):
+    base = load_model(device=device, backend="torch")
     started = time.monotonic()
-    model, metadata = finetune(train, FinetuneConfig(steps=steps, device=device, validate_every=max(1, steps // 5)),
-                               progress=lambda r: log(f"{name} step {r['step']}/{r['steps']} loss {r['loss']:.4f} "
-                                                      f"val_dice {r['val_dice']}"))
+
+    def report(r):
+        if r.get("stage") == "embedding":
+            if r["done"] == r["total"] or r["done"] % 20 == 0:
+                log(f"{name} embedding {r['done']}/{r['total']} at {time.monotonic() - started:.0f} s")
+        elif r["step"] % 20 == 0 or r["val_dice"] is not None:
+            log(f"{name} step {r['step']}/{r['steps']} loss {r['loss']:.4f} val_dice {r['val_dice']} "
+                f"at {time.monotonic() - started:.0f} s")
+
+    model, metadata = finetune(train, FinetuneConfig(steps=steps, device=device, encoder=encoder,
+                                                     validate_every=max(1, steps // 8)), progress=report)
     train_s = time.monotonic() - started
+    train_rss = peak_rss_mb()
+    shared = metadata["encoder"] == "frozen"
     rows = []
     for image, label in test:
         mask = label.array != 0
-        row = {"case": Path(image.source).name, "zero_shot_box": box_dice(base, image, mask),
-               "adapted_box": box_dice(model, image, mask), "adapted_auto": auto_dice(model, image, mask)}
+        s0, s1 = _sessions(base, model, image, shared)
+        row = {"case": Path(image.source).name, "zero_shot_box": box_dice(s0, mask),
+               "adapted_box": box_dice(s1, mask), "adapted_auto": auto_dice(s1, mask)}
         rows.append(row)
         log(f"{name} {row}")
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("zero_shot_box", "adapted_box", "adapted_auto")}
-    return {"train_cases": len(train), "test_cases": len(test), "steps": metadata["steps"],
-            "validation_dice": metadata["validation_dice"], "training_seconds": round(train_s, 1),
-            "mean_dice": mean, "cases": rows, "peak_rss_mb": round(_peak_rss_mb(), 1)}
+    return {"train_cases": len(train), "test_cases": len(test), "encoder": metadata["encoder"],
+            "steps": metadata["steps"], "validation_dice": metadata["validation_dice"],
+            "training_seconds": round(train_s, 1), "peak_rss_mb_after_training": round(train_rss, 1),
+            "mean_dice": mean, "cases": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
 def main() -> int:
@@ -82,21 +96,22 @@ def main() -> int:
     parser.add_argument("--hc-test", type=int, default=30)
     parser.add_argument("--parts", default="hippocampus,hc18")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"])
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
 
     def log(line):
         print(line, file=sys.stderr, flush=True)
 
-    result = {"machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-                          "torch": torch.__version__, "device": str(load_model(device=args.device).device)}}
+    result = {"benchmark": "finetune", "machine": machine(),
+              "device": str(load_model(device=args.device, backend="torch").device)}
     if "hippocampus" in args.parts:
         folder = DATA / "msd_hippocampus_mri"
         names = sorted(p.name for p in (folder / "labelsTr").glob("hippocampus_*.nii.gz"))
         pairs = [(read_image(folder / "imagesTr" / n), read_label(folder / "labelsTr" / n))
                  for n in names[: args.hippo_train + args.hippo_test]]
         result["hippocampus"] = run_part("hippocampus", pairs[: args.hippo_train], pairs[args.hippo_train:],
-                                         args.steps, args.device, log)
+                                         args.steps, args.device, args.encoder, log)
     if "hc18" in args.parts:
         folder = DATA / "hc18_fetal_head_us"
         images = sorted((folder / "images").glob("*_HC.png"))
@@ -108,11 +123,8 @@ def main() -> int:
 
         train = [pair(p) for p in images if p.name.split("_")[0] in train_prefixes][: args.hc_train]
         test = [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][: args.hc_test]
-        result["hc18"] = run_part("hc18", train, test, args.steps, args.device, log)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text)
+        result["hc18"] = run_part("hc18", train, test, args.steps, args.device, args.encoder, log)
+    emit(result, args.output)
     return 0
 
 

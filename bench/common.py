@@ -54,3 +54,14 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def emit(result: dict, output: str | None) -> None:
+    """Print the benchmark's JSON and also write it to ``output`` when given."""
+    import json
+    from pathlib import Path
+
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")

@@ -100,27 +100,42 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
     from safetensors.torch import load_file
 
     lora = metadata.get("lora", {})
-    inject_lora(model, int(lora.get("rank", 4)), float(lora.get("alpha", 8)), tuple(lora.get("targets", ("qkv", "proj"))),
-                lora.get("encoder_stages"))
+    if lora is not None:  # None: a decoder-only adapter (frozen image encoder)
+        inject_lora(model, int(lora.get("rank", 4)), float(lora.get("alpha", 8)),
+                    tuple(lora.get("targets", ("qkv", "proj"))), lora.get("encoder_stages"))
     state = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
     device = model.device
     model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
     return model.to(device).eval()
 
 
-def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto"):
-    """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``."""
+def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto",
+                       backend: str | None = None):
+    """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``.
+
+    ``backend``: ``auto`` (the default) keeps adapted models on PyTorch, because every adapter
+    would need its own conversion (about a minute on 2 cores) and disk cache entry; ``openvino``
+    converts the adapted weights (keyed by their own digest, so never confused with the base).
+    """
+    from ..acceleration import BACKENDS, accelerate, default_backend
+
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     metadata = read_metadata(adapter_dir)
     if model_name == "tiny_random_for_tests":
         from ..models import tiny_random_model_for_tests
 
         model = tiny_random_model_for_tests()
     else:
-        model = load_model(model_name, checkpoint, device)
+        # PyTorch first: the adapter changes the weights, so any conversion must come after it.
+        model = load_model(model_name, checkpoint, device, backend="torch")
     base = metadata.get("base_model", {})
     if base.get("name") != model.spec.name or base.get("sha256") != model.weights_sha256:
         raise InputError(f"adapter {adapter_dir} was trained on base model {base.get('name')} "
                          f"(SHA-256 {str(base.get('sha256'))[:12]}...) but the loaded model is {model.spec.name} "
                          f"(SHA-256 {model.weights_sha256[:12]}...)")
     apply_adapter(model, adapter_dir, metadata)
+    if backend == "openvino":
+        accelerate(model, backend)
     return model, AdapterInfo.from_metadata(metadata)

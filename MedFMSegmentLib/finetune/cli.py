@@ -8,6 +8,11 @@ from ..errors import InputError
 
 
 def _progress(report: dict) -> None:
+    if report.get("stage") == "embedding":
+        done, total = report["done"], report["total"]
+        if done == total or done % 10 == 0:
+            print(f"embedding training slices {done}/{total}", flush=True)
+        return
     line = f"step {report['step']}/{report['steps']} loss {report['loss']:.4f}"
     if report.get("val_dice") is not None:
         line += f" val_dice {report['val_dice']:.3f}"
@@ -33,7 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         cases.append((image, label))
     check_cases(cases, args.label_value)
     config = FinetuneConfig(model_name=args.model, checkpoint=args.checkpoint, device=args.device,
-                            steps=args.steps, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
+                            steps=args.steps, encoder=args.encoder, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
                             label_value=args.label_value, seed=args.seed,
                             label_name=args.label_name or (f"label {args.label_value}" if args.label_value else "label"))
     model, metadata = finetune(cases, config, progress=_progress)
@@ -55,5 +60,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"],
+                        help="lora: LoRA in the image encoder + decoder; frozen: decoder only on cached "
+                             "embeddings (fast on a CPU); auto (default): lora on a GPU, frozen otherwise")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(handler=_run)

@@ -5,7 +5,7 @@ import datetime
 import random
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ class FinetuneConfig:
     device: str = "auto"
     steps: int = 200
     batch_size: int = 1
+    encoder: str = "auto"  # "lora", "frozen" (decoder only, cached embeddings) or "auto" (see finetune)
+    embedding_budget: int = 240  # frozen encoder: most slice embeddings computed (flipped copies count)
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: tuple = ("qkv", "proj")
@@ -83,7 +85,8 @@ def _load_base(config: FinetuneConfig) -> PromptableModel:
     if config.model_name == TEST_MODEL:
         device = torch.device("cpu") if config.device in ("auto", "cpu") else torch.device(config.device)
         return tiny_random_model_for_tests().to(device)
-    return load_model(config.model_name, config.checkpoint, config.device)
+    # Training needs autograd, which only PyTorch gives: no conversion for a model about to change.
+    return load_model(config.model_name, config.checkpoint, config.device, backend="torch")
 
 
 def _slices(cases, config: FinetuneConfig) -> list[_Slice]:
@@ -148,6 +151,66 @@ def _forward(model: PromptableModel, item: _Slice, box: bool, rng, config, augme
     return logits[0, 0][valid], target[valid]
 
 
+@dataclass
+class _Embedded:
+    """A slice already through the frozen image encoder, with its target at model-input resolution."""
+
+    embedding: torch.Tensor  # (1, C, 64, 64)
+    target: torch.Tensor  # (S, S) float, 1 = structure
+    valid: tuple  # (rows, cols) of the image inside the padded input
+    has_foreground: bool
+
+
+@torch.no_grad()
+def _embed(model: PromptableModel, item: _Slice, flip: bool) -> _Embedded:
+    image, mask = (item.image[:, ::-1], item.mask[:, ::-1]) if flip else (item.image, item.mask)
+    t = SliceTransform.create(image.shape[0], image.shape[1], model.image_size, item.pixel_size)
+    x = t.image_to_input(np.ascontiguousarray(image))[None].to(model.device)
+    target = t.mask_to_input(np.ascontiguousarray(mask)).to(model.device)
+    return _Embedded(model.encode(x).detach(), target, (t.new_rows, t.new_cols), bool(mask.any()))
+
+
+def _forward_embedded(model: PromptableModel, item: _Embedded, box: bool, rng, config, augment: bool):
+    """Decoder-only forward: the prompt (jittered box or none) is the only augmentation left."""
+    target = item.target
+    boxes = _box(target, rng, config.box_jitter if augment else 0.0).to(model.device) \
+        if (box and item.has_foreground) else None
+    logits, _ = model.decode(item.embedding, boxes=boxes)
+    logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
+    rows, cols = item.valid
+    return logits[0, 0][:rows, :cols], target[:rows, :cols]
+
+
+def _plan_embeddings(train_fg: list, train_bg: list, budget: int, foreground_fraction: float, flips: bool,
+                     rng: np.random.Generator) -> list[tuple[_Slice, bool]]:
+    """Which (slice, flipped) pairs to embed within ``budget``: foreground first, some background,
+    then horizontally flipped copies while the budget lasts."""
+    fg = [train_fg[i] for i in rng.permutation(len(train_fg))]
+    bg = [train_bg[i] for i in rng.permutation(len(train_bg))]
+    n_bg = min(len(bg), int(round(budget * (1 - foreground_fraction))))
+    n_fg = min(len(fg), budget - n_bg)
+    n_bg = min(len(bg), budget - n_fg)
+    plan = [(s, False) for s in fg[:n_fg] + bg[:n_bg]]
+    if flips:
+        room = budget - len(plan)
+        plan += [(s, True) for s, _ in plan[:max(0, room)]]
+    return plan
+
+
+def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
+    """``lora`` on a GPU; ``frozen`` (decoder only) on a CPU.
+
+    On this project's 2-core CPU a LoRA step through the TinyViT encoder costs 12-16 s, so a
+    15-minute budget buys ~60 steps; with the encoder frozen, each training slice is embedded
+    once (~1 s) and a decoder step costs a fraction of a second.
+    """
+    if config.encoder not in ("auto", "lora", "frozen"):
+        raise InputError(f"encoder mode must be auto, lora or frozen, got {config.encoder!r}")
+    if config.encoder != "auto":
+        return config.encoder
+    return "lora" if device.type == "cuda" else "frozen"
+
+
 def _dice(pred: np.ndarray, target: np.ndarray) -> float:
     total = pred.sum() + target.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
@@ -155,7 +218,12 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> float:
 
 def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneConfig | None = None,
              progress=None, cancel: threading.Event | None = None):
-    """Fine-tune LoRA (encoder attention) + mask decoder; returns ``(model, metadata)``.
+    """Fine-tune the mask decoder, with LoRA in the encoder's attention or the encoder frozen.
+
+    Returns ``(model, metadata)``. ``config.encoder`` picks the mode (see
+    :func:`resolve_encoder_mode`): with a frozen encoder each sampled slice is embedded once and
+    the decoder trains on the cached embeddings, with jittered box prompts, empty prompts
+    (automatic mode) and horizontally flipped copies as augmentation.
 
     The model stays in eval mode throughout (BatchNorm statistics frozen, no dropout), so the
     saved adapter reloads to exactly the trained outputs.
@@ -170,7 +238,9 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     base_name, base_sha = model.spec.name, model.weights_sha256
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
+    mode = resolve_encoder_mode(config, model.device)
+    targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
+               if mode == "lora" else [])
     model.to(model.pixel_mean.device)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith("mask_decoder."))
@@ -189,14 +259,30 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     val = val_fg + val_bg
     train_fg = [s for s in train if s.has_foreground] or fg
     train_bg = [s for s in train if not s.has_foreground]
+    forward = _forward
+    if mode == "frozen":
+        plan = [(s, False) for s in val] + _plan_embeddings(
+            train_fg, train_bg, max(1, config.embedding_budget - len(val)), config.foreground_fraction,
+            config.augment, rng)
+        embedded = []
+        for n, (item, flip) in enumerate(plan):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("fine-tuning cancelled")
+            embedded.append(_embed(model, item, flip))
+            if progress is not None:
+                progress({"stage": "embedding", "done": n + 1, "total": len(plan)})
+        val, rest = embedded[:len(val)], embedded[len(val):]
+        train_fg = [e for e in rest if e.has_foreground] or train_fg
+        train_bg = [e for e in rest if not e.has_foreground]
+        forward = _forward_embedded
 
     from monai.losses import DiceCELoss
 
     loss_fn = DiceCELoss(sigmoid=True)
     lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
     dec_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    optimizer = torch.optim.AdamW([{"params": lora_params, "lr": config.lr},
-                                   {"params": dec_params, "lr": config.decoder_lr}], weight_decay=1e-4)
+    groups = [{"params": lora_params, "lr": config.lr}, {"params": dec_params, "lr": config.decoder_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, config.steps))
     use_amp = model.device.type == "cuda"
 
@@ -207,7 +293,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         with torch.no_grad():
             for item in val:
                 auto = config.automatic_fraction > 0 and (not item.has_foreground or config.automatic_fraction >= 0.5)
-                logits, target = _forward(model, item, not auto, rng, config, augment=False)
+                logits, target = forward(model, item, not auto, rng, config, augment=False)
                 scores.append(_dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
         return float(np.mean(scores))
 
@@ -223,7 +309,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
             item = pool[int(rng.integers(len(pool)))]
             auto = rng.random() < config.automatic_fraction
             with torch.autocast("cuda", enabled=use_amp):
-                logits, target = _forward(model, item, not auto, rng, config, augment=config.augment)
+                logits, target = forward(model, item, not auto, rng, config, augment=config.augment)
             loss = loss_fn(logits.float()[None, None], target[None, None]) / config.batch_size
             loss.backward()
             total += float(loss.detach())
@@ -263,9 +349,10 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "validation_slices": len(val),
         "library_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "encoder": mode,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
                  "encoder_stages": list(config.encoder_stages) if config.encoder_stages is not None else None,
-                 "layers": len(targets)},
+                 "layers": len(targets)} if mode == "lora" else None,
         "automatic": config.automatic_fraction > 0,
         "keep_components": config.keep_components,
         "seed": config.seed,

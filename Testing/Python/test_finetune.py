@@ -13,6 +13,7 @@ from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
 from MedFMSegmentLib.finetune.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
 from MedFMSegmentLib.io import MedicalImage, read_image, read_label
+from MedFMSegmentLib.models import tiny_random_model_for_tests
 from MedFMSegmentLib.predictor import SegmentationSession
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
@@ -31,10 +32,12 @@ def _synthetic_case(seed=0):
 def test_tiny_finetune_save_reload_identical(tmp_path):
     cases = [_synthetic_case(0), _synthetic_case(1)]
     reports = []
-    model, metadata = finetune(cases, FinetuneConfig(model_name=TINY, steps=4, validate_every=2, device="cpu"),
+    model, metadata = finetune(cases, FinetuneConfig(model_name=TINY, steps=4, validate_every=2, device="cpu",
+                                                     encoder="lora"),
                                progress=reports.append)
     assert [r["step"] for r in reports] == [1, 2, 3, 4]
     assert all({"step", "steps", "loss", "val_dice"} <= set(r) for r in reports)
+    assert metadata["encoder"] == "lora" and metadata["lora"]["layers"] > 0
     folder = save_adapter(model, tmp_path / "adapter", metadata)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "metadata.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -46,6 +49,29 @@ def test_tiny_finetune_save_reload_identical(tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.encode(x), reloaded.encode(x))
+
+
+def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    reports = []
+    config = FinetuneConfig(model_name=TINY, steps=6, validate_every=3, device="cpu", embedding_budget=10)
+    base = tiny_random_model_for_tests()
+    model, metadata = finetune(cases, config, progress=reports.append)
+    embedding_reports = [r for r in reports if r.get("stage") == "embedding"]
+    # validation slices + at most the budget; each slice embedded once, before the first step
+    assert embedding_reports and embedding_reports[-1]["done"] == embedding_reports[-1]["total"] <= 10 + 8
+    assert [r["step"] for r in reports if "step" in r] == list(range(1, 7))
+    assert metadata["encoder"] == "frozen" and metadata["lora"] is None
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), base.encode(x))  # the encoder did not change
+    assert any(not torch.equal(a, b) for (_, a), (_, b) in
+               zip(model.mask_decoder.state_dict().items(), base.mask_decoder.state_dict().items()))
+    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    reloaded, info = load_adapted_model(folder, model_name=TINY)
+    with torch.no_grad():
+        e = model.encode(x)
+        assert torch.equal(model.decode(e)[0], reloaded.decode(e)[0])
 
 
 def test_cancel_writes_nothing(tmp_path):
@@ -89,7 +115,7 @@ def test_cli_bad_inputs(tmp_path):
 def test_real_litemedsam_adapter_roundtrip(tmp_path):
     cases = [(read_image(DATA / "imagesTr" / f"hippocampus_{n:03d}.nii.gz"),
               read_label(DATA / "labelsTr" / f"hippocampus_{n:03d}.nii.gz")) for n in (1, 3)]
-    config = FinetuneConfig(steps=2, validate_every=2, max_validation_slices=1, device="cpu")
+    config = FinetuneConfig(steps=2, validate_every=2, max_validation_slices=1, device="cpu", encoder="lora")
     model, metadata = finetune(cases, config)
     folder = save_adapter(model, tmp_path / "adapter", metadata)
     assert (folder / "adapter.safetensors").stat().st_size < 20 * 2**20

@@ -9,7 +9,7 @@ from conftest import dice, ellipsoid_mask
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings, SegmentationSession
+from MedFMSegmentLib.predictor import EmbeddingCache, SegmentationSession, choose_axis
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
 
@@ -27,6 +27,47 @@ def _ellipsoid_volume(seed=0):
     rng = np.random.default_rng(seed)
     volume = 100 + 500 * truth + 20 * rng.standard_normal(shape)
     return MedicalImage.from_array(volume.astype(np.float32), spacing=(1.0, 1.0, 1.0)), truth
+
+
+# ----------------------------------------------------------------------------- axis choice
+def _geometry(size, spacing=(1.0, 1.0, 1.0)):
+    return MedicalImage.from_array(np.zeros(size[::-1], np.float32), spacing=spacing).geometry
+
+
+def test_auto_axis_uses_the_slice_a_flat_box_was_drawn_on():
+    geometry = _geometry((40, 50, 30))
+    assert choose_axis(Prompts(box=(5, 5, 12, 30, 40, 12)), geometry) == 2
+    assert choose_axis(Prompts(box=(5, 20, 3, 30, 20, 25)), geometry) == 1
+    assert choose_axis(Prompts(box=(7, 5, 3, 7, 40, 25)), geometry) == 0
+
+
+def test_auto_axis_slices_across_the_shortest_physical_side_of_a_3d_box():
+    geometry = _geometry((40, 50, 30))
+    # I is the shortest side in voxels and in mm: sagittal slices.
+    assert choose_axis(Prompts(box=(10, 5, 2, 20, 45, 25)), geometry) == 0
+    # With 3 mm slices the K side (8 voxels = 24 mm) is longer than the 11 mm I side ...
+    assert choose_axis(Prompts(box=(10, 5, 2, 20, 45, 9)), _geometry((40, 50, 30), (1.0, 1.0, 3.0))) == 0
+    # ... but with 1 mm slices K is the shortest.
+    assert choose_axis(Prompts(box=(10, 5, 2, 20, 45, 9)), geometry) == 2
+    # A cube keeps the usual axial slicing.
+    assert choose_axis(Prompts(box=(10, 10, 10, 20, 20, 20)), geometry) == 2
+
+
+def test_auto_axis_for_clicks_and_2d_images():
+    geometry = _geometry((40, 50, 30))
+    assert choose_axis(Prompts(positives=[(10, 12, 7)]), geometry) == 2
+    assert choose_axis(Prompts(positives=[(10, 12, 7), (11, 12, 9)]), geometry) == 1
+    assert choose_axis(Prompts(positives=[(10, 12, 7), (11, 14, 9)]), geometry) == 2
+    assert choose_axis(Prompts(box=(5, 5, 0, 20, 20, 0)), _geometry((40, 50, 1))) == 2
+
+
+def test_auto_axis_session_propagates_across_the_short_side():
+    image, _ = _ellipsoid_volume()  # 72 x 64 x 14 voxels: K is the short side
+    session = SegmentationSession(tiny_random_model_for_tests(), image, axis="auto")
+    session.segment(Prompts(box=(20, 16, 2, 56, 44, 12)))
+    assert session.voxel_axis == 2 and session.auto_axis
+    session.segment(Prompts(box=(30, 16, 2, 30, 44, 12)))
+    assert session.voxel_axis == 0 and session.auto_axis
 
 
 # ----------------------------------------------------------------------------- plumbing (random weights)

@@ -1,0 +1,448 @@
+"""Faster CPU inference behind :class:`~MedFMSegmentLib.models.PromptableModel`'s own API.
+
+On a CPU, :func:`accelerate` runs the image encoder and the box-prompt decoder with OpenVINO
+instead of plain PyTorch. ``model.encode`` and ``model.decode`` keep their signatures, shapes and
+dtypes (torch float32 tensors); only the engine underneath changes. Anything the converted graphs
+do not cover falls back to PyTorch call by call: clicks, several boxes at once, a mask input,
+gradients, training mode, a GPU, half precision, or weights changed after conversion.
+
+Why OpenVINO: on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) the LiteMedSAM encoder ran 2.9x
+faster than PyTorch float32 and the decoder 2.6x (``bench/bench_perf.py``), with outputs equal to
+about 1e-5. ONNX Runtime was slower than OpenVINO on the same graphs, ``torch.compile`` gave
+~1.4x after a 100 s compile, BatchNorm folding + channels_last ~1.1x, and INT8 (NNCF) gave no
+speed on AVX2 while changing the embedding by ~30%.
+
+Conversion costs some seconds, so converted graphs are kept on disk in a user cache folder
+(``~/.cache/medfmsegment``, or ``$MEDFMSEGMENT_CACHE``), keyed by a SHA-256 of the weights that
+are actually in memory (not only the weights file: fine-tuning and adapters change them) and by
+the OpenVINO and PyTorch versions. A graph is written only after its outputs were checked
+against PyTorch, so a cached graph is a validated one.
+
+Set ``MEDFMSEGMENT_BACKEND=torch`` to turn acceleration off without changing code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .models import PromptableModel
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "openvino")
+CACHE_ENV = "MEDFMSEGMENT_CACHE"
+BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
+# "auto" converts only the models whose speed-up and accuracy were measured (bench/bench_perf.py);
+# the 1024 px SAM models need several GB to convert and were never benchmarked here.
+AUTO_MODELS = frozenset({"litemedsam"})
+# Bump when the conversion below changes, so old cache entries are not reused.
+_CONVERSION_VERSION = 1
+
+Inputs = tuple[torch.Tensor, ...]
+_process_cache: dict[tuple, Any] = {}
+_process_lock = threading.Lock()
+_core = None
+
+
+# ---------------------------------------------------------------------------- discovery
+def openvino_version() -> str | None:
+    """Installed OpenVINO version, or None when it is missing or broken."""
+    try:
+        import openvino
+    except Exception:  # noqa: BLE001 - a broken native install must not break the library
+        return None
+    return openvino.get_version().split("-")[0] if hasattr(openvino, "get_version") else openvino.__version__
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process (``torch`` always)."""
+    return ["torch"] + (["openvino"] if openvino_version() else [])
+
+
+def default_backend() -> str:
+    """``$MEDFMSEGMENT_BACKEND`` when set to a known backend, else ``auto``."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    return value if value in BACKENDS else "auto"
+
+
+def cache_dir() -> Path:
+    """Folder of converted models: ``$MEDFMSEGMENT_CACHE``, else ``$XDG_CACHE_HOME/medfmsegment``."""
+    override = os.environ.get(CACHE_ENV)
+    if override:
+        return Path(override).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "medfmsegment"
+
+
+def resolve_backend(backend: str, model: PromptableModel) -> str:
+    """The backend ``backend`` means for this model, without converting anything.
+
+    Raises:
+        InputError: unknown backend name.
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return "torch"
+    if model.device.type != "cpu":
+        # On a GPU PyTorch is the fast path; OpenVINO here targets the CPU only.
+        return "torch"
+    if backend == "auto" and model.spec.name not in AUTO_MODELS:
+        return "torch"
+    return "openvino" if openvino_version() else "torch"
+
+
+def describe_backends() -> dict:
+    """Backend facts for ``medfmsegment info``, without loading or converting a model.
+
+    ``in_use`` is what the default model gets on the default device (a failed conversion would
+    still fall back to ``torch``, with a warning).
+    """
+    from .models import DEFAULT_MODEL, resolve_device
+
+    requested = default_backend()
+    in_use = "torch"
+    if requested != "torch" and resolve_device("auto").type == "cpu" and openvino_version():
+        in_use = "openvino" if requested == "openvino" or DEFAULT_MODEL in AUTO_MODELS else "torch"
+    return {"requested": requested, "in_use": in_use, "available": available_backends(),
+            "openvino": openvino_version(), "cache_dir": str(cache_dir())}
+
+
+# ---------------------------------------------------------------------------- public entry point
+def accelerate(model: PromptableModel, backend: str = "auto") -> PromptableModel:
+    """Attach a faster inference backend to ``model`` in place and return it.
+
+    Never fails for runtime reasons: when the backend is not installed, the model is not on the
+    CPU, or conversion or validation fails, a warning is logged and the model stays on PyTorch.
+
+    Args:
+        model: A loaded model in eval mode.
+        backend: ``auto`` (OpenVINO for the benchmarked models on a CPU when installed, else
+            PyTorch), ``torch`` (plain PyTorch), or ``openvino`` (try it for any model).
+
+    Returns:
+        The same model; ``model.backend`` tells which backend is active.
+
+    Raises:
+        InputError: unknown backend name.
+    """
+    chosen = resolve_backend(backend, model)
+    model.accelerator = None
+    if chosen == "torch":
+        if backend == "openvino":
+            reason = "OpenVINO is not installed" if not openvino_version() else f"the device is {model.device}"
+            log.warning("backend openvino not used: %s; running plain PyTorch", reason)
+        return model
+    try:
+        model.accelerator = OpenVINOAccelerator.build(model)
+    except Exception as exc:  # noqa: BLE001 - any conversion problem means: stay on PyTorch
+        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        log.warning("OpenVINO acceleration failed (%s: %s); running plain PyTorch", type(exc).__name__, message)
+        model.accelerator = None
+    return model
+
+
+# ---------------------------------------------------------------------------- OpenVINO
+class BoxDecoder(nn.Module):
+    """Prompt encoder + mask decoder for one box: the graph that is converted for prompts."""
+
+    def __init__(self, model: PromptableModel) -> None:
+        super().__init__()
+        self.prompt_encoder = model.prompt_encoder
+        self.mask_decoder = model.mask_decoder
+
+    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same calls as PromptableModel.decode with boxes only.
+        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
+                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                 multimask_output=False)
+
+
+class ImageEncoder(nn.Module):
+    """Normalisation + image encoder, so the converted graph takes images in [0, 1] like ``encode``.
+
+    Holds only the encoder's own weights, so its digest does not change with the decoder's.
+    """
+
+    def __init__(self, model: PromptableModel) -> None:
+        super().__init__()
+        self.image_encoder = model.image_encoder
+        self.sam_normalization = model.spec.normalization == "sam"
+        self.register_buffer("pixel_mean", model.pixel_mean.detach().clone(), persistent=False)
+        self.register_buffer("pixel_std", model.pixel_std.detach().clone(), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.sam_normalization:  # same arithmetic as PromptableModel.normalize
+            images = (images * 255.0 - self.pixel_mean) / self.pixel_std
+        return self.image_encoder(images)
+
+
+def weights_digest(*modules: nn.Module) -> str:
+    """SHA-256 over the names, dtypes, shapes and values of the modules' parameters and buffers.
+
+    Hashes what is in memory, so merged adapters, fine-tuned or replaced weights get their own key.
+    """
+    digest = hashlib.sha256()
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict(keep_vars=False).items()):
+            array = tensor.detach().cpu().contiguous()
+            digest.update(f"{index}:{name}:{array.dtype}:{tuple(array.shape)};".encode())
+            if array.dtype == torch.bfloat16:
+                array = array.view(torch.int16)
+            digest.update(array.numpy().tobytes() if array.numel() else b"")
+    return digest.hexdigest()
+
+
+def _fingerprint(*modules: nn.Module) -> tuple | None:
+    """Cheap identity of the weights: which tensors, and their in-place version counters.
+
+    Loading a state dict, an optimiser step or injecting LoRA layers all change it, so a converted
+    graph is never used for weights it was not converted from. None when it cannot be read.
+    """
+    try:
+        return tuple((index, name, id(p), p._version) for index, module in enumerate(modules)
+                     for name, p in module.named_parameters())
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+def _encoder_fingerprint(model: PromptableModel) -> tuple | None:
+    return _fingerprint(model.image_encoder)
+
+
+def _decoder_fingerprint(model: PromptableModel) -> tuple | None:
+    return _fingerprint(model.prompt_encoder, model.mask_decoder)
+
+
+def _get_core():
+    global _core
+    if _core is None:
+        import openvino as ov
+
+        _core = ov.Core()
+    return _core
+
+
+def _example_images(size: int) -> torch.Tensor:
+    """Deterministic image-like input in [0, 1] for conversion checks: smooth shapes plus noise."""
+    generator = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    blob = ((xx / 0.6) ** 2 + (yy / 0.4) ** 2 <= 1).float() * 0.5 + 0.25 * (xx + 1)
+    image = (blob + 0.05 * torch.rand(size, size, generator=generator)).clamp(0, 1)
+    return image.expand(1, 3, size, size).contiguous()
+
+
+def _convert(module: nn.Module, example: tuple[torch.Tensor, ...]):
+    """PyTorch module -> static-shape OpenVINO model.
+
+    ``torch.export`` first: with it (or a plain ``torch.jit.trace``) conversion took ~10 s, while
+    ``openvino.convert_model`` on the module itself took ~45 s on the 2-core machine.
+    """
+    import openvino as ov
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python asserts on shapes
+        try:
+            converted = ov.convert_model(torch.export.export(module, example))
+        except Exception as exc:  # noqa: BLE001 - some graphs only trace
+            log.debug("torch.export conversion failed (%s); tracing instead", exc)
+            traced = torch.jit.trace(module, example, check_trace=False)
+            converted = ov.convert_model(traced, example_input=example)
+    converted.reshape({converted.input(i): ov.PartialShape(list(t.shape)) for i, t in enumerate(example)})
+    return converted
+
+
+def _check_close(name: str, got: np.ndarray, expected: torch.Tensor, rel: float = 1e-3) -> float:
+    """Maximum absolute difference; raises when above ``rel`` of the reference's range."""
+    expected_np = expected.detach().float().numpy()
+    error = float(np.abs(got - expected_np).max())
+    limit = rel * max(1.0, float(np.abs(expected_np).max()))
+    if not np.isfinite(error) or error > limit:
+        raise RuntimeError(f"converted {name} differs from PyTorch by {error:.3g} (limit {limit:.3g})")
+    return error
+
+
+def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
+                     digest: str):
+    """OpenVINO model of ``module`` from the disk cache, or converted, validated and cached.
+
+    ``example_fn`` gives the example inputs; it is called only when converting (it may be costly).
+    """
+
+    core = _get_core()
+    key = f"{model.spec.name}-{part}-{digest[:24]}-ov{openvino_version()}-pt{torch.__version__}-v{_CONVERSION_VERSION}"
+    key = "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
+    folder = cache_dir() / "openvino" / key
+    xml = folder / "model.xml"
+    if xml.is_file() and (folder / "model.bin").is_file() and (folder / "meta.json").is_file():
+        try:
+            loaded = core.read_model(str(xml))
+            log.debug("OpenVINO %s loaded from %s", part, folder)
+            return loaded
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is replaced below
+            log.warning("cached OpenVINO model %s is unreadable (%s); converting again", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    log.info("converting %s %s for OpenVINO (once per weights; cached in %s)", model.spec.name, part, folder.parent)
+    example = example_fn()
+    converted = _convert(module, example)
+    # Validate before caching: only graphs that reproduce PyTorch are ever written or used.
+    with torch.inference_mode():
+        reference = module(*example)
+    reference = reference if isinstance(reference, tuple) else (reference,)
+    request = core.compile_model(converted, "CPU", _compile_config()).create_infer_request()
+    outputs = request.infer({i: t.numpy() for i, t in enumerate(example)})
+    errors = [_check_close(f"{part} output {i}", outputs[i], ref) for i, ref in enumerate(reference)]
+    meta = {"model": model.spec.name, "part": part, "weights_digest": digest, "weights_file_sha256": model.weights_sha256,
+            "openvino": openvino_version(), "torch": torch.__version__, "max_abs_error_vs_torch": errors,
+            "inputs": [list(t.shape) for t in example]}
+    try:
+        _save_atomically(converted, folder, meta)
+    except OSError as exc:  # a read-only home must not stop acceleration in this process
+        log.warning("cannot write the OpenVINO cache in %s (%s)", folder.parent, exc)
+    return converted
+
+
+def _save_atomically(converted, folder: Path, meta: dict) -> None:
+    """Write model.xml/.bin + meta.json into a temporary folder beside ``folder``, then rename it."""
+    import openvino as ov
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        # compress_to_fp16=False: the default would store fp16 weights and change the outputs.
+        ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / "model.xml").is_file():  # not a concurrent writer that won the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _compile_config() -> dict:
+    # f32 explicitly: on CPUs with AMX/AVX-512-BF16 OpenVINO would otherwise pick bf16 and change
+    # the masks; LATENCY + torch's thread count: one request at a time, as the predictor uses it.
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+            "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs]) -> Any:
+    """Compiled model for one part, shared by every model with the same weights in this process."""
+    digest = weights_digest(module)
+    key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()))
+    with _process_lock:
+        compiled = _process_cache.get(key)
+        if compiled is None:
+            converted = _load_or_convert(part, model, module, example_fn, digest)
+            compiled = _get_core().compile_model(converted, "CPU", _compile_config())
+            _process_cache[key] = compiled
+    return compiled
+
+
+class OpenVINOAccelerator:
+    """Runs ``encode`` and one-box ``decode`` with compiled OpenVINO models.
+
+    ``encode``/``decode`` return None when a call is outside what the graphs cover; the model
+    then runs PyTorch for that call.
+    """
+
+    name = "openvino"
+
+    def __init__(self, model: PromptableModel, encoder, decoder) -> None:
+        # Per part: training only the decoder (frozen-encoder fine-tuning) keeps the encoder graph valid.
+        self._fingerprints = {"encoder": _encoder_fingerprint(model), "decoder": _decoder_fingerprint(model)}
+        self._fingerprint_of = {"encoder": _encoder_fingerprint, "decoder": _decoder_fingerprint}
+        self._stale: set[str] = set()
+        self._encoder = encoder
+        self._decoder = decoder
+        # Infer requests are not thread-safe; one lock each so a prompt need not wait for an
+        # embedding being computed in another thread.
+        self._encoder_request = encoder.create_infer_request()
+        self._decoder_request = decoder.create_infer_request()
+        self._encoder_lock = threading.Lock()
+        self._decoder_lock = threading.Lock()
+        self._image_shape = tuple(encoder.input(0).get_shape())
+        self._embedding_shape = tuple(decoder.input(0).get_shape())
+
+    @classmethod
+    def build(cls, model: PromptableModel) -> "OpenVINOAccelerator":
+        """Convert (or load from the caches) and compile both parts of ``model``."""
+        if _encoder_fingerprint(model) is None or _decoder_fingerprint(model) is None:
+            raise RuntimeError("the model's weights are inference tensors; load it outside inference_mode")
+        size = model.image_size
+        images = _example_images(size)
+        encoder = _compiled("encoder", model, ImageEncoder(model).eval(), lambda: (images,))
+
+        def decoder_example() -> Inputs:
+            # A real embedding (of the example image) so the check sees realistic logits.
+            embedding = encoder.create_infer_request().infer({0: images.numpy()})[0]
+            box = torch.tensor([[0.15 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
+            return torch.from_numpy(np.array(embedding, copy=True)), box
+
+        decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example)
+        return cls(model, encoder, decoder)
+
+    # ---------------------------------------------------------------- eligibility
+    def _usable(self, part: str, model: PromptableModel, *tensors: torch.Tensor) -> bool:
+        if part in self._stale or torch.is_grad_enabled() or model.training:
+            return False  # autograd needs PyTorch (fine-tuning)
+        if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+            return False
+        if self._fingerprint_of[part](model) != self._fingerprints[part]:
+            # Stale for good: the weights were replaced or modified after conversion.
+            log.warning("the model's %s weights changed after OpenVINO conversion; using PyTorch for it", part)
+            self._stale.add(part)
+            if len(self._stale) == len(self._fingerprints):
+                model.accelerator = None
+            return False
+        return True
+
+    # ---------------------------------------------------------------- inference
+    def encode(self, model: PromptableModel, images: torch.Tensor) -> torch.Tensor | None:
+        """``(B, 256, 64, 64)`` embeddings, or None to let PyTorch handle the call."""
+        if images.ndim != 4 or tuple(images.shape[1:]) != self._image_shape[1:] or not self._usable("encoder", model, images):
+            return None
+        outputs = []
+        with self._encoder_lock:
+            # Batched graphs gain nothing on a CPU; one image at a time keeps the shape static.
+            for image in images.detach().contiguous().numpy():
+                result = self._encoder_request.infer({0: image[None]})
+                outputs.append(torch.from_numpy(np.array(result[0], copy=True)))
+        return torch.cat(outputs)
+
+    def decode(self, model: PromptableModel, embedding: torch.Tensor, boxes: torch.Tensor | None,
+               points: torch.Tensor | None, point_labels: torch.Tensor | None,
+               mask_input: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(logits, iou)`` for exactly one box and nothing else, else None (PyTorch then)."""
+        if boxes is None or points is not None or point_labels is not None or mask_input is not None:
+            return None
+        if tuple(boxes.shape) != (1, 4) or tuple(embedding.shape) != self._embedding_shape:
+            return None
+        boxes = boxes.float() if boxes.dtype != torch.float32 and boxes.device.type == "cpu" else boxes
+        if not self._usable("decoder", model, embedding, boxes):
+            return None
+        with self._decoder_lock:
+            result = self._decoder_request.infer({0: embedding.detach().contiguous().numpy(),
+                                                  1: boxes.detach().contiguous().numpy()})
+            logits = torch.from_numpy(np.array(result[0], copy=True))
+            iou = torch.from_numpy(np.array(result[1], copy=True))
+        return logits, iou

@@ -1,0 +1,219 @@
+"""The OpenVINO CPU backend: same outputs as PyTorch, safe fallbacks, a disk cache in the user cache dir.
+
+The real-model tests use the user's cache (``~/.cache/medfmsegment`` or ``$MEDFMSEGMENT_CACHE``),
+so only the very first run converts LiteMedSAM (about half a minute on 2 cores); the cache tests
+convert the tiny random model once into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import dice
+from MedFMSegmentLib import acceleration
+from MedFMSegmentLib.acceleration import accelerate, weights_digest
+from MedFMSegmentLib.errors import InputError
+from MedFMSegmentLib.io import read_image
+from MedFMSegmentLib.models import load_model, tiny_random_model_for_tests
+from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.prompts import mask_bbox
+
+openvino = pytest.importorskip("openvino")
+
+
+# ----------------------------------------------------------------------------- real LiteMedSAM
+@pytest.fixture(scope="module")
+def torch_litemedsam():
+    return load_model("litemedsam", device="cpu", backend="torch")
+
+
+@pytest.fixture(scope="module")
+def real_sessions(data_dir, litemedsam, torch_litemedsam):
+    """Two HC18 ultrasound images and one hippocampus MRI slice: ``(fast session, torch session, k, truth)``.
+
+    Each slice is embedded once per backend here; the tests reuse the cached embeddings.
+    """
+    hc18 = data_dir / "hc18_fetal_head_us"
+    cases = []
+    for name in ("010_HC", "042_HC"):
+        image = read_image(hc18 / "images" / f"{name}.png")
+        truth = read_image(hc18 / "masks" / f"{name}_mask.png").array[0] > 0
+        cases.append((image, 0, truth))
+    hippo = data_dir / "msd_hippocampus_mri"
+    image = read_image(hippo / "imagesTr" / "hippocampus_001.nii.gz")
+    truth = read_image(hippo / "labelsTr" / "hippocampus_001.nii.gz").array > 0
+    k = int(np.argmax(truth.sum(axis=(1, 2))))
+    cases.append((image, k, truth[k]))
+    sessions = []
+    for image, k, truth in cases:
+        fast, plain = SegmentationSession(litemedsam, image), SegmentationSession(torch_litemedsam, image)
+        fast.embedding(k)
+        plain.embedding(k)
+        sessions.append((fast, plain, k, truth))
+    return sessions
+
+
+def test_litemedsam_uses_openvino_by_default_on_cpu(litemedsam, torch_litemedsam):
+    assert litemedsam.backend == "openvino"
+    assert torch_litemedsam.backend == "torch" and torch_litemedsam.accelerator is None
+
+
+def test_embeddings_match_torch_on_real_slices(real_sessions):
+    for fast, plain, k, _ in real_sessions:
+        a, b = fast.embedding(k), plain.embedding(k)
+        assert a.shape == b.shape == (1, 256, 64, 64) and a.dtype == b.dtype == torch.float32
+        assert float((a - b).abs().max()) < 1e-3
+
+
+def test_decode_matches_torch_on_real_slice(litemedsam, torch_litemedsam, real_sessions):
+    _, plain, k, truth = real_sessions[0]
+    embedding = plain.embedding(k)
+    box = torch.from_numpy(plain.transform.box_to_input(mask_bbox(truth)))[None]
+    with torch.inference_mode():
+        fast_logits, fast_iou = litemedsam.decode(embedding, boxes=box)
+        logits, iou = torch_litemedsam.decode(embedding, boxes=box)
+    assert fast_logits.shape == logits.shape == (1, 1, 256, 256) and fast_iou.shape == iou.shape == (1, 1)
+    assert fast_logits.dtype == logits.dtype == torch.float32
+    assert float((fast_logits - logits).abs().max()) < 1e-2
+    assert float((fast_iou - iou).abs().max()) < 1e-3
+
+
+def test_masks_agree_with_torch_on_real_images(real_sessions):
+    for fast, plain, k, truth in real_sessions:
+        box = mask_bbox(truth)
+        a, b = fast.predict_slice(k, box), plain.predict_slice(k, box)
+        assert b.any()
+        assert dice(a, b) >= 0.99
+
+
+def test_backend_torch_and_unknown(torch_litemedsam):
+    assert torch_litemedsam.backend == "torch"
+    with pytest.raises(InputError, match="unknown backend"):
+        load_model("litemedsam", device="cpu", backend="tensorrt")
+
+
+# ----------------------------------------------------------------------------- tiny model: cache and fallbacks
+@pytest.fixture(scope="module")
+def tiny_cache(tmp_path_factory):
+    """The tiny random model converted once into a temporary cache folder given by the env var."""
+    folder = tmp_path_factory.mktemp("medfm_cache")
+    saved = os.environ.get(acceleration.CACHE_ENV)
+    os.environ[acceleration.CACHE_ENV] = str(folder)
+    cwd_before = sorted(os.listdir(os.getcwd()))
+    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    yield folder, model, cwd_before
+    if saved is None:
+        os.environ.pop(acceleration.CACHE_ENV, None)
+    else:
+        os.environ[acceleration.CACHE_ENV] = saved
+
+
+def test_disk_cache_in_env_dir_and_reused(tiny_cache, monkeypatch):
+    folder, model, cwd_before = tiny_cache
+    assert model.backend == "openvino"
+    entries = sorted(p.name for p in (folder / "openvino").iterdir())
+    assert len(entries) == 2 and not any(name.startswith(".") for name in entries)  # no temporary leftovers
+    for entry in entries:
+        assert {p.name for p in (folder / "openvino" / entry).iterdir()} == {"model.xml", "model.bin", "meta.json"}
+    assert sorted(os.listdir(os.getcwd())) == cwd_before  # nothing written into the working folder
+    # A new process (empty in-memory cache) must reuse the files without converting.
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again instead of reading the disk cache")
+
+    monkeypatch.setattr(acceleration, "_convert", no_conversion)
+    again = accelerate(tiny_random_model_for_tests(), "openvino")
+    assert again.backend == "openvino"
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(again.encode(x), tiny_random_model_for_tests().encode(x), atol=1e-4)
+
+
+def test_cache_key_follows_weights():
+    assert weights_digest(tiny_random_model_for_tests(seed=0)) == weights_digest(tiny_random_model_for_tests(seed=0))
+    assert weights_digest(tiny_random_model_for_tests(seed=0)) != weights_digest(tiny_random_model_for_tests(seed=1))
+
+
+def test_calls_outside_the_graphs_run_in_torch(tiny_cache):
+    _, _, _ = tiny_cache
+    model = accelerate(tiny_random_model_for_tests(), "openvino")  # in-process cache: no conversion
+    reference = tiny_random_model_for_tests()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        embedding = reference.encode(x)
+        points, labels = torch.tensor([[[20.0, 30.0]]]), torch.tensor([[1]])
+        got, expected = model.decode(embedding, points=points, point_labels=labels), \
+            reference.decode(embedding, points=points, point_labels=labels)
+        assert torch.equal(got[0], expected[0])  # clicks: PyTorch, bit for bit
+        two_boxes = torch.tensor([[5.0, 6.0, 40.0, 50.0], [10.0, 10.0, 30.0, 30.0]])
+        assert torch.equal(model.decode(embedding, boxes=two_boxes)[0], reference.decode(embedding, boxes=two_boxes)[0])
+        one_box = two_boxes[:1]
+        assert torch.allclose(model.decode(embedding, boxes=one_box)[0], reference.decode(embedding, boxes=one_box)[0],
+                              atol=1e-4)
+    # With autograd on, PyTorch runs and gradients flow.
+    assert model.encode(x).requires_grad
+    assert model.backend == "openvino"
+
+
+def test_changed_weights_fall_back_to_torch(tiny_cache):
+    from MedFMSegmentLib.finetune.adapters import inject_lora
+
+    x = torch.rand(1, 3, 64, 64)
+    for change in ("in_place", "lora"):
+        model = accelerate(tiny_random_model_for_tests(), "openvino")
+        assert model.backend == "openvino"
+        if change == "in_place":
+            with torch.no_grad():
+                next(model.image_encoder.parameters()).add_(0.5)
+        else:
+            inject_lora(model, rank=2, alpha=4)
+            with torch.no_grad():
+                for name, p in model.image_encoder.named_parameters():
+                    if "lora_B" in name:
+                        p.fill_(0.1)  # LoRA B starts at zero: make the adapter change the output
+        with torch.inference_mode():
+            got = model.encode(x)
+        model.accelerator = None
+        with torch.inference_mode():
+            expected = model.encode(x)
+        assert torch.equal(got, expected), change
+        assert not torch.allclose(got, tiny_random_model_for_tests().encode(x).detach(), atol=1e-3)
+
+
+def test_auto_leaves_other_models_on_torch():
+    assert accelerate(tiny_random_model_for_tests(), "auto").backend == "torch"
+    assert accelerate(tiny_random_model_for_tests(), "torch").backend == "torch"
+
+
+def test_conversion_failure_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated converter failure")
+
+    monkeypatch.setattr(acceleration, "_convert", broken)
+    model = accelerate(tiny_random_model_for_tests(seed=3), "openvino")
+    assert model.backend == "torch"
+    assert "simulated converter failure" in caplog.text
+    assert not (tmp_path / "openvino").exists() or not any((tmp_path / "openvino").iterdir())
+
+
+def test_decoder_change_keeps_encoder_accelerated(tiny_cache):
+    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    with torch.no_grad():
+        next(model.mask_decoder.parameters()).add_(0.5)  # e.g. frozen-encoder fine-tuning
+    x, box = torch.rand(1, 3, 64, 64), torch.tensor([[5.0, 6.0, 40.0, 50.0]])
+    with torch.inference_mode():
+        embedding = model.encode(x)
+        logits, _ = model.decode(embedding, boxes=box)
+    assert model.backend == "openvino" and "decoder" in model.accelerator._stale
+    assert "encoder" not in model.accelerator._stale
+    model.accelerator = None
+    with torch.inference_mode():
+        assert torch.equal(logits, model.decode(embedding, boxes=box)[0])

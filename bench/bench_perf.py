@@ -1,0 +1,226 @@
+"""Speed and accuracy of the accelerated inference backend against plain PyTorch float32.
+
+Both models run in the same process, interleaved call by call, so load from other processes hits
+both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
+
+* encoder ms per slice (256 x 256 input), plain vs accelerated, and their ratio;
+* decoder ms per box prompt with a cached embedding, plain vs accelerated, ratio;
+* first prompt on a new slice (encode + decode + mask post-processing) and later prompts on the
+  same slice, through :class:`SegmentationSession`;
+* Dice against the label of both backends on HC18 images (tight box from the mask) and on
+  hippocampus slices, the Dice change, and the Dice between the two backends' masks;
+* peak RSS of a separate process that loads only the accelerated model and segments (what a user
+  runs), plus the peak RSS of this process (both models).
+
+On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so both columns show the
+same engine there.
+
+Usage: python bench/bench_perf.py [--device cpu] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E402
+
+from MedFMSegmentLib.io import read_image  # noqa: E402
+from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+from MedFMSegmentLib.prompts import mask_bbox  # noqa: E402
+
+HC18 = DATA_DIR / "hc18_fetal_head_us"
+HIPPOCAMPUS = DATA_DIR / "msd_hippocampus_mri"
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def hc18_cases(count: int) -> list[tuple]:
+    names = sorted(p.name[:-4] for p in (HC18 / "images").glob("*_HC.png"))[:count]
+    cases = []
+    for name in names:
+        truth = read_image(HC18 / "masks" / f"{name}_mask.png").array[0] > 0
+        cases.append((name, read_image(HC18 / "images" / f"{name}.png"), 0, truth))
+    return cases
+
+
+def hippocampus_cases(count: int) -> list[tuple]:
+    names = sorted(p.name for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
+    names = names[::max(1, len(names) // max(count, 1))][:count]
+    cases = []
+    for name in names:
+        truth = read_image(HIPPOCAMPUS / "labelsTr" / name).array > 0
+        k = int(np.argmax(truth.sum(axis=(1, 2))))  # the slice where the hippocampus is largest
+        cases.append((f"{name}[k={k}]", read_image(HIPPOCAMPUS / "imagesTr" / name), k, truth[k]))
+    return cases
+
+
+def bench_speed(plain, fast, case, repeats: int) -> dict:
+    """Encoder and decoder alone, interleaved, on one real slice."""
+    _, image, k, truth = case
+    session = SegmentationSession(plain, image)
+    x = session.transform.image_to_input(session.slice_image(k))[None].to(plain.device)
+    box = torch.from_numpy(session.transform.box_to_input(mask_bbox(truth)))[None].to(plain.device)
+    device = plain.device
+    enc = {"plain": [], "fast": []}
+    dec = {"plain": [], "fast": []}
+    with torch.inference_mode():
+        embedding = plain.encode(x)
+        fast.encode(x), fast.decode(embedding, boxes=box), plain.decode(embedding, boxes=box)  # warm-up
+        for _ in range(repeats):
+            for name, model in (("plain", plain), ("fast", fast)):
+                _sync(device)
+                with Timer() as t:
+                    model.encode(x)
+                    _sync(device)
+                enc[name].append(t.seconds * 1000)
+            for _ in range(5):
+                for name, model in (("plain", plain), ("fast", fast)):
+                    with Timer() as t:
+                        model.decode(embedding, boxes=box)
+                        _sync(device)
+                    dec[name].append(t.seconds * 1000)
+    result = {"encoder_ms_plain": _median(enc["plain"]), "encoder_ms_accelerated": _median(enc["fast"]),
+              "decoder_ms_plain": _median(dec["plain"]), "decoder_ms_accelerated": _median(dec["fast"])}
+    result["encoder_speedup"] = result["encoder_ms_plain"] / result["encoder_ms_accelerated"]
+    result["decoder_speedup"] = result["decoder_ms_plain"] / result["decoder_ms_accelerated"]
+    result["encoder_runs"], result["decoder_runs"] = len(enc["fast"]), len(dec["fast"])
+    return result
+
+
+def bench_session_latency(plain, fast, case, repeats: int) -> dict:
+    """First prompt on a slice that is not embedded yet, then later prompts, as the user sees them."""
+    _, image, k, truth = case
+    c0, r0, c1, r1 = mask_bbox(truth)
+    other = (c0 + 4, r0 + 4, c1 - 4, r1 - 4)
+    first = {"plain": [], "fast": []}
+    later = {"plain": [], "fast": []}
+    for _ in range(repeats):
+        for name, model in (("plain", plain), ("fast", fast)):
+            session = SegmentationSession(model, image)
+            with Timer() as t:
+                session.predict_slice(k, (c0, r0, c1, r1))
+            first[name].append(t.seconds * 1000)
+            for box in (other, (c0, r0, c1, r1), other):
+                with Timer() as t:
+                    session.predict_slice(k, box)
+                later[name].append(t.seconds * 1000)
+    return {"image": case[0], "image_shape": list(image.array.shape[1:]),
+            "first_prompt_ms_plain": _median(first["plain"]), "first_prompt_ms_accelerated": _median(first["fast"]),
+            "later_prompt_ms_plain": _median(later["plain"]), "later_prompt_ms_accelerated": _median(later["fast"])}
+
+
+def bench_dice(plain, fast, cases) -> dict:
+    rows = []
+    for name, image, k, truth in cases:
+        box = mask_bbox(truth)
+        a = SegmentationSession(plain, image).predict_slice(k, box)
+        b = SegmentationSession(fast, image).predict_slice(k, box)
+        rows.append({"case": name, "dice_plain": dice(a, truth), "dice_accelerated": dice(b, truth),
+                     "dice_between_backends": dice(a, b)})
+        print(f"  {name}: plain {rows[-1]['dice_plain']:.4f} accelerated {rows[-1]['dice_accelerated']:.4f} "
+              f"agreement {rows[-1]['dice_between_backends']:.4f}", file=sys.stderr, flush=True)
+    plain_mean = float(np.mean([r["dice_plain"] for r in rows]))
+    fast_mean = float(np.mean([r["dice_accelerated"] for r in rows]))
+    return {"cases": len(rows), "dice_mean_plain": plain_mean, "dice_mean_accelerated": fast_mean,
+            "dice_change": fast_mean - plain_mean,
+            "max_abs_dice_change_per_case": float(max(abs(r["dice_accelerated"] - r["dice_plain"]) for r in rows)),
+            "min_dice_between_backends": float(min(r["dice_between_backends"] for r in rows)), "per_case": rows}
+
+
+def process_peak_rss_mb() -> float:
+    """Peak RSS of this process image: VmHWM, which, unlike ru_maxrss, does not carry over the
+    parent's peak into a child started with fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
+def rss_child(device: str, backend: str, threads: int) -> None:
+    """Child process: load only the accelerated model, segment one HC18 image, print peak RSS."""
+    torch.set_num_threads(threads)
+    with Timer() as t:
+        model = load_model("litemedsam", device=device, backend=backend)
+    case = hc18_cases(1)[0]
+    _, image, k, truth = case
+    session = SegmentationSession(model, image)
+    box = mask_bbox(truth)
+    session.predict_slice(k, box)
+    session.predict_slice(k, box)
+    print(json.dumps({"peak_rss_mb": process_peak_rss_mb(), "load_s": t.seconds, "backend": model.backend}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    parser.add_argument("--backend", default="auto", help="backend of the accelerated model (default auto)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--hc18", type=int, default=10, help="HC18 images for the Dice comparison")
+    parser.add_argument("--hippocampus", type=int, default=3, help="hippocampus slices for the Dice comparison")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (also the OpenVINO thread count)")
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("-o", "--output", help="also write the JSON here")
+    args = parser.parse_args()
+    if not DATA_DIR.is_dir():
+        sys.exit(f"data folder {DATA_DIR} not found")
+    if args.rss_child:
+        rss_child(args.device, args.backend, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    with Timer() as t_plain:
+        plain = load_model("litemedsam", device=args.device, backend="torch")
+    with Timer() as t_fast:
+        fast = load_model("litemedsam", device=args.device, backend=args.backend)
+    result = {"benchmark": "perf", "machine": machine(), "device": str(plain.device), "model": "litemedsam",
+              "backend_plain": plain.backend, "backend_accelerated": fast.backend, "repeats": args.repeats,
+              "load_s_plain": t_plain.seconds, "load_s_accelerated": t_fast.seconds}
+    if plain.device.type == "cuda":
+        result["note"] = "on CUDA the auto backend is plain PyTorch float32: both columns are the same engine"
+    try:
+        import openvino
+
+        result["openvino"] = openvino.get_version()
+    except ImportError:
+        result["openvino"] = None
+    hc18 = hc18_cases(args.hc18)
+    print("speed ...", file=sys.stderr, flush=True)
+    result["speed"] = bench_speed(plain, fast, hc18[0], args.repeats)
+    print(json.dumps(result["speed"]), file=sys.stderr, flush=True)
+    result["session_latency"] = bench_session_latency(plain, fast, hc18[0], args.repeats)
+    print(json.dumps(result["session_latency"]), file=sys.stderr, flush=True)
+    result["dice_hc18"] = bench_dice(plain, fast, hc18)
+    if args.hippocampus > 0:
+        result["dice_hippocampus"] = bench_dice(plain, fast, hippocampus_cases(args.hippocampus))
+    child = subprocess.run([sys.executable, __file__, "--rss-child", "--device", args.device, "--backend",
+                            args.backend, "--threads", str(args.threads)], capture_output=True, text=True)
+    try:
+        result["accelerated_only_process"] = json.loads(child.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        result["accelerated_only_process"] = {"error": child.stderr.strip()[-300:]}
+    result["peak_rss_mb_this_process_both_models"] = process_peak_rss_mb()
+    result["machine"]["load_average_end"] = list(__import__("os").getloadavg())
+    emit(result, args.output)
+
+
+if __name__ == "__main__":
+    main()
