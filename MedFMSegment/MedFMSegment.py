@@ -97,7 +97,7 @@ class MedFMSegmentParameterNode:
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     modelName: Annotated[str, Choice(["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     adapterPath: Path
-    steps: Annotated[int, WithinRange(1, 100000)] = 200
+    steps: Annotated[int, WithinRange(0, 100000)] = 0  # 0: the library's default for the encoder mode
     rank: Annotated[int, WithinRange(1, 64)] = 4
 
 
@@ -550,10 +550,12 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def _cli() -> list:
         return [sys.executable, "-m", "MedFMSegmentLib.cli"]
 
-    def finetuneCommand(self, image_path, label_path, adapter_dir, steps: int = 200, rank: int = 4,
+    def finetuneCommand(self, image_path, label_path, adapter_dir, steps: int = 0, rank: int = 4,
                         device: str = "auto") -> list:
         args = self._cli() + ["finetune", "--image", str(image_path), "--label", str(label_path),
-                              "-o", str(adapter_dir), "--steps", str(int(steps)), "--device", device]
+                              "-o", str(adapter_dir), "--device", device]
+        if int(steps) > 0:  # 0: the library picks (200 with LoRA, 1000 with a frozen encoder)
+            args += ["--steps", str(int(steps))]
         if int(rank) != 4:  # only pass --rank when it differs from the command's default
             args += ["--rank", str(int(rank))]
         return args

@@ -64,7 +64,8 @@ def main() -> None:
                                                      for r in ok])),
         "ct_series_seconds": next((r.seconds for r in results if "DICOM" in r.input), None),
         "peak_rss_mb": peak_rss_mb(),
-        "note": "prompted with each case's 3D box (no automatic adapter yet); slices embedded are those the box spans",
+        "backend_setting": settings.backend,
+        "note": "prompted with each case's 3D box (axis auto); slices embedded are those the box spans",
     }
     emit(report, args.output)
 

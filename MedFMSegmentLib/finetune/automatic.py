@@ -19,8 +19,24 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def segment_automatic(session, keep: str = "largest", progress=None, cancel=None) -> np.ndarray:
-    """Embed every slice, decode with an empty prompt, threshold, keep the largest 3D component."""
+def segment_automatic(session, keep: str = "largest", refine_with_box: bool = True, progress=None,
+                      cancel=None) -> np.ndarray:
+    """Segment every slice with no prompt, then keep the largest 3D component.
+
+    Args:
+        session: A :class:`~MedFMSegmentLib.predictor.SegmentationSession` on an adapted model.
+        keep: ``"largest"`` keeps the largest 3D connected component; ``"all"`` keeps everything.
+        refine_with_box: Re-segment each slice from the box of its prompt-free mask (largest 2D
+            component plus the usual margin). SAM-family decoders are far better with a box than
+            without one, and a rough prompt-free mask is enough to place the box.
+        progress: Called with (slices done, slices in total).
+        cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
+
+    Returns:
+        ``(K, J, I)`` boolean mask.
+    """
+    from ..prompts import expand_box, mask_bbox
+
     model = session.model
     result = np.zeros(session.image.array.shape, dtype=bool)
     n = session.num_slices
@@ -30,6 +46,11 @@ def segment_automatic(session, keep: str = "largest", progress=None, cancel=None
         embedding = session.embedding(index)
         logits, _ = model.decode(embedding, boxes=None, points=None)
         plane = (session.transform.logits_to_slice(logits)[0] > 0).cpu().numpy()
+        if refine_with_box and plane.any():
+            box = expand_box(mask_bbox(keep_largest_component(plane)), session._margin(), plane.shape)
+            refined = session._decode(index, box)
+            if refined.any():
+                plane = refined
         slice_into_volume(result, session.voxel_axis, index, plane)
         if progress is not None:
             progress(index + 1, n)
