@@ -50,6 +50,8 @@ class PredictorSettings:
         min_overlap: Propagation stops when a slice's mask covers less than this fraction of the
             previous slice's mask (the model jumped to another structure).
         cache_bytes: Memory budget of the embedding cache.
+        embed_batch_size: Slices embedded ahead in batches before a 3D or automatic run
+            (None: 16 on a GPU, 0 = lazily on a CPU).
     """
 
     box_margin_px: float = 5.0
@@ -60,6 +62,14 @@ class PredictorSettings:
     track_radius_px: float = 15.0
     min_overlap: float = 0.3
     cache_bytes: int = 1 << 30
+    embed_batch_size: int | None = None
+
+    def batch_size_for(self, device: torch.device) -> int:
+        """Slices embedded ahead per batch: 16 on a GPU, 0 (lazily, one by one) on a CPU, where
+        batching does not pay and propagation may stop before the planned range ends."""
+        if self.embed_batch_size is not None:
+            return self.embed_batch_size
+        return 16 if device.type == "cuda" else 0
 
 
 class EmbeddingCache:
@@ -186,19 +196,36 @@ class SegmentationSession:
     @torch.inference_mode()
     def embed_slices(self, indices: Sequence[int], batch_size: int = 1,
                      progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> None:
-        """Embed the given slices that are not cached yet (batched: worth it on a GPU only)."""
+        """Embed the given slices that are not cached yet (batched: worth it on a GPU only).
+
+        On CUDA the encoder runs in float16 under autocast on pinned-memory batches; the cached
+        embeddings are float32 on the device, so the decoder sees the same dtype everywhere.
+        """
         todo = [int(i) for i in indices if not self.is_embedded(int(i))]
         device = self.model.device
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("embedding cancelled")
             chunk = todo[start:start + batch_size]
-            batch = torch.stack([self.transform.image_to_input(self.slice_image(i)) for i in chunk]).to(device)
-            embeddings = self.model.encode(batch)
+            batch = torch.stack([self.transform.image_to_input(self.slice_image(i)) for i in chunk])
+            if device.type == "cuda":
+                # Pinned host memory lets the copy overlap; half precision doubles encoder throughput.
+                batch = batch.pin_memory().to(device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    embeddings = self.model.encode(batch).float()
+            else:
+                embeddings = self.model.encode(batch.to(device))
             for i, embedding in zip(chunk, embeddings):
                 self.cache.put(self._key(i), embedding[None])
             if progress is not None:
                 progress(min(start + batch_size, len(todo)), len(todo))
+
+    def prefetch(self, indices: Sequence[int], progress: ProgressCallback | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        """Embed ``indices`` ahead in batches where that pays (a GPU); a no-op on a CPU by default."""
+        batch_size = self.settings.batch_size_for(self.model.device)
+        if batch_size > 0:
+            self.embed_slices(indices, batch_size=batch_size, progress=progress, cancel=cancel)
 
     # ------------------------------------------------------------------ 2D prediction
     @torch.inference_mode()
@@ -341,6 +368,7 @@ class SegmentationSession:
                 propagate = last > first
             if not propagate:
                 planned = range(first, last + 1)
+                self.prefetch(planned, cancel=cancel)
                 for n, index in enumerate(planned):
                     _check(cancel)
                     plane = self.predict_slice(index, box2d, clicks_on(index, "pos"), clicks_on(index, "neg"))
@@ -348,6 +376,7 @@ class SegmentationSession:
                     if progress:
                         progress(n + 1, len(planned))
                 return result
+            self.prefetch(range(first, last + 1) if last > first else range(self.num_slices), cancel=cancel)
             start = (first + last) // 2
             start_mask = self.predict_slice(start, box2d, clicks_on(start, "pos"), clicks_on(start, "neg"))
             self._write(result, start, start_mask)

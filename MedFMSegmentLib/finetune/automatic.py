@@ -40,6 +40,7 @@ def segment_automatic(session, keep: str = "largest", refine_with_box: bool = Tr
     model = session.model
     result = np.zeros(session.image.array.shape, dtype=bool)
     n = session.num_slices
+    session.prefetch(range(n), cancel=cancel)
     for index in range(n):
         if cancel is not None and cancel.is_set():
             raise CancelledError("automatic segmentation cancelled")

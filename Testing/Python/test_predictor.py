@@ -9,7 +9,7 @@ from conftest import dice, ellipsoid_mask
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import EmbeddingCache, SegmentationSession, choose_axis
+from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings, SegmentationSession, choose_axis
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
 
@@ -90,6 +90,21 @@ def test_tiny_random_model_slices_embedded_lazily_per_axis():
     assert session.num_slices == 64 and not session.is_embedded(3)
     mask = session.predict_slice(3, box=(10, 2, 40, 10))
     assert mask.shape == (14, 72)  # rows K, columns I
+
+
+def test_tiny_random_model_batched_prefetch_gives_the_lazy_result():
+    image, _ = _ellipsoid_volume()
+    box = Prompts(box=(20, 16, 2, 56, 44, 12))
+    lazy = SegmentationSession(tiny_random_model_for_tests(), image, axis="axial")
+    assert lazy.settings.batch_size_for(lazy.model.device) == 0  # CPU: embed on demand
+    expected = lazy.segment(box)
+    model = tiny_random_model_for_tests()
+    batch_sizes = []
+    encode = model.encode
+    model.encode = lambda images: batch_sizes.append(len(images)) or encode(images)
+    batched = SegmentationSession(model, image, axis="axial", settings=PredictorSettings(embed_batch_size=4))
+    np.testing.assert_array_equal(batched.segment(box), expected)
+    assert batch_sizes == [4, 4, 3]  # the box's 11 slices, embedded ahead in batches
 
 
 def test_embedding_cache_respects_memory_budget():
