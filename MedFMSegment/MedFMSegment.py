@@ -301,15 +301,21 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onFinetune(self) -> None:
         p = self._parameterNode
-        label = self.ui.trainingLabelSelector.currentNode()
-        if not (p.inputVolume and label and self._adapterPath()):
-            slicer.util.errorDisplay(_("Choose an input volume, a training label and an adapter folder."))
+        labels = list(self.ui.trainingLabelsSelector.checkedNodes())
+        if not (labels and self._adapterPath()):
+            slicer.util.errorDisplay(_("Check at least one training case and choose an adapter folder."))
             return
         with slicer.util.tryWithErrorDisplay(_("Could not prepare the training data."), waitCursor=True):
             folder = self._newTempDir()
-            image_path, label_path = self.logic.exportTrainingPair(p.inputVolume, label, folder)
-            args = self.logic.finetuneCommand(image_path, label_path, self._adapterPath(), steps=p.steps,
-                                              rank=p.rank, device=p.device)
+            pairs = []
+            for n, label in enumerate(labels):
+                volume = self.logic.trainingVolumeFor(label, p.inputVolume)
+                if volume is None:
+                    raise ValueError(_("No volume for {name}: choose the input volume it labels.").format(
+                        name=label.GetName()))
+                pairs.append(self.logic.exportTrainingPair(volume, label, folder / f"case{n}"))
+            args = self.logic.finetuneCommand(pairs, self._adapterPath(), steps=p.steps, rank=p.rank,
+                                              device=p.device)
         self.startProcess(args, self.ui.adaptationProgressBar, self.ui.adaptationCancelButton,
                           lambda: self.updateAdapterList(str(self._adapterPath())))
 
@@ -550,10 +556,12 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def _cli() -> list:
         return [sys.executable, "-m", "MedFMSegmentLib.cli"]
 
-    def finetuneCommand(self, image_path, label_path, adapter_dir, steps: int = 0, rank: int = 4,
-                        device: str = "auto") -> list:
-        args = self._cli() + ["finetune", "--image", str(image_path), "--label", str(label_path),
-                              "-o", str(adapter_dir), "--device", device]
+    def finetuneCommand(self, pairs, adapter_dir, steps: int = 0, rank: int = 4, device: str = "auto") -> list:
+        """The ``medfmsegment finetune`` command line for ``pairs`` of (image path, label path)."""
+        args = self._cli() + ["finetune"]
+        for image_path, label_path in pairs:
+            args += ["--image", str(image_path), "--label", str(label_path)]
+        args += ["-o", str(adapter_dir), "--device", device]
         if int(steps) > 0:  # 0: the library picks (200 with LoRA, 1000 with a frozen encoder)
             args += ["--steps", str(int(steps))]
         if int(rank) != 4:  # only pass --rank when it differs from the command's default
@@ -582,6 +590,17 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             name = f"{number:03d}_{self._safe_name(node.GetName())}"
             paths[node.GetID()] = str(_write_image(volume_node_to_image(node), folder / f"{name}.nii.gz"))
         return paths
+
+    @staticmethod
+    def trainingVolumeFor(label_node, default_volume=None):
+        """The volume a training label belongs to: a segmentation's reference geometry volume when
+        it has one, else ``default_volume`` (the panel's input volume)."""
+        if label_node.IsA("vtkMRMLSegmentationNode"):
+            role = slicer.vtkMRMLSegmentationNode.GetReferenceImageGeometryReferenceRole()
+            reference = label_node.GetNodeReference(role)
+            if reference is not None and reference.IsA("vtkMRMLScalarVolumeNode"):
+                return reference
+        return default_volume
 
     def exportTrainingPair(self, volume_node, label_node, folder):
         """Write the volume and its label (a segmentation's first segment, or a labelmap) as NIfTI."""

@@ -516,8 +516,11 @@ def test_progress_lines_and_commands(module_file, tmp_path):
     assert parse("progress 40%") == 0.4
     assert parse("loading model") is None
     logic = module_file.MedFMSegmentLogic()
-    args = logic.finetuneCommand("img.nii.gz", "lbl.nii.gz", tmp_path / "adapter", steps=20, rank=8, device="cpu")
+    args = logic.finetuneCommand([("img.nii.gz", "lbl.nii.gz"), ("img2.nii.gz", "lbl2.nii.gz")], tmp_path / "adapter",
+                                 steps=20, rank=8, device="cpu")
     assert args[1:4] == ["-m", "MedFMSegmentLib.cli", "finetune"]
+    assert args[4:12] == ["--image", "img.nii.gz", "--label", "lbl.nii.gz",
+                          "--image", "img2.nii.gz", "--label", "lbl2.nii.gz"]
     assert args[args.index("--steps") + 1] == "20" and args[args.index("-o") + 1] == str(tmp_path / "adapter")
     args = logic.batchCommand(["a.nii.gz", "b.nii.gz"], tmp_path, adapter=tmp_path / "adapter")
     assert args[3:6] == ["batch", "a.nii.gz", "b.nii.gz"] and args[args.index("--adapter") + 1] == str(tmp_path / "adapter")
@@ -537,6 +540,21 @@ def test_logic_exports_training_pair_on_the_volume_grid(scene, module_file, tmp_
     np.testing.assert_array_equal(back.array, image.array)
     np.testing.assert_array_equal(back_label.array > 0, mask)
     assert back.geometry.same_grid(geometry) and back_label.geometry.same_grid(geometry)
+
+
+def test_logic_pairs_each_training_label_with_its_volume(scene, module_file):
+    geometry = GEOMETRIES["oblique_left_handed"]
+    drawn_on = bridge.image_to_volume_node(random_image(geometry), scene, "case A")
+    shown = bridge.image_to_volume_node(random_image(geometry), scene, "case B")
+    seg = new_segmentation(scene)
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(drawn_on)
+    no_reference = new_segmentation(scene)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    logic = module_file.MedFMSegmentLogic
+    assert logic.trainingVolumeFor(seg, shown) is drawn_on
+    assert logic.trainingVolumeFor(no_reference, shown) is shown
+    assert logic.trainingVolumeFor(labelmap, shown) is shown
+    assert logic.trainingVolumeFor(no_reference) is None
 
 
 def test_module_self_test_runs_on_real_mrml(module_file, monkeypatch, scene):
