@@ -329,8 +329,9 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not export the volumes."), waitCursor=True):
             folder = self._newTempDir()
             inputs = self.logic.exportVolumes(volumes, folder / "input")
-            output = folder / "output"
-            output.mkdir()
+            save_to = self.ui.batchSavePathLineEdit.currentPath.strip()
+            output = Path(save_to) if save_to else folder / "output"
+            output.mkdir(parents=True, exist_ok=True)
             args = self.logic.batchCommand(list(inputs.values()), output, adapter=adapter, device=p.device)
         # Exit code 1 means some cases failed: the others still have results to load.
         self.startProcess(args, self.ui.batchProgressBar, self.ui.batchCancelButton,
