@@ -202,9 +202,10 @@ def _plan_embeddings(train_fg: list, train_bg: list, budget: int, foreground_fra
 def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     """``lora`` on a GPU; ``frozen`` (decoder only) on a CPU.
 
-    On this project's 2-core CPU a LoRA step through the TinyViT encoder costs 12-16 s, so a
-    15-minute budget buys ~60 steps; with the encoder frozen, each training slice is embedded
-    once (~1 s) and a decoder step costs a fraction of a second.
+    A LoRA step back-propagates through the whole TinyViT encoder; on this project's 2-core CPU
+    the LoRA benchmark run did not finish within the session, so few steps fit a 15-minute
+    budget. With the encoder frozen, each training slice is embedded once and only the decoder
+    trains: 240 embeddings plus 1000 steps took 472 s (``bench/results/finetune_cpu.json``).
     """
     if config.encoder not in ("auto", "lora", "frozen"):
         raise InputError(f"encoder mode must be auto, lora or frozen, got {config.encoder!r}")
