@@ -8,9 +8,9 @@ gradients, training mode, a GPU, half precision, or weights changed after conver
 
 Why OpenVINO: on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) the LiteMedSAM encoder ran 2.9x
 faster than PyTorch float32 and the decoder 2.6x (``bench/bench_perf.py``), with outputs equal to
-about 1e-5. ONNX Runtime was slower than OpenVINO on the same graphs, ``torch.compile`` gave
-~1.4x after a 100 s compile, BatchNorm folding + channels_last ~1.1x, and INT8 (NNCF) gave no
-speed on AVX2 while changing the embedding by ~30%.
+about 1e-5. In one-off trials during development (not a benchmark), ONNX Runtime was slower
+than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
+less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably.
 
 Conversion costs some seconds, so converted graphs are kept on disk in a user cache folder
 (``~/.cache/medfmsegment``, or ``$MEDFMSEGMENT_CACHE``), keyed by a SHA-256 of the weights that
