@@ -112,14 +112,22 @@ class SliceTransform:
 
         The per-slice min-max stretch follows LiteMedSAM's and MedSAM's inference code.
         """
-        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+        return self.images_to_input(tensor)[0]
+
+    def images_to_input(self, images: torch.Tensor) -> torch.Tensor:
+        """``(N, rows, cols)`` float slices on any device -> ``(N, 3, target, target)`` on that device.
+
+        Batched so that a GPU resizes a whole batch at once instead of the CPU doing it slice by slice.
+        """
         downscale = self.new_rows < self.rows or self.new_cols < self.cols
-        resized = F.interpolate(tensor, size=(self.new_rows, self.new_cols), mode="bilinear",
+        resized = F.interpolate(images[:, None].float(), size=(self.new_rows, self.new_cols), mode="bilinear",
                                 align_corners=False, antialias=downscale)
-        low, high = resized.min(), resized.max()
+        low = resized.amin(dim=(-2, -1), keepdim=True)
+        high = resized.amax(dim=(-2, -1), keepdim=True)
         resized = (resized - low) / torch.clamp(high - low, min=1e-8)
         padded = F.pad(resized, (0, self.target - self.new_cols, 0, self.target - self.new_rows))
-        return padded[0].expand(3, -1, -1)
+        return padded.expand(-1, 3, -1, -1)
 
     def box_to_input(self, box: tuple[float, float, float, float]) -> np.ndarray:
         """Box ``(col0, row0, col1, row1)`` with inclusive pixel corners -> model-input ``(x0, y0, x1, y1)``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_DIR, emit, Timer, machine, peak_rss_mb  # noqa: E402
+from common import DATA_DIR, emit, Timer, machine, peak_gpu_mb, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.batch import BatchSettings, load_prompts_file, run_batch  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
@@ -64,6 +64,7 @@ def main() -> None:
                                                      for r in ok])),
         "ct_series_seconds": next((r.seconds for r in results if "DICOM" in r.input), None),
         "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": peak_gpu_mb(),
         "backend_setting": settings.backend,
         "note": "prompted with each case's 3D box (axis auto); slices embedded are those the box spans",
     }

@@ -21,7 +21,7 @@ from MedFMSegmentLib.models import load_model
 from MedFMSegmentLib.predictor import SegmentationSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_DIR as DATA, emit, machine, peak_rss_mb  # noqa: E402
+from common import DATA_DIR as DATA, emit, machine, peak_gpu_mb, peak_rss_mb  # noqa: E402
 
 
 def _sessions(base, adapted, image, shared: bool):
@@ -86,7 +86,8 @@ def run_part(name, train, test, steps, device, encoder, log):
     return {"train_cases": len(train), "test_cases": len(test), "encoder": metadata["encoder"],
             "steps": metadata["steps"], "validation_dice": metadata["validation_dice"],
             "training_seconds": round(train_s, 1), "peak_rss_mb_after_training": round(train_rss, 1),
-            "mean_dice": mean, "cases": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "mean_dice": mean, "cases": rows, "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": peak_gpu_mb()}
 
 
 def main() -> int:

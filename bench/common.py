@@ -32,9 +32,18 @@ def machine() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get("MEDFMSEGMENT_COMMIT", "")  # a copied tree without .git
     return {"commit": commit, "load_average": os.getloadavg(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+
+
+def peak_gpu_mb() -> float | None:
+    """Peak GPU memory allocated by PyTorch in this process (None without CUDA)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
 
 
 def peak_rss_mb() -> float:

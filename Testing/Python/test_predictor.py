@@ -107,6 +107,36 @@ def test_tiny_random_model_batched_prefetch_gives_the_lazy_result():
     assert batch_sizes == [4, 4, 3]  # the box's 11 slices, embedded ahead in batches
 
 
+def test_batched_slice_transform_equals_one_slice_transform():
+    """The GPU path resizes whole batches (images_to_input); it must give the one-slice inputs."""
+    import torch
+
+    from MedFMSegmentLib.preprocessing import SliceTransform
+
+    rng = np.random.default_rng(4)
+    slices = rng.random((3, 90, 70)).astype(np.float32) * np.array([1.0, 0.2, 3.0], np.float32)[:, None, None]
+    for target, pixel in ((64, (1.0, 1.0)), (256, (0.5, 1.5))):
+        transform = SliceTransform.create(90, 70, target, pixel)
+        batched = transform.images_to_input(torch.from_numpy(slices))
+        single = torch.stack([transform.image_to_input(s) for s in slices])
+        assert batched.shape == (3, 3, target, target)
+        torch.testing.assert_close(batched, single)
+        assert batched[:, :, : transform.new_rows, : transform.new_cols].amax(dim=(1, 2, 3)).tolist() == [1.0] * 3
+
+
+def test_track_shift_finds_a_known_in_plane_motion():
+    """Propagation follows a structure that moves between slices (the vectorised NCC search)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(5)
+    base = gaussian_filter(rng.random((80, 90)), 2).astype(np.float32)
+    volume = np.stack([base, np.roll(base, (3, -4), axis=(0, 1))])  # rows +3, cols -4
+    session = SegmentationSession(tiny_random_model_for_tests(), MedicalImage.from_array(volume), axis="axial")
+    assert session._track_shift(0, 1, (30, 25, 60, 55)) == (-4, 3)
+    assert session._track_shift(0, 0, (30, 25, 60, 55)) == (0, 0)
+    assert session._track_shift(0, 1, (0, 0, 89, 79)) == (0, 0)  # a box filling the slice cannot move
+
+
 def test_embedding_cache_respects_memory_budget():
     import torch
 

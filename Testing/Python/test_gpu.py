@@ -1,0 +1,88 @@
+"""CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
+
+These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
+They were run on the lent H100 machine; see bench/results/gpu_h100.json for what they ran with.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DATA_DIR, dice
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+HIPPOCAMPUS = DATA_DIR / "msd_hippocampus_mri"
+
+
+@pytest.fixture(scope="module")
+def cuda_model():
+    from MedFMSegmentLib.models import load_model
+
+    return load_model("litemedsam", device="cuda")
+
+
+def _case(n: int):
+    from MedFMSegmentLib.io import read_image, read_label
+
+    name = f"hippocampus_{n:03d}.nii.gz"
+    if not (HIPPOCAMPUS / "imagesTr" / name).is_file():
+        pytest.skip(f"real hippocampus case {name} absent")
+    return read_image(HIPPOCAMPUS / "imagesTr" / name), read_label(HIPPOCAMPUS / "labelsTr" / name)
+
+
+def _bbox(mask: np.ndarray) -> tuple[int, ...]:
+    k, j, i = np.nonzero(mask)
+    return (int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max()))
+
+
+def test_batched_float16_embeddings_match_float32_reference(cuda_model):
+    """GPU batch path (resize on the GPU, float16 encoder) against the float32 one-slice CPU path."""
+    from MedFMSegmentLib.predictor import SegmentationSession
+
+    image, _ = _case(1)
+    fast = SegmentationSession(cuda_model, image, axis="axial")
+    fast.embed_slices(range(fast.num_slices), batch_size=16)
+    reference = SegmentationSession(cuda_model, image, axis="axial")
+    for k in (0, fast.num_slices // 2, fast.num_slices - 1):
+        x = reference.transform.image_to_input(reference.slice_image(k))[None].cuda()
+        with torch.inference_mode():
+            expected = cuda_model.encode(x).float()
+        got = fast.embedding(k)
+        assert got.dtype == torch.float32 and got.device.type == "cuda"
+        relative = (torch.linalg.norm(got - expected) / torch.linalg.norm(expected)).item()
+        assert relative < 1e-2, f"slice {k}: float16 embedding differs by {relative:.4f}"
+
+
+def test_gpu_3d_box_matches_cpu(cuda_model, litemedsam):
+    """The same 3D box on GPU (prefetched float16 batches) and on CPU (lazy float32): same mask."""
+    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.prompts import Prompts
+
+    image, label = _case(3)
+    truth = label.array > 0
+    prompts = Prompts(box=_bbox(truth))
+    gpu = SegmentationSession(cuda_model, image).segment(prompts)
+    cpu = SegmentationSession(litemedsam, image).segment(prompts)
+    assert dice(gpu, cpu) > 0.97
+    assert abs(dice(gpu, truth) - dice(cpu, truth)) < 0.02
+
+
+def test_lora_finetune_on_gpu_reloads_identically(tmp_path):
+    """LoRA under CUDA autocast: a few steps change the model, and the saved adapter reloads to
+    the same outputs (BatchNorm kept frozen)."""
+    from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
+    from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+    from MedFMSegmentLib.predictor import SegmentationSession
+
+    cases = [_case(1), _case(3)]
+    model, metadata = finetune(cases, FinetuneConfig(steps=20, validate_every=10, device="cuda", encoder="lora"))
+    assert metadata["encoder"] == "lora" and metadata["device"].startswith("cuda")
+    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    reloaded, _ = load_adapted_model(folder, device="cuda")
+    session = SegmentationSession(model, cases[0][0], axis="axial")
+    x = session.transform.image_to_input(session.slice_image(session.num_slices // 2))[None].cuda()
+    with torch.inference_mode():
+        e1, e2 = model.encode(x), reloaded.encode(x)
+        assert torch.allclose(e1, e2, atol=1e-5)
+        assert torch.allclose(model.decode(e1)[0], reloaded.decode(e2)[0], atol=1e-4)

