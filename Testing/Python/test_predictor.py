@@ -147,6 +147,15 @@ def test_embedding_cache_respects_memory_budget():
     assert cache.get((2, 9)) is not None and cache.get((2, 0)) is None
 
 
+def test_embedding_cache_budget_defaults_per_device():
+    import torch
+
+    assert PredictorSettings().cache_bytes_for(torch.device("cpu")) == 1 << 30
+    assert PredictorSettings(cache_bytes=123).cache_bytes_for(torch.device("cpu")) == 123
+    session = SegmentationSession(tiny_random_model_for_tests(), MedicalImage.from_array(np.zeros((2, 8, 8))))
+    assert session.cache.max_bytes == 1 << 30
+
+
 def test_tiny_random_model_cancel_stops_segmentation():
     import threading
 
