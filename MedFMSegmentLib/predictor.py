@@ -198,6 +198,11 @@ class SegmentationSession:
     def is_embedded(self, index: int) -> bool:
         return self._key(index) in self.cache
 
+    def store_embedding(self, index: int, embedding: torch.Tensor) -> None:
+        """Cache an embedding computed elsewhere for slice ``index`` of the current axis, e.g. by
+        another session whose model shares this one's frozen image encoder."""
+        self.cache.put(self._key(index), embedding)
+
     @torch.inference_mode()
     def embedding(self, index: int) -> torch.Tensor:
         """``(1, C, 64, 64)`` embedding of one slice, computed on first use."""
@@ -266,18 +271,24 @@ class SegmentationSession:
         if box is None and not positives:
             raise InputError("a slice prompt needs a box or a positive click")
         if self.model.spec.trained_with_points and (positives or negatives):
-            mask = self._decode(index, box, positives, negatives)
+            mask = self.decode_slice(index, box, positives, negatives)
         else:
             if box is None:
                 box = self._clicks_to_box(index, positives, negatives)
             else:
-                box = expand_box(box, self._margin(self.settings.user_box_margin_px), self.slice_image(index).shape)
-            mask = self._decode(index, box)
+                box = expand_box(box, self.box_margin(self.settings.user_box_margin_px), self.slice_image(index).shape)
+            mask = self.decode_slice(index, box)
             mask = self._refine(index, mask, limit=box, iterations=self.settings.refine_iterations)
         return apply_click_constraints(mask, positives, negatives)
 
-    def _decode(self, index: int, box: Box2D | None, positives: Sequence = (), negatives: Sequence = ()
-                ) -> np.ndarray:
+    def decode_slice(self, index: int, box: Box2D | None = None, positives: Sequence = (), negatives: Sequence = ()
+                     ) -> np.ndarray:
+        """One decoder call on slice ``index``: exactly this box (slice pixels, no margin added, no
+        refinement) and clicks, or no prompt at all (what adapters trained for automatic mode take).
+
+        Returns:
+            ``(rows, cols)`` boolean mask.
+        """
         embedding = self.embedding(index)
         device = self.model.device
         t = self.transform
@@ -290,7 +301,7 @@ class SegmentationSession:
         logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels)
         return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
 
-    def _margin(self, input_px: float | None = None) -> tuple[float, float]:
+    def box_margin(self, input_px: float | None = None) -> tuple[float, float]:
         """Box margin in slice pixels (col, row) for ``input_px`` (default ``box_margin_px``) model-input pixels."""
         m = self.settings.box_margin_px if input_px is None else input_px
         return (m / self.transform.scale_cols, m / self.transform.scale_rows)
@@ -302,8 +313,8 @@ class SegmentationSession:
             tight = mask_bbox(mask)
             if tight is None:
                 break
-            box = expand_box(tight, self._margin(), shape, limit)
-            refined = self._decode(index, box)
+            box = expand_box(tight, self.box_margin(), shape, limit)
+            refined = self.decode_slice(index, box)
             if not refined.any():
                 break
             mask = refined
@@ -329,17 +340,17 @@ class SegmentationSession:
             half_r = fraction * self.model.image_size / self.transform.scale_rows / 2
             box = expand_box(extent, (half_c, half_r), (rows, cols))
             box = expand_box(_limit_by_negatives(box, pts, negatives), 0, (rows, cols))
-            mask = components_touching(self._decode(index, box), pts)
+            mask = components_touching(self.decode_slice(index, box), pts)
             tight = mask_bbox(mask)
             if tight is None:
                 continue
-            box = expand_box(_limit_by_negatives(expand_box(tight, self._margin(), (rows, cols)), pts, negatives),
+            box = expand_box(_limit_by_negatives(expand_box(tight, self.box_margin(), (rows, cols)), pts, negatives),
                              0, (rows, cols))
-            mask = components_touching(self._decode(index, box), pts)
+            mask = components_touching(self.decode_slice(index, box), pts)
             if mask.any():
                 candidates.append((box, mask))
         if not candidates:
-            return expand_box(extent, self._margin(), (rows, cols))
+            return expand_box(extent, self.box_margin(), (rows, cols))
         if len(candidates) == 1:
             return candidates[0][0]
         masks = [m for _, m in candidates]
@@ -426,11 +437,11 @@ class SegmentationSession:
             index = start + step
             while limits[0] <= index <= limits[1] and previous.sum() >= self.settings.min_area_px:
                 _check(cancel)
-                box = expand_box(mask_bbox(previous), self._margin(), previous.shape, limit_box)
+                box = expand_box(mask_bbox(previous), self.box_margin(), previous.shape, limit_box)
                 if self.settings.track_radius_px > 0:
                     dc, dr = self._track_shift(index - step, index, box)
                     box = expand_box((box[0] + dc, box[1] + dr, box[2] + dc, box[3] + dr), 0, previous.shape, limit_box)
-                mask = self._decode(index, box)
+                mask = self.decode_slice(index, box)
                 mask = self._refine(index, mask, limit=limit_box, iterations=self.settings.refine_iterations)
                 mask = apply_click_constraints(mask, clicks_on(index, "pos"), clicks_on(index, "neg"))
                 overlap = (mask & previous).sum() / max(1, min(mask.sum(), previous.sum()))
@@ -463,13 +474,17 @@ class SegmentationSession:
         # (that loop was most of the CPU time of propagating through a 300-slice CT).
         top, left = max(0, r0 - radius_r), max(0, c0 - radius_c)
         bottom, right = min(after.shape[0], r1 + radius_r + 1), min(after.shape[1], c1 + radius_c + 1)
-        region = after[top:bottom, left:right]
+        region = after[top:bottom, left:right].astype(np.float64)
         if region.shape[0] < height or region.shape[1] < width:
             return (0, 0)
         windows = np.lib.stride_tricks.sliding_window_view(region, (height, width))[:, :, ::stride, ::stride]
-        windows = windows - windows.mean(axis=(2, 3), keepdims=True)
-        scores = np.einsum("abij,ij->ab", windows, patch) / np.sqrt(
-            (patch ** 2).sum() * np.einsum("abij,abij->ab", windows, windows) + 1e-12)
+        patch = patch.astype(np.float64)
+        # The patch has zero mean, so each window's own mean drops out of the numerator, and its
+        # centred sum of squares is sum(w^2) - sum(w)^2 / n: no centred copy of every window.
+        numerator = np.einsum("abij,ij->ab", windows, patch)
+        sums = windows.sum(axis=(2, 3))
+        centred_squares = np.maximum(np.einsum("abij,abij->ab", windows, windows) - sums ** 2 / patch.size, 0.0)
+        scores = numerator / np.sqrt((patch ** 2).sum() * centred_squares + 1e-12)
         drs = np.arange(top, top + scores.shape[0]) - r0
         dcs = np.arange(left, left + scores.shape[1]) - c0
         # Prefer no motion on ties (flat regions): a small penalty per pixel of shift.

@@ -185,7 +185,7 @@ def bench_accuracy(model) -> dict:
         reference = SegmentationSession(model, image, axis="axial")
         x = reference.transform.image_to_input(reference.slice_image(k))[None].to(model.device)
         with torch.inference_mode():
-            reference.cache.put(reference._key(k), model.encode(x).float())
+            reference.store_embedding(k, model.encode(x).float())
         a, b = reference.predict_slice(k, box), fast.predict_slice(k, box)
         rows.append({"case": name, "dice_fp32": dice(a, truth), "dice_fp16": dice(b, truth), "agreement": dice(a, b)})
     mean32 = float(np.mean([r["dice_fp32"] for r in rows]))

@@ -37,19 +37,16 @@ def segment_automatic(session, keep: str = "largest", refine_with_box: bool = Tr
     """
     from ..prompts import expand_box, mask_bbox
 
-    model = session.model
     result = np.zeros(session.image.array.shape, dtype=bool)
     n = session.num_slices
     session.prefetch(range(n), cancel=cancel)
     for index in range(n):
         if cancel is not None and cancel.is_set():
             raise CancelledError("automatic segmentation cancelled")
-        embedding = session.embedding(index)
-        logits, _ = model.decode(embedding, boxes=None, points=None)
-        plane = (session.transform.logits_to_slice(logits)[0] > 0).cpu().numpy()
+        plane = session.decode_slice(index)
         if refine_with_box and plane.any():
-            box = expand_box(mask_bbox(keep_largest_component(plane)), session._margin(), plane.shape)
-            refined = session._decode(index, box)
+            box = expand_box(mask_bbox(keep_largest_component(plane)), session.box_margin(), plane.shape)
+            refined = session.decode_slice(index, box)
             if refined.any():
                 plane = refined
         slice_into_volume(result, session.voxel_axis, index, plane)
