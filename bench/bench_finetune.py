@@ -31,7 +31,7 @@ def _sessions(base, adapted, image, shared: bool):
     if shared:
         s0.embed_slices(range(s0.num_slices))
         for index in range(s0.num_slices):
-            s1.cache.put(s1._key(index), s0.cache.get(s0._key(index)))
+            s1.store_embedding(index, s0.embedding(index))
     return s0, s1
 
 
@@ -67,8 +67,7 @@ def run_part(name, train, test, steps, device, encoder, log):
             log(f"{name} step {r['step']}/{r['steps']} loss {r['loss']:.4f} val_dice {r['val_dice']} "
                 f"at {time.monotonic() - started:.0f} s")
 
-    model, metadata = finetune(train, FinetuneConfig(steps=steps, device=device, encoder=encoder,
-                                                     validate_every=100), progress=report)
+    model, metadata = finetune(train, FinetuneConfig(steps=steps, device=device, encoder=encoder), progress=report)
     train_s = time.monotonic() - started
     train_rss = peak_rss_mb()
     shared = metadata["encoder"] == "frozen"
@@ -92,7 +91,7 @@ def run_part(name, train, test, steps, device, encoder, log):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=None, help="default: the library's (1000 frozen / 200 LoRA)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the library's (2000 frozen / 200 LoRA)")
     parser.add_argument("--hippo-train", type=int, default=5)
     parser.add_argument("--hippo-test", type=int, default=20)
     parser.add_argument("--hc-train", type=int, default=10)

@@ -55,7 +55,7 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--label-value", type=int, default=None, help="label value to learn (default: all non-zero)")
     parser.add_argument("--label-name", default=None)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: 200 with LoRA, 1000 with a frozen encoder)")
+                        help="training steps (default: 200 with LoRA, 2000 with a frozen encoder)")
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="auto")

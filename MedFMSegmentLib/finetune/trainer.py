@@ -26,7 +26,7 @@ class FinetuneConfig:
     model_name: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "auto"
-    steps: int | None = None  # None: 200 with LoRA, 1000 with a frozen encoder (steps are ~50x cheaper)
+    steps: int | None = None  # None: 200 with LoRA, 2000 with a frozen encoder (steps are ~50x cheaper)
     batch_size: int = 1
     encoder: str = "auto"  # "lora", "frozen" (decoder only, cached embeddings) or "auto" (see finetune)
     embedding_budget: int = 240  # frozen encoder: most slice embeddings computed (flipped copies count)
@@ -41,7 +41,7 @@ class FinetuneConfig:
     seed: int = 0
     validation_fraction: float = 0.2
     max_validation_slices: int = 8
-    validate_every: int = 25
+    validate_every: int = 100  # as in the benchmarks; with patience 4 early stopping waits 400 steps
     augment: bool = True
     early_stopping_patience: int = 4
     automatic_fraction: float = 0.5
@@ -205,7 +205,9 @@ def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     A LoRA step back-propagates through the whole TinyViT encoder; on this project's 2-core CPU
     the LoRA benchmark run did not finish within the session, so few steps fit a 15-minute
     budget. With the encoder frozen, each training slice is embedded once and only the decoder
-    trains: 240 embeddings plus 1000 steps took 472 s (``bench/results/finetune_cpu.json``).
+    trains: 240 embeddings plus 2000 steps (the default) took 748 s on that CPU, idle
+    (``bench/results/finetune_cpu_2000steps.json``). On an H200, 200 LoRA steps took 22-32 s
+    (``bench/results/finetune_gpu_h200_lora.json``).
     """
     if config.encoder not in ("auto", "lora", "frozen"):
         raise InputError(f"encoder mode must be auto, lora or frozen, got {config.encoder!r}")
@@ -242,7 +244,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     base_name, base_sha = model.spec.name, model.weights_sha256
     for p in model.parameters():
         p.requires_grad_(False)
-    steps = config.steps or (200 if mode == "lora" else 1000)
+    steps = config.steps or (200 if mode == "lora" else 2000)
     decoder_lr = config.decoder_lr or (1e-4 if mode == "lora" else 3e-4)
     targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
                if mode == "lora" else [])
