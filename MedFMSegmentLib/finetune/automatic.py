@@ -19,16 +19,17 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def segment_automatic(session, keep: str = "largest", refine_with_box: bool = True, progress=None,
+def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1, progress=None,
                       cancel=None) -> np.ndarray:
     """Segment every slice with no prompt, then keep the largest 3D component.
 
     Args:
         session: A :class:`~MedFMSegmentLib.predictor.SegmentationSession` on an adapted model.
         keep: ``"largest"`` keeps the largest 3D connected component; ``"all"`` keeps everything.
-        refine_with_box: Re-segment each slice from the box of its prompt-free mask (largest 2D
-            component plus the usual margin). SAM-family decoders are far better with a box than
-            without one, and a rough prompt-free mask is enough to place the box.
+        refine_iterations: Times each slice is re-segmented from the box of its current mask
+            (largest 2D component plus the usual margin), starting from the prompt-free mask; 0
+            keeps the prompt-free output. SAM-family decoders are far better with a box than
+            without one, and a rough mask is enough to place the box.
         progress: Called with (slices done, slices in total).
         cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
 
@@ -44,11 +45,14 @@ def segment_automatic(session, keep: str = "largest", refine_with_box: bool = Tr
         if cancel is not None and cancel.is_set():
             raise CancelledError("automatic segmentation cancelled")
         plane = session.decode_slice(index)
-        if refine_with_box and plane.any():
+        for _ in range(refine_iterations):
+            if not plane.any():
+                break
             box = expand_box(mask_bbox(keep_largest_component(plane)), session.box_margin(), plane.shape)
             refined = session.decode_slice(index, box)
-            if refined.any():
-                plane = refined
+            if not refined.any():
+                break
+            plane = refined
         slice_into_volume(result, session.voxel_axis, index, plane)
         if progress is not None:
             progress(index + 1, n)
