@@ -402,6 +402,13 @@ class OpenVINOAccelerator:
         decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example)
         return cls(model, encoder, decoder)
 
+    def release(self, part: str) -> None:
+        """Leave ``part`` (``"encoder"`` or ``"decoder"``) to PyTorch from now on, e.g. because it is
+        about to be trained (the expected change, so no stale-weights warning later)."""
+        if part not in self._fingerprints:
+            raise ValueError(f"unknown part {part!r}")
+        self._stale.add(part)
+
     # ---------------------------------------------------------------- eligibility
     def _usable(self, part: str, model: PromptableModel, *tensors: torch.Tensor) -> bool:
         if part in self._stale or torch.is_grad_enabled() or model.training:

@@ -228,16 +228,14 @@ class SegmentationSession:
             if cancel is not None and cancel.is_set():
                 raise CancelledError("embedding cancelled")
             chunk = todo[start:start + batch_size]
+            raw = torch.from_numpy(np.stack([self.slice_image(i) for i in chunk]).astype(np.float32, copy=False))
             if device.type == "cuda":
-                # Raw slices go to the GPU through pinned memory and are resized there in one batch
-                # (on the CPU, resizing 512x512 slices one by one costs more than encoding them).
-                raw = torch.from_numpy(np.stack([self.slice_image(i) for i in chunk]).astype(np.float32, copy=False))
+                # Raw slices go to the GPU through pinned memory and are resized there, batched.
                 batch = self.transform.images_to_input(raw.pin_memory().to(device, non_blocking=True))
                 with torch.autocast("cuda", dtype=torch.float16):
                     embeddings = self.model.encode(batch).float()
             else:
-                batch = torch.stack([self.transform.image_to_input(self.slice_image(i)) for i in chunk])
-                embeddings = self.model.encode(batch.to(device))
+                embeddings = self.model.encode(self.transform.images_to_input(raw).to(device))
             for i, embedding in zip(chunk, embeddings):
                 self.cache.put(self._key(i), embedding[None])
             if progress is not None:
@@ -470,8 +468,7 @@ class SegmentationSession:
         stride = max(1, max(patch.shape) // 64)
         patch = patch[::stride, ::stride] - patch[::stride, ::stride].mean()
         height, width = r1 - r0 + 1, c1 - c0 + 1
-        # Every candidate window at once: one pass instead of a Python loop over (2r+1)^2 shifts
-        # (that loop was most of the CPU time of propagating through a 300-slice CT).
+        # Every candidate window at once: one pass instead of a Python loop over (2r+1)^2 shifts.
         top, left = max(0, r0 - radius_r), max(0, c0 - radius_c)
         bottom, right = min(after.shape[0], r1 + radius_r + 1), min(after.shape[1], c1 + radius_c + 1)
         region = after[top:bottom, left:right].astype(np.float64)

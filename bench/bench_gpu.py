@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_perf import hc18_cases, hippocampus_cases  # noqa: E402
 from common import DATA_DIR, Timer, dice, emit, machine, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.io import read_image, write_label  # noqa: E402
@@ -162,23 +163,10 @@ def _bench_compiled(half, inputs, batch_sizes, repeats, reference) -> dict:
     return rows
 
 
-def _cases() -> list[tuple]:
-    cases = []
-    for name in sorted(p.name[:-4] for p in (HC18 / "images").glob("*_HC.png"))[:10]:
-        truth = read_image(HC18 / "masks" / f"{name}_mask.png").array[0] > 0
-        cases.append((name, read_image(HC18 / "images" / f"{name}.png"), 0, truth))
-    names = sorted(p.name for p in (HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"))
-    for name in names[:: len(names) // 5][:5]:
-        truth = read_image(HIPPOCAMPUS / "labelsTr" / name).array > 0
-        k = int(np.argmax(truth.sum(axis=(1, 2))))
-        cases.append((f"{name}[k={k}]", read_image(HIPPOCAMPUS / "imagesTr" / name), k, truth[k]))
-    return cases
-
-
 def bench_accuracy(model) -> dict:
     """Box-prompt Dice with float16 batched embeddings against float32 ones, same decoder."""
     rows = []
-    for name, image, k, truth in _cases():
+    for name, image, k, truth in hc18_cases(10) + hippocampus_cases(5):
         box = mask_bbox(truth)
         fast = SegmentationSession(model, image, axis="axial")
         fast.embed_slices([k], batch_size=16)

@@ -19,6 +19,10 @@ from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensi
 from .adapters import inject_lora, trainable_state
 
 TEST_MODEL = "tiny_random_for_tests"
+# Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
+# step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
+DEFAULT_STEPS = {"lora": 200, "frozen": 2000}
+DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4}
 
 
 @dataclass
@@ -26,7 +30,7 @@ class FinetuneConfig:
     model_name: str = "litemedsam"
     checkpoint: str | None = None
     device: str = "auto"
-    steps: int | None = None  # None: 200 with LoRA, 2000 with a frozen encoder (steps are ~50x cheaper)
+    steps: int | None = None  # None: DEFAULT_STEPS of the encoder mode
     batch_size: int = 1
     encoder: str = "auto"  # "lora", "frozen" (decoder only, cached embeddings) or "auto" (see finetune)
     embedding_budget: int = 240  # frozen encoder: most slice embeddings computed (flipped copies count)
@@ -35,7 +39,7 @@ class FinetuneConfig:
     lora_targets: tuple = ("qkv", "proj")
     encoder_stages: tuple | None = None  # None: every stage; e.g. (2, 3) for the last ones only
     lr: float = 3e-4
-    decoder_lr: float | None = None  # None: 1e-4 with LoRA, 3e-4 with a frozen encoder
+    decoder_lr: float | None = None  # None: DEFAULT_DECODER_LR of the encoder mode
     label_value: int | None = None
     label_name: str = "label"
     seed: int = 0
@@ -86,9 +90,12 @@ def _load_base(config: FinetuneConfig, mode: str) -> PromptableModel:
         device = torch.device("cpu") if config.device in ("auto", "cpu") else torch.device(config.device)
         return tiny_random_model_for_tests().to(device)
     # Training needs autograd, which only PyTorch gives; a frozen encoder only embeds, so it may
-    # run on the accelerated backend (the decoder falls back to PyTorch once its weights change).
-    return load_model(config.model_name, config.checkpoint, config.device,
-                      backend="torch" if mode == "lora" else None)
+    # run on the accelerated backend, while the decoder, about to be trained, stays in PyTorch.
+    model = load_model(config.model_name, config.checkpoint, config.device,
+                       backend="torch" if mode == "lora" else None)
+    if model.accelerator is not None:
+        model.accelerator.release("decoder")
+    return model
 
 
 def _slices(cases, config: FinetuneConfig) -> list[_Slice]:
@@ -244,8 +251,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     base_name, base_sha = model.spec.name, model.weights_sha256
     for p in model.parameters():
         p.requires_grad_(False)
-    steps = config.steps or (200 if mode == "lora" else 2000)
-    decoder_lr = config.decoder_lr or (1e-4 if mode == "lora" else 3e-4)
+    steps = config.steps or DEFAULT_STEPS[mode]
+    decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
     targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
                if mode == "lora" else [])
     model.to(model.pixel_mean.device)

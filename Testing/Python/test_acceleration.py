@@ -185,6 +185,26 @@ def test_changed_weights_fall_back_to_torch(tiny_cache):
         assert not torch.allclose(got, tiny_random_model_for_tests().encode(x).detach(), atol=1e-3)
 
 
+def test_released_decoder_trains_in_torch_without_warning(tiny_cache, caplog):
+    """Frozen-encoder fine-tuning: the decoder is handed to PyTorch up front, the encoder graph stays."""
+    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    model.accelerator.release("decoder")
+    with torch.no_grad():
+        next(model.mask_decoder.parameters()).add_(0.5)
+    x = torch.rand(1, 3, 64, 64)
+    boxes = torch.tensor([[8.0, 8.0, 40.0, 40.0]])
+    with caplog.at_level("WARNING"), torch.inference_mode():
+        embedding = model.encode(x)
+        got, _ = model.decode(embedding, boxes=boxes)
+    assert not [r for r in caplog.records if "changed after OpenVINO" in r.getMessage()]
+    assert model.backend == "openvino"
+    accelerator, model.accelerator = model.accelerator, None
+    with torch.inference_mode():
+        assert torch.equal(got, model.decode(embedding, boxes=boxes)[0])
+    with pytest.raises(ValueError):
+        accelerator.release("neck")
+
+
 def test_auto_leaves_other_models_on_torch():
     assert accelerate(tiny_random_model_for_tests(), "auto").backend == "torch"
     assert accelerate(tiny_random_model_for_tests(), "torch").backend == "torch"
