@@ -156,7 +156,8 @@ def _from_sitk(image, source: str) -> MedicalImage:
             image = _rgb_to_grey(image)
         else:
             raise InputError(f"{source} has {components} components per voxel; give a scalar image")
-    array = sitk.GetArrayFromImage(image).astype(np.float32, copy=False)
+    # One pass: the view is converted into a new float32 array (never kept: it is SimpleITK's memory).
+    array = sitk.GetArrayViewFromImage(image).astype(np.float32)
     geometry = VolumeGeometry.from_sitk(image)
     if dim == 2:
         array = array[None]
@@ -225,7 +226,11 @@ def write_label(mask: np.ndarray, geometry: VolumeGeometry, path: str | os.PathL
         raise InputError(f"PNG output needs a 2D image; {geometry.size[2]} slices given: use .nii.gz or .nrrd")
     if not path.parent.exists():
         raise InputError(f"output folder does not exist: {path.parent}")
-    values = (np.asarray(mask) > 0).astype(np.uint8) * np.uint8(label_value)
+    mask = np.asarray(mask)
+    if mask.dtype == bool and label_value == 1:
+        values = mask.view(np.uint8)  # no copy: a 300-slice 512 x 512 mask is 79 MB
+    else:
+        values = (mask > 0).astype(np.uint8) * np.uint8(label_value)
     with _atomic_path(path) as tmp:
         if fmt == ".seg.nrrd":
             _write_seg_nrrd(values, geometry, tmp, segment_name, label_value, color)

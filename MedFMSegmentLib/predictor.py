@@ -24,8 +24,10 @@ from .errors import CancelledError, InputError
 from .geometry import in_plane_axes, slice_from_volume, to_slice_coords
 from .io import MedicalImage
 from .models import PromptableModel
-from .preprocessing import IntensitySettings, SliceTransform, normalize_intensity
+from .decoder_step import DecoderStep, StepStats
+from .preprocessing import IntensitySettings, SliceTransform, apply_intensity_window, intensity_window
 from .prompts import Box2D, Prompts, apply_click_constraints, components_touching, expand_box, mask_bbox
+from .tracking import track_shift
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -153,7 +155,19 @@ class SegmentationSession:
         self.image = image
         self.settings = settings or PredictorSettings()
         self.intensity = intensity or IntensitySettings()
-        self.volume = normalize_intensity(image.array, self.intensity, image.modality)
+        device = model.device
+        low, high = intensity_window(np.asarray(image.array, dtype=np.float32), self.intensity, image.modality)
+        self._volume: np.ndarray | None = None
+        if device.type == "cuda":
+            # The normalised volume lives on the GPU, where embedding and tracking read it; the
+            # host copy is made only if something asks for it (see ``volume``).
+            raw = torch.from_numpy(np.asarray(image.array, dtype=np.float32)).to(device)
+            self.device_volume = apply_intensity_window(raw, low, high)
+            del raw
+        else:
+            self._volume = apply_intensity_window(np.asarray(image.array, dtype=np.float32), low, high)
+            self.device_volume = torch.from_numpy(self._volume)  # the same memory
+        self._decoder_steps: dict[int, DecoderStep] = {}
         self.cache = EmbeddingCache(self.settings.cache_bytes_for(model.device))
         self.voxel_axis = 2
         self.auto_axis = False
@@ -185,12 +199,28 @@ class SegmentationSession:
                                                (spacing[row_axis], spacing[col_axis]))
 
     @property
+    def volume(self) -> np.ndarray:
+        """The normalised ``(K, J, I)`` float32 volume in [0, 1], on the host."""
+        if self._volume is None:
+            self._volume = self.device_volume.cpu().numpy()
+        return self._volume
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of the slices along the current axis."""
+        return (self.transform.rows, self.transform.cols)
+
+    @property
     def num_slices(self) -> int:
         return self.image.geometry.size[self.voxel_axis]
 
     def slice_image(self, index: int) -> np.ndarray:
         """Normalised 2D slice ``(rows, cols)`` at ``index`` along the current axis."""
         return slice_from_volume(self.volume, self.voxel_axis, index)
+
+    def slice_tensor(self, index: int) -> torch.Tensor:
+        """Normalised 2D slice ``(rows, cols)`` as a tensor where the volume lives (the model's device)."""
+        return slice_from_volume(self.device_volume, self.voxel_axis, index)
 
     def _key(self, index: int) -> tuple:
         return (self.voxel_axis, int(index))
@@ -219,8 +249,9 @@ class SegmentationSession:
                      progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> None:
         """Embed the given slices that are not cached yet (batched: worth it on a GPU only).
 
-        On CUDA the encoder runs in float16 under autocast on pinned-memory batches; the cached
-        embeddings are float32 on the device, so the decoder sees the same dtype everywhere.
+        On CUDA the slices are cut and resized from the volume on the GPU and the encoder runs in
+        float16 (see :meth:`PromptableModel.encode_half`); the cached embeddings are float32 on the
+        device, so the decoder sees the same dtype everywhere.
         """
         todo = [int(i) for i in indices if not self.is_embedded(int(i))]
         device = self.model.device
@@ -228,12 +259,9 @@ class SegmentationSession:
             if cancel is not None and cancel.is_set():
                 raise CancelledError("embedding cancelled")
             chunk = todo[start:start + batch_size]
-            raw = torch.from_numpy(np.stack([self.slice_image(i) for i in chunk]).astype(np.float32, copy=False))
+            raw = torch.stack([self.slice_tensor(i) for i in chunk])
             if device.type == "cuda":
-                # Raw slices go to the GPU through pinned memory and are resized there, batched.
-                batch = self.transform.images_to_input(raw.pin_memory().to(device, non_blocking=True))
-                with torch.autocast("cuda", dtype=torch.float16):
-                    embeddings = self.model.encode(batch).float()
+                embeddings = self.model.encode_half(self.transform.images_to_input(raw)).float()
             else:
                 embeddings = self.model.encode(self.transform.images_to_input(raw).to(device))
             for i, embedding in zip(chunk, embeddings):
@@ -274,7 +302,7 @@ class SegmentationSession:
             if box is None:
                 box = self._clicks_to_box(index, positives, negatives)
             else:
-                box = expand_box(box, self.box_margin(self.settings.user_box_margin_px), self.slice_image(index).shape)
+                box = expand_box(box, self.box_margin(self.settings.user_box_margin_px), self.slice_shape)
             mask = self.decode_slice(index, box)
             mask = self._refine(index, mask, limit=box, iterations=self.settings.refine_iterations)
         return apply_click_constraints(mask, positives, negatives)
@@ -289,6 +317,9 @@ class SegmentationSession:
         """
         embedding = self.embedding(index)
         device = self.model.device
+        if device.type == "cuda" and box is not None and not positives and not negatives:
+            mask, _ = self.decoder_step()(embedding, box)  # one CUDA graph replay (see DecoderStep)
+            return mask.cpu().numpy()
         t = self.transform
         boxes = None if box is None else torch.from_numpy(t.box_to_input(box))[None].to(device)
         points = labels = None
@@ -424,70 +455,73 @@ class SegmentationSession:
                             None, clicks_on, progress, cancel)
         return result
 
+    def decoder_step(self) -> DecoderStep:
+        """The propagation decoder step for the current axis (one per axis: its buffers are sized
+        to the slices, and on CUDA it holds a captured graph)."""
+        step = self._decoder_steps.get(self.voxel_axis)
+        if step is None:
+            step = self._decoder_steps[self.voxel_axis] = DecoderStep(self.model, self.transform)
+        return step
+
     def _propagate(self, result: np.ndarray, start: int, start_mask: np.ndarray, limits: tuple[int, int],
                    limit_box: Box2D | None, clicks_on: Callable, progress: ProgressCallback | None,
                    cancel: threading.Event | None) -> None:
-        """Walk from ``start`` towards both ends of ``limits``, each slice prompted by its neighbour."""
+        """Walk from ``start`` towards both ends of ``limits``, each slice prompted by its neighbour.
+
+        Masks stay on the model's device (:class:`DecoderStep`); the host sees each slice's area,
+        overlap and box, and the mask once, when it is written.
+        """
         planned = limits[1] - limits[0] + 1
         done = 1
+        decode = self.decoder_step()
+        shape = self.slice_shape
+        settings = self.settings
+        start_tensor = torch.from_numpy(np.ascontiguousarray(start_mask)).to(self.model.device)
         for step in (1, -1):
-            previous = start_mask
+            decode.set_previous(start_tensor)
+            previous_area, previous_box = int(start_mask.sum()), mask_bbox(start_mask)
             index = start + step
-            while limits[0] <= index <= limits[1] and previous.sum() >= self.settings.min_area_px:
+            while limits[0] <= index <= limits[1] and previous_area >= settings.min_area_px:
                 _check(cancel)
-                box = expand_box(mask_bbox(previous), self.box_margin(), previous.shape, limit_box)
-                if self.settings.track_radius_px > 0:
+                box = expand_box(previous_box, self.box_margin(), shape, limit_box)
+                if settings.track_radius_px > 0:
                     dc, dr = self._track_shift(index - step, index, box)
-                    box = expand_box((box[0] + dc, box[1] + dr, box[2] + dc, box[3] + dr), 0, previous.shape, limit_box)
-                mask = self.decode_slice(index, box)
-                mask = self._refine(index, mask, limit=limit_box, iterations=self.settings.refine_iterations)
-                mask = apply_click_constraints(mask, clicks_on(index, "pos"), clicks_on(index, "neg"))
-                overlap = (mask & previous).sum() / max(1, min(mask.sum(), previous.sum()))
-                if mask.sum() < self.settings.min_area_px or overlap < self.settings.min_overlap:
+                    box = expand_box((box[0] + dc, box[1] + dr, box[2] + dc, box[3] + dr), 0, shape, limit_box)
+                mask, stats = decode(self.embedding(index), box)
+                for _ in range(settings.refine_iterations):
+                    if stats.box is None:
+                        break
+                    kept = (mask.clone(), stats)  # the step's buffer is overwritten by the next call
+                    mask, stats = decode(self.embedding(index), expand_box(stats.box, self.box_margin(), shape,
+                                                                           limit_box))
+                    if stats.area == 0:
+                        mask, stats = kept
+                        break
+                positives, negatives = clicks_on(index, "pos"), clicks_on(index, "neg")
+                if positives or negatives:
+                    plane = apply_click_constraints(mask.cpu().numpy(), positives, negatives)
+                    mask = torch.from_numpy(plane).to(self.model.device)
+                    stats = StepStats(int(plane.sum()), int((mask & decode.previous).sum()), mask_bbox(plane))
+                overlap = stats.overlap / max(1, min(stats.area, previous_area))
+                if stats.area < settings.min_area_px or overlap < settings.min_overlap:
                     break
-                self._write(result, index, mask)
-                previous = mask
+                self._write(result, index, mask.cpu().numpy())
+                decode.set_previous(mask)
+                previous_area, previous_box = stats.area, stats.box
                 index += step
                 done += 1
                 if progress:
                     progress(done, planned)
 
     def _track_shift(self, source: int, target: int, box: Box2D) -> tuple[int, int]:
-        """In-plane shift (columns, rows) that best maps the box's content on ``source`` onto ``target``.
-
-        LiteMedSAM fills whatever box it is given, so a box copied from the neighbouring slice
-        cannot follow a structure that moves across slices; normalised cross-correlation of the
-        two slices inside the box finds the shift. Measured on two hippocampus cases: 3D-box Dice
-        0.368 -> 0.431 and 0.300 -> 0.395.
+        """In-plane shift (columns, rows) that best maps the box's content on ``source`` onto ``target``
+        (:func:`~MedFMSegmentLib.tracking.track_shift`, searching ``track_radius_px`` model-input
+        pixels, 1 to 8 slice pixels). Measured on two hippocampus cases: 3D-box Dice 0.368 -> 0.431
+        and 0.300 -> 0.395.
         """
         radius_c = int(np.clip(round(self.settings.track_radius_px / self.transform.scale_cols), 1, 8))
         radius_r = int(np.clip(round(self.settings.track_radius_px / self.transform.scale_rows), 1, 8))
-        before, after = self.slice_image(source), self.slice_image(target)
-        c0, r0, c1, r1 = (int(round(v)) for v in box)
-        patch = before[r0:r1 + 1, c0:c1 + 1]
-        stride = max(1, max(patch.shape) // 64)
-        patch = patch[::stride, ::stride] - patch[::stride, ::stride].mean()
-        height, width = r1 - r0 + 1, c1 - c0 + 1
-        # Every candidate window at once: one pass instead of a Python loop over (2r+1)^2 shifts.
-        top, left = max(0, r0 - radius_r), max(0, c0 - radius_c)
-        bottom, right = min(after.shape[0], r1 + radius_r + 1), min(after.shape[1], c1 + radius_c + 1)
-        region = after[top:bottom, left:right].astype(np.float64)
-        if region.shape[0] < height or region.shape[1] < width:
-            return (0, 0)
-        windows = np.lib.stride_tricks.sliding_window_view(region, (height, width))[:, :, ::stride, ::stride]
-        patch = patch.astype(np.float64)
-        # The patch has zero mean, so each window's own mean drops out of the numerator, and its
-        # centred sum of squares is sum(w^2) - sum(w)^2 / n: no centred copy of every window.
-        numerator = np.einsum("abij,ij->ab", windows, patch)
-        sums = windows.sum(axis=(2, 3))
-        centred_squares = np.maximum(np.einsum("abij,abij->ab", windows, windows) - sums ** 2 / patch.size, 0.0)
-        scores = numerator / np.sqrt((patch ** 2).sum() * centred_squares + 1e-12)
-        drs = np.arange(top, top + scores.shape[0]) - r0
-        dcs = np.arange(left, left + scores.shape[1]) - c0
-        # Prefer no motion on ties (flat regions): a small penalty per pixel of shift.
-        scores = scores - 1e-3 * (np.abs(drs)[:, None] + np.abs(dcs)[None, :])
-        best = np.unravel_index(int(np.argmax(scores)), scores.shape)
-        return (int(dcs[best[1]]), int(drs[best[0]]))
+        return track_shift(self.slice_tensor(source), self.slice_tensor(target), box, radius_c, radius_r)
 
     def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
         slice_from_volume(result, self.voxel_axis, index)[...] = plane

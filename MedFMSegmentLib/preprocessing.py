@@ -44,10 +44,9 @@ class IntensitySettings:
                    tuple(data.get("percentiles", (0.5, 99.5))))
 
 
-def normalize_intensity(volume: np.ndarray, settings: IntensitySettings = IntensitySettings(),
-                        modality: str | None = None) -> np.ndarray:
-    """Clip and scale a whole volume to float32 [0, 1] (computed once per volume, not per slice)."""
-    volume = np.asarray(volume, dtype=np.float32)
+def intensity_window(volume: np.ndarray, settings: IntensitySettings = IntensitySettings(),
+                     modality: str | None = None) -> tuple[float, float]:
+    """The raw values ``(low, high)`` that map to 0 and 1 for this volume and these settings."""
     mode = settings.mode
     if mode == "auto":
         if (modality or "").upper() == "CT":
@@ -70,7 +69,26 @@ def normalize_intensity(volume: np.ndarray, settings: IntensitySettings = Intens
         raise ValueError(f"unknown intensity mode {settings.mode!r}")
     if high <= low:
         high = low + 1.0
-    return np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return float(low), float(high)
+
+
+def normalize_intensity(volume: np.ndarray, settings: IntensitySettings = IntensitySettings(),
+                        modality: str | None = None) -> np.ndarray:
+    """Clip and scale a whole volume to float32 [0, 1] (computed once per volume, not per slice)."""
+    volume = np.asarray(volume, dtype=np.float32)
+    low, high = intensity_window(volume, settings, modality)
+    return apply_intensity_window(volume, low, high)
+
+
+def apply_intensity_window(volume: np.ndarray | torch.Tensor, low: float, high: float) -> np.ndarray | torch.Tensor:
+    """``clip((volume - low) / (high - low), 0, 1)`` as float32, for a NumPy array or a tensor on any
+    device (a GPU session normalises its volume where it lives)."""
+    if isinstance(volume, torch.Tensor):
+        return torch.clamp((volume.float() - low) / (high - low), 0.0, 1.0)
+    # In place on one new array: a 300-slice CT is 300 MB of float32, every extra pass counts.
+    scaled = np.subtract(volume, low, dtype=np.float32)
+    scaled /= high - low
+    return np.clip(scaled, 0.0, 1.0, out=scaled)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ def bench_encoder(model, inputs: torch.Tensor, batch_sizes: list[int], repeats: 
         variants = {"autocast_fp16": lambda x: _autocast(encoder, x),
                     "fp16_weights": lambda x: half(x.half()),
                     "fp16_weights_channels_last": lambda x: half_cl(x.half().contiguous(memory_format=torch.channels_last)),
-                    "plain_fp32": lambda x: encoder(x)}
+                    "plain_fp32": lambda x: encoder(x),
+                    "library_encode_half": lambda x: model.encode_half(x)}
         for name, fn in variants.items():
             rows = {}
             for batch in batch_sizes:
@@ -131,7 +132,8 @@ def bench_encoder(model, inputs: torch.Tensor, batch_sizes: list[int], repeats: 
             out = fn(check).float()
             result[f"{name}_relative_error"] = (torch.linalg.norm(out - reference) / torch.linalg.norm(reference)).item()
         if compile_encoder:
-            result["compiled_fp16_weights"] = _bench_compiled(half, inputs, batch_sizes, repeats, reference)
+            result["compiled_fp16_weights_channels_last"] = _bench_compiled(half_cl, inputs, batch_sizes, repeats,
+                                                                              reference)
         best = max(((name, b, row["slices_per_s"]) for name in variants if isinstance(result[name], dict)
                     for b, row in result[name].items() if isinstance(row, dict)), key=lambda t: t[2])
         result["best"] = {"variant": best[0], "batch": int(best[1]), "slices_per_s": best[2],
@@ -144,21 +146,25 @@ def _autocast(encoder, x):
         return encoder(x)
 
 
-def _bench_compiled(half, inputs, batch_sizes, repeats, reference) -> dict:
+def _bench_compiled(half_cl, inputs, batch_sizes, repeats, reference) -> dict:
     rows: dict = {}
+
+    def prepare(x):
+        return x.half().contiguous(memory_format=torch.channels_last)
+
     with Timer() as t:
-        compiled = torch.compile(half)
+        compiled = torch.compile(half_cl)
         batch = max(batch_sizes)
-        compiled(inputs[:batch].half())
+        compiled(prepare(inputs[:batch]))
         sync()
     rows["compile_seconds"] = t.seconds
     for batch in batch_sizes:
-        x = inputs[:batch].half()
+        x = prepare(inputs[:batch])
         compiled(x)
         ms = cuda_ms(lambda: compiled(x), repeats)
         rows[str(batch)] = {"ms_per_batch": ms, "slices_per_s": batch * 1000.0 / ms}
-        log(f"compiled fp16 batch {batch}: {batch * 1000.0 / ms:.0f} slices/s")
-    out = compiled(inputs[:len(reference)].half()).float()
+        log(f"compiled fp16 channels-last batch {batch}: {batch * 1000.0 / ms:.0f} slices/s")
+    out = compiled(prepare(inputs[:len(reference)])).float()
     rows["relative_error"] = (torch.linalg.norm(out - reference) / torch.linalg.norm(reference)).item()
     return rows
 
@@ -195,6 +201,8 @@ def bench_prompts(model, repeats: int) -> dict:
     boxes = torch.from_numpy(session.transform.box_to_input(box))[None].to(device)
     with torch.inference_mode():
         decoder_ms = cuda_ms(lambda: model.decode(embedding, boxes=boxes), repeats * 20)
+    step = session.decoder_step()
+    step_ms = cuda_ms(lambda: step(embedding, box), repeats * 20)  # graph replay + mask statistics
     later = []
     for _ in range(repeats * 5):
         sync()
@@ -209,6 +217,8 @@ def bench_prompts(model, repeats: int) -> dict:
             fresh.predict_slice(0, box)
         first.append(t.seconds * 1000)
     return {"image": name, "image_shape": list(image.array.shape[1:]), "decoder_ms": decoder_ms,
+            "decoder_step_ms": step_ms, "decoder_step_cuda_graph": step.graphed,
+            "decoder_step_graph_error": step.graph_error,
             "later_prompt_ms": float(np.median(later)), "first_prompt_ms": float(np.median(first))}
 
 
@@ -269,7 +279,9 @@ def ct_end_to_end(model, source: Path, output: Path, box, batch_size: int) -> di
             write_label(mask, image.geometry, output)
         stages["write"] = t.seconds
     slices_with_mask = int(mask.any(axis=(1, 2)).sum())
+    step = session.decoder_step()
     return {"seconds": total.seconds, "stages": stages, "slices_segmented": slices_with_mask,
+            "decoder_cuda_graph": step.graphed, "decoder_cuda_graph_error": step.graph_error,
             "input": source.name, "output": output.name, "embed_batch": batch_size}
 
 

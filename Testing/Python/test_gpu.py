@@ -1,7 +1,7 @@
 """CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
 
 These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
-They passed on a lent H200 (3 passed in 45 s, ``bench/results/gpu_h200_run1.log``).
+The first three passed on a lent H200 (3 passed in 45 s, ``bench/results/gpu_h200_run1.log``).
 """
 from __future__ import annotations
 
@@ -86,3 +86,43 @@ def test_lora_finetune_on_gpu_reloads_identically(tmp_path):
         e1, e2 = model.encode(x), reloaded.encode(x)
         assert torch.allclose(e1, e2, atol=1e-5)
         assert torch.allclose(model.decode(e1)[0], reloaded.decode(e2)[0], atol=1e-4)
+
+
+def test_graphed_decoder_step_matches_eager(cuda_model):
+    """The CUDA-graph decoder step gives the eager step's masks and statistics, box after box."""
+    from MedFMSegmentLib.decoder_step import DecoderStep
+    from MedFMSegmentLib.predictor import SegmentationSession
+
+    image, label = _case(3)
+    session = SegmentationSession(cuda_model, image, axis="axial")
+    graphed = DecoderStep(cuda_model, session.transform)
+    eager = DecoderStep(cuda_model, session.transform, use_graph=False)
+    truth = label.array > 0
+    for k in np.flatnonzero(truth.any(axis=(1, 2)))[::3]:
+        rows, cols = np.nonzero(truth[k])
+        box = (float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max()))
+        mask_g, stats_g = graphed(session.embedding(int(k)), box)
+        assert graphed.graphed, graphed.graph_error
+        mask_e, stats_e = eager(session.embedding(int(k)), box)
+        assert torch.equal(mask_g, mask_e) and stats_g == stats_e
+        graphed.set_previous(mask_g)
+        eager.set_previous(mask_e)
+
+
+def test_half_encoder_follows_weight_changes(cuda_model):
+    """The float16 encoder copy is rebuilt when the encoder's weights change (no stale embeddings)."""
+    import copy
+
+    model = copy.deepcopy(cuda_model)
+    x = torch.rand(2, 3, model.image_size, model.image_size, device="cuda")
+    with torch.inference_mode():
+        before = model.encode_half(x).float()
+        reference = model.encode(x).float()
+    assert (torch.linalg.norm(before - reference) / torch.linalg.norm(reference)).item() < 1e-2
+    with torch.no_grad():
+        next(model.image_encoder.parameters()).mul_(1.5)
+    with torch.inference_mode():
+        after = model.encode_half(x).float()
+        changed = model.encode(x).float()
+    assert (torch.linalg.norm(after - changed) / torch.linalg.norm(changed)).item() < 1e-2
+    assert not torch.allclose(after, before)
