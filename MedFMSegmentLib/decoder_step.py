@@ -80,8 +80,13 @@ class DecoderStep:
         """The mask set by :meth:`set_previous` (on the model's device)."""
         return self._previous
 
+    @torch.inference_mode()
     def set_previous(self, mask: torch.Tensor) -> None:
-        """The mask that the next calls' ``overlap`` is measured against (copied)."""
+        """The mask that the next calls' ``overlap`` is measured against (copied).
+
+        In inference mode because the buffers may have been made in it (a step first used by an
+        inference-mode caller), and such tensors can only be updated in place there.
+        """
         self._previous.copy_(mask)
 
     @torch.inference_mode()

@@ -32,7 +32,8 @@ def machine() -> dict:
                                 cwd=Path(__file__).parent, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    commit = commit or os.environ.get("MEDFMSEGMENT_COMMIT", "")  # a copied tree without .git
+    # A copied tree (the lent GPU machine) may carry a stale .git: the caller's word wins.
+    commit = os.environ.get("MEDFMSEGMENT_COMMIT") or commit
     return {"commit": commit, "load_average": os.getloadavg(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

@@ -39,3 +39,18 @@ def test_step_gives_the_sessions_mask_and_keeps_it_on_the_device():
     step.set_previous(mask)
     _, again = step(session.embedding(1), box)
     assert again.overlap == again.area
+
+
+def test_step_made_in_inference_mode_is_usable_outside_it():
+    """A session's step may first be built under ``torch.inference_mode`` (an interactive
+    prompt) and then drive propagation outside it (seen on CUDA, where prompts use the step)."""
+    rng = np.random.default_rng(1)
+    volume = (100 + 50 * rng.standard_normal((3, 40, 40))).astype(np.float32)
+    session = SegmentationSession(tiny_random_model_for_tests(), MedicalImage.from_array(volume), axis="axial")
+    with torch.inference_mode():
+        step = session.decoder_step()
+        step(session.embedding(0), (2.0, 2.0, 30.0, 30.0))
+    mask, stats = step(session.embedding(1), (2.0, 2.0, 30.0, 30.0))
+    step.set_previous(torch.ones(40, 40, dtype=torch.bool))
+    _, again = step(session.embedding(1), (2.0, 2.0, 30.0, 30.0))
+    assert again.overlap == stats.area
