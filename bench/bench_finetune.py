@@ -7,6 +7,7 @@ Usage: python bench/bench_finetune.py [--steps N] [--encoder auto|lora|frozen] [
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,8 @@ def main() -> int:
                  for n in names[: args.hippo_train + args.hippo_test]]
         result["hippocampus"] = run_part("hippocampus", pairs[: args.hippo_train], pairs[args.hippo_train:],
                                          args.steps, args.device, args.encoder, log)
+        if args.output:  # a run cut short later (a time-limited GPU) keeps this part's figures
+            Path(args.output).write_text(json.dumps(result, indent=2))
     if "hc18" in args.parts:
         folder = DATA / "hc18_fetal_head_us"
         images = sorted((folder / "images").glob("*_HC.png"))
