@@ -92,7 +92,7 @@ def run_part(name, train, test, steps, device, encoder, log):
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=None, help="default: the library's (2000 frozen / 200 LoRA)")
+    parser.add_argument("--steps", type=int, default=None, help="default: the library's (2000 frozen / 800 LoRA)")
     parser.add_argument("--hippo-train", type=int, default=5)
     parser.add_argument("--hippo-test", type=int, default=20)
     parser.add_argument("--hc-train", type=int, default=10)

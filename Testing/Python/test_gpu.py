@@ -1,7 +1,9 @@
 """CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
 
 These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
-The first three passed on a lent H200 (3 passed in 45 s, ``bench/results/gpu_h200_run1.log``).
+All five passed on a lent H200 (``bench/results/gpu_h200_s4_run1.log``, ``gpu_h200_s4_run2.log``):
+the GPU-against-CPU 3D box test first failed there on a real bug (a decoder step built in
+inference mode could not be updated outside it), fixed and rerun.
 """
 from __future__ import annotations
 
