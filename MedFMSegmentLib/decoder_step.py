@@ -67,13 +67,20 @@ class DecoderStep:
         self._box = torch.zeros(1, 4, device=device)
         self._previous = torch.zeros(transform.rows, transform.cols, dtype=torch.bool, device=device)
         self._graph = None
-        self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._logits: torch.Tensor | None = None
         #: Why the CUDA graph is not used, when capture was tried and failed (else None).
         self.graph_error: str | None = None
 
     @property
     def graphed(self) -> bool:
         return self._graph is not None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``(rows, cols)`` float logits of the last call (``mask`` is ``logits > 0``); the same
+        reused buffer caveat as the mask applies."""
+        return self._logits
 
     @property
     def previous(self) -> torch.Tensor:
@@ -106,15 +113,16 @@ class DecoderStep:
             self._capture()
         if self._graph is not None:
             self._graph.replay()
-            mask, values = self._outputs
+            self._logits, mask, values = self._outputs
         else:
-            mask, values = self._compute()
+            self._logits, mask, values = self._compute()
         return mask, to_stats(values)
 
-    def _compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, _ = self.model.decode(self._embedding, boxes=self._box)
-        mask = self.transform.logits_to_slice(logits)[0] > 0
-        return mask, mask_statistics(mask, self._previous)
+        logits = self.transform.logits_to_slice(logits)[0]
+        mask = logits > 0
+        return logits, mask, mask_statistics(mask, self._previous)
 
     def _capture(self) -> None:
         try:

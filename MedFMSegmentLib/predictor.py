@@ -21,15 +21,20 @@ import numpy as np
 import torch
 
 from .errors import CancelledError, InputError
-from .geometry import in_plane_axes, slice_from_volume, to_slice_coords
+from .geometry import in_plane_axes, slice_from_volume, slice_into_volume, to_slice_coords
 from .io import MedicalImage
 from .models import PromptableModel
 from .decoder_step import DecoderStep, StepStats
 from .preprocessing import IntensitySettings, SliceTransform, apply_intensity_window, intensity_window
-from .prompts import Box2D, Prompts, apply_click_constraints, components_touching, expand_box, mask_bbox
+from .prompts import (Box2D, Prompts, apply_click_constraints, components_touching, expand_box, mask_bbox,
+                      smooth_box_track)
 from .tracking import track_shift
 
 ProgressCallback = Callable[[int, int], None]
+
+#: Logit written where a strategy did not segment a slice (sigmoid ~2e-9).
+NOT_SEGMENTED_LOGIT = -20.0
+BOX3D_STRATEGIES = ("propagate", "consensus")
 
 
 @dataclass
@@ -57,6 +62,10 @@ class PredictorSettings:
             slices one by one, ``bench/results/gpu_h200_profile_ct.txt``).
         embed_batch_size: Slices embedded ahead in batches before a 3D or automatic run
             (None: 16 on a GPU, 0 = lazily on a CPU).
+        box3d_strategy: How a box spanning several slices on every axis is segmented:
+            ``"propagate"`` (slice by slice along one axis) or ``"consensus"`` (three axes
+            combined, about 4x the encoder work: see :meth:`SegmentationSession.segment`).
+        consensus_rounds: Box re-placement rounds of the ``"consensus"`` strategy.
     """
 
     box_margin_px: float = 5.0
@@ -68,6 +77,13 @@ class PredictorSettings:
     min_overlap: float = 0.3
     cache_bytes: int | None = None
     embed_batch_size: int | None = None
+    box3d_strategy: str = "propagate"
+    consensus_rounds: int = 3
+
+    def __post_init__(self) -> None:
+        if self.box3d_strategy not in BOX3D_STRATEGIES:
+            raise InputError(f"3D box strategy must be one of {', '.join(BOX3D_STRATEGIES)}, "
+                             f"got {self.box3d_strategy!r}")
 
     def batch_size_for(self, device: torch.device) -> int:
         """Slices embedded ahead per batch: 16 on a GPU, 0 (lazily, one by one) on a CPU, where
@@ -121,6 +137,11 @@ class EmbeddingCache:
     def __contains__(self, key: tuple) -> bool:
         with self._lock:
             return key in self._items
+
+    def keys(self) -> list[tuple]:
+        """The cached keys, ``(voxel_axis, slice_index)``, least recently used first."""
+        with self._lock:
+            return list(self._items)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -330,6 +351,13 @@ class SegmentationSession:
         logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels)
         return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
 
+    def decode_logits(self, index: int, box: Box2D) -> np.ndarray:
+        """``(rows, cols)`` float32 logits of one decoder call on slice ``index`` with exactly this
+        box (slice pixels, no margin, no refinement); :meth:`decode_slice` is ``logits > 0``."""
+        step = self.decoder_step()
+        step(self.embedding(index), box)
+        return step.logits.cpu().numpy().astype(np.float32, copy=True)
+
     def box_margin(self, input_px: float | None = None) -> tuple[float, float]:
         """Box margin in slice pixels (col, row) for ``input_px`` (default ``box_margin_px``) model-input pixels."""
         m = self.settings.box_margin_px if input_px is None else input_px
@@ -396,6 +424,8 @@ class SegmentationSession:
           within the box's range, each slice prompted with its neighbour's mask box.
         * ``propagate=True`` with a one-slice prompt propagates until the structure ends.
         * Clicks on several slices (no box) segment each clicked slice.
+        * With ``settings.box3d_strategy == "consensus"``, the axis left on ``"auto"`` and a box
+          alone spanning several slices on every axis: see :meth:`_segment_box_consensus`.
 
         Args:
             prompts: Box and clicks in voxel indices (i, j, k).
@@ -416,6 +446,12 @@ class SegmentationSession:
         def clicks_on(index: int, kind: str) -> list[tuple[float, float]]:
             return [(c, r) for c, r, s in slice_pts[kind] if int(round(s)) == index]
 
+        # Consensus picks its own axes: only when the axis is left to the session (not fixed by the
+        # user or by an adapter trained on one orientation), for a box alone.
+        if (prompts.box is not None and self.settings.box3d_strategy == "consensus" and propagate is not False
+                and self.auto_axis and not prompts.positives and not prompts.negatives
+                and all(prompts.box[a + 3] > prompts.box[a] for a in range(3))):
+            return self._segment_box_consensus(prompts.box, progress, cancel)
         if prompts.box is not None:
             lower = to_slice_coords(prompts.box[:3], axis)
             upper = to_slice_coords(prompts.box[3:], axis)
@@ -455,6 +491,80 @@ class SegmentationSession:
                             None, clicks_on, progress, cancel)
         return result
 
+    def propagate_box_logits(self, box: Sequence[float], voxel_axis: int,
+                             cancel: threading.Event | None = None) -> np.ndarray:
+        """The ``propagate`` strategy for a 3D ``box`` along ``voxel_axis``, as ``(K, J, I)`` logits:
+        the decoder's logits on every slice it segmented, :data:`NOT_SEGMENTED_LOGIT` elsewhere.
+
+        The middle slice gets the box's own rectangle plus ``user_box_margin_px`` (no refinement),
+        the others their neighbour's mask box, as in :meth:`segment`.
+        """
+        self._use_voxel_axis(voxel_axis)
+        lower, upper = to_slice_coords(box[:3], voxel_axis), to_slice_coords(box[3:], voxel_axis)
+        rect: Box2D = (lower[0], lower[1], upper[0], upper[1])
+        first, last = int(lower[2]), int(upper[2])
+        self.prefetch(range(first, last + 1), cancel=cancel)
+        logits = np.full(self.image.geometry.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
+        start = (first + last) // 2
+        start_logits = self.decode_logits(
+            start, expand_box(rect, self.box_margin(self.settings.user_box_margin_px), self.slice_shape))
+        slice_into_volume(logits, voxel_axis, start, start_logits)
+        result = np.zeros(self.image.geometry.shape, dtype=bool)
+        self._propagate(result, start, start_logits > 0, (first, last), rect, lambda index, kind: [], None, cancel,
+                        logits_out=logits)
+        return logits
+
+    def _segment_box_consensus(self, box: Sequence[float], progress: ProgressCallback | None,
+                               cancel: threading.Event | None) -> np.ndarray:
+        """The ``consensus`` strategy for a box spanning several slices on every axis.
+
+        1. Propagate across the box's shortest physical side (the ``propagate`` result, kept as
+           logits) and across its middle side (kept as a mask).
+        2. On the slices across the longest side, the structure is a compact blob, and a tight box
+           there works best (every-slice tight boxes on the benchmark hippocampi: 0.844 across
+           the longest side, 0.652 across the shortest). Those boxes are read from where the two
+           propagations agree, smoothed along the slices (:func:`smooth_box_track`), decoded,
+           and the logits added to the first propagation's.
+        3. Step 2 is repeated from the combined mask (``consensus_rounds`` times in all).
+
+        Embeds the box's slices along all three axes (about 4x the ``propagate`` strategy's
+        encoder work on a hippocampus box). On the 20 benchmark hippocampus cases it raised the
+        mean 3D-box Dice from 0.580 to about 0.71 (``bench/results``, see README).
+        """
+        geometry = self.image.geometry
+        extent = (np.asarray(box[3:], float) - np.asarray(box[:3], float) + 1) * np.asarray(geometry.spacing, float)
+        shortest, middle, longest = sorted((2, 1, 0), key=lambda a: (round(float(extent[a]), 6), -a))
+        stages = 2 + self.settings.consensus_rounds
+        short_logits = self.propagate_box_logits(box, shortest, cancel)
+        if progress:
+            progress(1, stages)
+        source = (short_logits > 0) & (self.propagate_box_logits(box, middle, cancel) > 0)
+        if progress:
+            progress(2, stages)
+        self._use_voxel_axis(longest)
+        lower, upper = to_slice_coords(box[:3], longest), to_slice_coords(box[3:], longest)
+        rect: Box2D = (lower[0], lower[1], upper[0], upper[1])
+        targets = list(range(int(lower[2]), int(upper[2]) + 1))
+        self.prefetch(targets, cancel=cancel)
+        result = short_logits > 0
+        for round_number in range(self.settings.consensus_rounds):
+            seen = [(index, mask_bbox(slice_from_volume(source, longest, index))) for index in targets]
+            seen = [(index, b) for index, b in seen if b is not None]
+            if not seen:
+                break
+            boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], targets)
+            long_logits = np.full(geometry.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
+            for index, b in zip(targets, boxes):
+                _check(cancel)
+                slice_box = expand_box(b, self.box_margin(), self.slice_shape, rect)
+                if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:
+                    continue  # the fitted track left the 3D box here
+                slice_into_volume(long_logits, longest, index, self.decode_logits(index, slice_box))
+            result = source = (long_logits + short_logits) > 0
+            if progress:
+                progress(3 + round_number, stages)
+        return result
+
     def decoder_step(self) -> DecoderStep:
         """The propagation decoder step for the current axis (one per axis: its buffers are sized
         to the slices, and on CUDA it holds a captured graph)."""
@@ -465,7 +575,7 @@ class SegmentationSession:
 
     def _propagate(self, result: np.ndarray, start: int, start_mask: np.ndarray, limits: tuple[int, int],
                    limit_box: Box2D | None, clicks_on: Callable, progress: ProgressCallback | None,
-                   cancel: threading.Event | None) -> None:
+                   cancel: threading.Event | None, logits_out: np.ndarray | None = None) -> None:
         """Walk from ``start`` towards both ends of ``limits``, each slice prompted by its neighbour.
 
         Masks stay on the model's device (:class:`DecoderStep`); the host sees each slice's area,
@@ -488,14 +598,16 @@ class SegmentationSession:
                     dc, dr = self._track_shift(index - step, index, box)
                     box = expand_box((box[0] + dc, box[1] + dr, box[2] + dc, box[3] + dr), 0, shape, limit_box)
                 mask, stats = decode(self.embedding(index), box)
+                logits = decode.logits
                 for _ in range(settings.refine_iterations):
                     if stats.box is None:
                         break
-                    kept = (mask.clone(), stats)  # the step's buffer is overwritten by the next call
+                    kept = (mask.clone(), stats, logits.clone())  # the step's buffers are reused
                     mask, stats = decode(self.embedding(index), expand_box(stats.box, self.box_margin(), shape,
                                                                            limit_box))
+                    logits = decode.logits
                     if stats.area == 0:
-                        mask, stats = kept
+                        mask, stats, logits = kept
                         break
                 positives, negatives = clicks_on(index, "pos"), clicks_on(index, "neg")
                 if positives or negatives:
@@ -506,6 +618,8 @@ class SegmentationSession:
                 if stats.area < settings.min_area_px or overlap < settings.min_overlap:
                     break
                 self._write(result, index, mask.cpu().numpy())
+                if logits_out is not None:
+                    slice_into_volume(logits_out, self.voxel_axis, index, logits.cpu().numpy())
                 decode.set_previous(mask)
                 previous_area, previous_box = stats.area, stats.box
                 index += step

@@ -128,3 +128,27 @@ def apply_click_constraints(mask: np.ndarray, positives: Sequence[Sequence[float
     if negatives:
         mask = mask & ~components_touching(mask, negatives)
     return mask
+
+
+def smooth_box_track(indices: Sequence[int], boxes: Sequence[Box2D], targets: Sequence[int],
+                     degree: int = 2) -> list[Box2D]:
+    """Boxes for slices ``targets`` from boxes seen on slices ``indices``: one size, smooth centres.
+
+    The centres (column, row) follow a polynomial of the slice index (degree 2, lower when few
+    slices are seen); every box gets the median width and height of the seen boxes. Per-slice
+    boxes from a rough mask are noisy in both place and size; a structure's cross-section moves
+    and changes smoothly, so a fit through all of them places each box better than any one.
+
+    Returns:
+        One ``(col0, row0, col1, row1)`` box per target slice (not clipped: see :func:`expand_box`).
+    """
+    x = np.asarray(indices, dtype=float)
+    b = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    if len(x) == 0:
+        raise ValueError("no boxes to smooth")
+    degree = min(degree, len(np.unique(x)) - 1)
+    t = np.asarray(targets, dtype=float)
+    centres = [np.polyval(np.polyfit(x, (b[:, k] + b[:, k + 2]) / 2, degree), t) for k in (0, 1)]
+    half_w, half_h = np.median(b[:, 2] - b[:, 0]) / 2, np.median(b[:, 3] - b[:, 1]) / 2
+    return [(float(c - half_w), float(r - half_h), float(c + half_w), float(r + half_h))
+            for c, r in zip(centres[0], centres[1])]

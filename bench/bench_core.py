@@ -8,6 +8,7 @@ Prints one JSON object: the machine, then
 * encoder ms per slice, decoder ms per prompt with a cached embedding, peak RSS.
 
 Usage: python bench/bench_core.py [--hc18 30] [--hippocampus 20] [--device cpu] [-o results.json]
+       [--box3d-strategy propagate|consensus] [--offset N] [--no-reference]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E4
 
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, mask_bbox  # noqa: E402
 
 
@@ -58,18 +59,19 @@ def bench_hc18(model, count: int) -> dict:
             "click_prompt_ms_median": float(np.median(click_ms))}
 
 
-def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = True) -> dict:
+def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = True,
+                      strategy: str = "propagate", offset: int = 0) -> dict:
     folder = DATA_DIR / "msd_hippocampus_mri"
     names = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))
     step = max(1, len(names) // count)
-    names = names[::step][:count]
+    names = names[offset::step][:count]
     box3d, every_slice, seconds = [], [], []
     for name in names:
         image = read_image(folder / "imagesTr" / name)
         truth = read_image(folder / "labelsTr" / name).array > 0
         k, j, i = np.nonzero(truth)
         box = tuple(int(v) for v in (i.min(), j.min(), k.min(), i.max(), j.max(), k.max()))
-        session = SegmentationSession(model, image, axis=axis)
+        session = SegmentationSession(model, image, axis=axis, settings=PredictorSettings(box3d_strategy=strategy))
         with Timer() as t:
             mask = session.segment(Prompts(box=box))
         seconds.append(t.seconds)
@@ -85,7 +87,8 @@ def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = T
                 reference[kk] = session.predict_slice(kk, tight)
         every_slice.append(dice(reference, truth))
         print(f"  {name}: 3D box {box3d[-1]:.3f}, every-slice box {every_slice[-1]:.3f}", file=sys.stderr, flush=True)
-    return {"cases": len(names), "axis": axis, "box3d_dice_mean": float(np.mean(box3d)),
+    return {"cases": len(names), "case_names": names, "axis": axis, "box3d_strategy": strategy,
+            "case_offset": offset, "box3d_dice_mean": float(np.mean(box3d)),
             "box3d_dice_median": float(np.median(box3d)),
             "box3d_dice_per_case": [round(float(v), 4) for v in box3d],
             "every_slice_tight_box_dice_mean_axial": float(np.mean(every_slice)) if every_slice else None,
@@ -98,6 +101,9 @@ def main() -> None:
     parser.add_argument("--hippocampus", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--axis", default="auto", help="slicing axis for the 3D box (default auto)")
+    parser.add_argument("--box3d-strategy", default="propagate", choices=["propagate", "consensus"])
+    parser.add_argument("--offset", type=int, default=0,
+                        help="start of the every-Nth hippocampus case selection (another offset = other cases)")
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the every-slice tight-box reference (halves the hippocampus time)")
     parser.add_argument("-o", "--output", help="also write the JSON here")
@@ -111,7 +117,8 @@ def main() -> None:
         result["hc18"] = bench_hc18(model, args.hc18)
         print(json.dumps(result["hc18"]), file=sys.stderr, flush=True)
     if args.hippocampus > 0:
-        result["hippocampus"] = bench_hippocampus(model, args.hippocampus, args.axis, not args.no_reference)
+        result["hippocampus"] = bench_hippocampus(model, args.hippocampus, args.axis, not args.no_reference,
+                                                  args.box3d_strategy, args.offset)
     result["peak_rss_mb"] = peak_rss_mb()
     emit(result, args.output)
 

@@ -44,6 +44,19 @@ def test_segment_3d_box_output_lines_up_with_input(oblique_volume, tmp_path, cap
     assert dice(result.array > 0, truth) > 0.8
 
 
+def test_segment_3d_box_consensus_strategy(oblique_volume, tmp_path, capsys):
+    """``--box3d-strategy consensus`` on the oblique, left-handed volume: a correct label map."""
+    path, geometry, truth = oblique_volume
+    k, j, i = np.nonzero(truth)
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(path), "-o", str(out), "--device", "cpu", "--box3d-strategy", "consensus",
+                 "--box", str(i.min()), str(j.min()), str(k.min()), str(i.max()), str(j.max()), str(k.max())])
+    assert code == 0, capsys.readouterr().err
+    result = read_label(out)
+    assert result.geometry.same_grid(geometry)
+    assert dice(result.array > 0, truth) > 0.8
+
+
 def test_segment_click_on_2d_png_writes_png(data_dir, tmp_path):
     image = data_dir / "hc18_fetal_head_us" / "images" / "010_HC.png"
     truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hc18_fetal_head_us" / "masks" / "010_HC_mask.png")))
