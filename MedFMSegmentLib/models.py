@@ -146,7 +146,8 @@ class PromptableModel(nn.Module):
         """Image embeddings on a CUDA device from a float16, channels-last copy of the image encoder.
 
         On an H200 this ran 640 slices/s against 475 under autocast (batch 64,
-        ``bench/results/gpu_h200.json``), with box-prompt Dice within 0.001 of float32. The copy
+        ``bench/results/gpu_h200.json``); through the session its box-prompt Dice changed by
+        -0.0003 against float32 (``gpu_h200_s4_run1.json``). The copy
         is rebuilt whenever an encoder weight changes (tensor version counters), so fine-tuning
         or loading an adapter never leaves it stale. Off CUDA this is :meth:`encode`.
         """

@@ -84,6 +84,8 @@ class PredictorSettings:
         if self.box3d_strategy not in BOX3D_STRATEGIES:
             raise InputError(f"3D box strategy must be one of {', '.join(BOX3D_STRATEGIES)}, "
                              f"got {self.box3d_strategy!r}")
+        if self.consensus_rounds < 0:
+            raise InputError(f"consensus rounds must be 0 or more, got {self.consensus_rounds}")
 
     def batch_size_for(self, device: torch.device) -> int:
         """Slices embedded ahead per batch: 16 on a GPU, 0 (lazily, one by one) on a CPU, where
@@ -177,16 +179,15 @@ class SegmentationSession:
         self.settings = settings or PredictorSettings()
         self.intensity = intensity or IntensitySettings()
         device = model.device
-        low, high = intensity_window(np.asarray(image.array, dtype=np.float32), self.intensity, image.modality)
+        raw = np.asarray(image.array, dtype=np.float32)
+        low, high = intensity_window(raw, self.intensity, image.modality)
         self._volume: np.ndarray | None = None
         if device.type == "cuda":
             # The normalised volume lives on the GPU, where embedding and tracking read it; the
             # host copy is made only if something asks for it (see ``volume``).
-            raw = torch.from_numpy(np.asarray(image.array, dtype=np.float32)).to(device)
-            self.device_volume = apply_intensity_window(raw, low, high)
-            del raw
+            self.device_volume = apply_intensity_window(torch.from_numpy(raw).to(device), low, high)
         else:
-            self._volume = apply_intensity_window(np.asarray(image.array, dtype=np.float32), low, high)
+            self._volume = apply_intensity_window(raw, low, high)
             self.device_volume = torch.from_numpy(self._volume)  # the same memory
         self._decoder_steps: dict[int, DecoderStep] = {}
         self.cache = EmbeddingCache(self.settings.cache_bytes_for(model.device))
@@ -453,10 +454,7 @@ class SegmentationSession:
                 and all(prompts.box[a + 3] > prompts.box[a] for a in range(3))):
             return self._segment_box_consensus(prompts.box, progress, cancel)
         if prompts.box is not None:
-            lower = to_slice_coords(prompts.box[:3], axis)
-            upper = to_slice_coords(prompts.box[3:], axis)
-            box2d: Box2D = (lower[0], lower[1], upper[0], upper[1])
-            first, last = int(lower[2]), int(upper[2])
+            box2d, first, last = box_on_axis(prompts.box, axis)
             if propagate is None:
                 propagate = last > first
             if not propagate:
@@ -500,9 +498,7 @@ class SegmentationSession:
         the others their neighbour's mask box, as in :meth:`segment`.
         """
         self._use_voxel_axis(voxel_axis)
-        lower, upper = to_slice_coords(box[:3], voxel_axis), to_slice_coords(box[3:], voxel_axis)
-        rect: Box2D = (lower[0], lower[1], upper[0], upper[1])
-        first, last = int(lower[2]), int(upper[2])
+        rect, first, last = box_on_axis(box, voxel_axis)
         self.prefetch(range(first, last + 1), cancel=cancel)
         logits = np.full(self.image.geometry.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
         start = (first + last) // 2
@@ -543,9 +539,8 @@ class SegmentationSession:
         if progress:
             progress(2, stages)
         self._use_voxel_axis(longest)
-        lower, upper = to_slice_coords(box[:3], longest), to_slice_coords(box[3:], longest)
-        rect: Box2D = (lower[0], lower[1], upper[0], upper[1])
-        targets = list(range(int(lower[2]), int(upper[2]) + 1))
+        rect, first, last = box_on_axis(box, longest)
+        targets = list(range(first, last + 1))
         self.prefetch(targets, cancel=cancel)
         result = short_logits > 0
         for round_number in range(self.settings.consensus_rounds):
@@ -640,6 +635,13 @@ class SegmentationSession:
 
     def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
         slice_from_volume(result, self.voxel_axis, index)[...] = plane
+
+
+def box_on_axis(box: Sequence[float], voxel_axis: int) -> tuple[Box2D, int, int]:
+    """A voxel box ``(i0, j0, k0, i1, j1, k1)`` seen along ``voxel_axis``: its in-plane rectangle
+    ``(col0, row0, col1, row1)`` and its first and last slice index."""
+    lower, upper = to_slice_coords(box[:3], voxel_axis), to_slice_coords(box[3:], voxel_axis)
+    return (lower[0], lower[1], upper[0], upper[1]), int(lower[2]), int(upper[2])
 
 
 def choose_axis(prompts: Prompts, geometry) -> int:

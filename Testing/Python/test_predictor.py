@@ -263,6 +263,8 @@ def test_litemedsam_real_hippocampus_slice_boxes(litemedsam, data_dir):
 def test_box3d_strategy_is_checked():
     with pytest.raises(InputError, match="3D box strategy"):
         PredictorSettings(box3d_strategy="vote")
+    with pytest.raises(InputError, match="consensus rounds"):
+        PredictorSettings(box3d_strategy="consensus", consensus_rounds=-1)
 
 
 def test_decode_logits_threshold_to_decode_slice():
