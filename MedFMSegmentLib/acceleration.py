@@ -47,8 +47,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino")
+# OpenVINO's inference precision on the CPU. "auto" means bf16 where the CPU computes bfloat16
+# natively (AVX-512-BF16 or AMX; OpenVINO's "BF16" capability), else f32: on the 2-core AMD EPYC
+# with AVX-512-BF16 bf16 halved the encoder time and moved mean Dice by less than the issue's
+# 0.005 bound (bench/bench_perf.py, bench/results/perf_cpu_bf16.json).
+PRECISIONS = ("auto", "f32", "bf16")
 CACHE_ENV = "MEDFMSEGMENT_CACHE"
 BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
+PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
+# A bf16 graph is checked against the f32 one on the example input by relative L2 error. bf16
+# keeps 8 bits of mantissa: the LiteMedSAM embedding differs by about 6 % and the decoder logits by
+# about 1 %, which moved no Dice past the bound; a broken kernel gives 100 % or NaN.
+_BF16_MAX_RELATIVE_ERROR = 0.15
 # "auto" converts only the models whose speed-up and accuracy were measured (bench/bench_perf.py);
 # the 1024 px SAM models need several GB to convert and were never benchmarked here.
 AUTO_MODELS = frozenset({"litemedsam"})
@@ -57,7 +67,8 @@ _CONVERSION_VERSION = 1
 
 Inputs = tuple[torch.Tensor, ...]
 _process_cache: dict[tuple, Any] = {}
-_process_lock = threading.Lock()
+# Re-entrant: compiling one part may compile another (the decoder check needs an encoder output).
+_process_lock = threading.RLock()
 _core = None
 
 
@@ -80,6 +91,39 @@ def default_backend() -> str:
     """``$MEDFMSEGMENT_BACKEND`` when set to a known backend, else ``auto``."""
     value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
     return value if value in BACKENDS else "auto"
+
+
+def default_precision() -> str:
+    """``$MEDFMSEGMENT_PRECISION`` when set to a known precision, else ``auto``."""
+    value = os.environ.get(PRECISION_ENV, "auto").strip().lower()
+    return value if value in PRECISIONS else "auto"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether OpenVINO reports bfloat16 compute on this CPU (AVX-512-BF16 or AMX)."""
+    if not openvino_version():
+        return False
+    try:
+        return "BF16" in _get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    except Exception:  # noqa: BLE001 - an unreadable property means: do not rely on bf16
+        return False
+
+
+def resolve_precision(precision: str | None = None) -> str:
+    """``f32`` or ``bf16``: what ``precision`` (None: ``$MEDFMSEGMENT_PRECISION``) means here.
+
+    ``bf16`` asked for on a CPU without native bfloat16 gives ``f32``: OpenVINO would emulate it
+    slowly, or ignore it.
+
+    Raises:
+        InputError: unknown precision name.
+    """
+    precision = default_precision() if precision is None else precision
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "f32":
+        return "f32"
+    return "bf16" if cpu_has_native_bf16() else "f32"
 
 
 def cache_dir() -> Path:
@@ -122,11 +166,13 @@ def describe_backends() -> dict:
     if requested != "torch" and resolve_device("auto").type == "cpu" and openvino_version():
         in_use = "openvino" if requested == "openvino" or DEFAULT_MODEL in AUTO_MODELS else "torch"
     return {"requested": requested, "in_use": in_use, "available": available_backends(),
-            "openvino": openvino_version(), "cache_dir": str(cache_dir())}
+            "openvino": openvino_version(),
+            "precision": resolve_precision(default_precision()) if in_use == "openvino" else "f32",
+            "cache_dir": str(cache_dir())}
 
 
 # ---------------------------------------------------------------------------- public entry point
-def accelerate(model: PromptableModel, backend: str = "auto") -> PromptableModel:
+def accelerate(model: PromptableModel, backend: str = "auto", precision: str | None = None) -> PromptableModel:
     """Attach a faster inference backend to ``model`` in place and return it.
 
     Never fails for runtime reasons: when the backend is not installed, the model is not on the
@@ -136,14 +182,18 @@ def accelerate(model: PromptableModel, backend: str = "auto") -> PromptableModel
         model: A loaded model in eval mode.
         backend: ``auto`` (OpenVINO for the benchmarked models on a CPU when installed, else
             PyTorch), ``torch`` (plain PyTorch), or ``openvino`` (try it for any model).
+        precision: OpenVINO's compute precision, see :func:`resolve_precision` (None:
+            ``$MEDFMSEGMENT_PRECISION``, else ``auto``). Ignored by PyTorch.
 
     Returns:
-        The same model; ``model.backend`` tells which backend is active.
+        The same model; ``model.backend`` tells which backend is active and
+        ``model.accelerator.precision`` in which precision.
 
     Raises:
-        InputError: unknown backend name.
+        InputError: unknown backend or precision name.
     """
     chosen = resolve_backend(backend, model)
+    compute_precision = resolve_precision(precision)
     model.accelerator = None
     if chosen == "torch":
         if backend == "openvino":
@@ -151,7 +201,7 @@ def accelerate(model: PromptableModel, backend: str = "auto") -> PromptableModel
             log.warning("backend openvino not used: %s; running plain PyTorch", reason)
         return model
     try:
-        model.accelerator = OpenVINOAccelerator.build(model)
+        model.accelerator = OpenVINOAccelerator.build(model, compute_precision)
     except Exception as exc:  # noqa: BLE001 - any conversion problem means: stay on PyTorch
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         log.warning("OpenVINO acceleration failed (%s: %s); running plain PyTorch", type(exc).__name__, message)
@@ -280,6 +330,29 @@ def _check_close(name: str, got: np.ndarray, expected: torch.Tensor, rel: float 
     return error
 
 
+def _check_relative(name: str, got: np.ndarray, expected: np.ndarray, limit: float) -> float:
+    """Relative L2 error ``|got - expected| / |expected|``; raises when above ``limit`` or not finite."""
+    error = float(np.linalg.norm((got - expected).ravel()) / max(float(np.linalg.norm(expected.ravel())), 1e-12))
+    if not np.isfinite(error) or error > limit:
+        raise RuntimeError(f"{name} differs from f32 by a relative error of {error:.3g} (limit {limit:.3g})")
+    return error
+
+
+def _cache_folder(part: str, model: PromptableModel, digest: str) -> Path:
+    key = f"{model.spec.name}-{part}-{digest[:24]}-ov{openvino_version()}-pt{torch.__version__}-v{_CONVERSION_VERSION}"
+    return cache_dir() / "openvino" / "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
+
+
+def _precision_check_file(part: str, model: PromptableModel, digest: str, precision: str) -> Path:
+    """Marker that ``precision`` passed its check for these weights on this CPU model."""
+    try:
+        cpu = _get_core().get_property("CPU", "FULL_DEVICE_NAME")
+    except Exception:  # noqa: BLE001
+        cpu = "unknown"
+    cpu_key = hashlib.sha256(f"{cpu}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
+    return _cache_folder(part, model, digest) / f"check-{precision}-{cpu_key}.json"
+
+
 def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
                      digest: str):
     """OpenVINO model of ``module`` from the disk cache, or converted, validated and cached.
@@ -288,9 +361,7 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
     """
 
     core = _get_core()
-    key = f"{model.spec.name}-{part}-{digest[:24]}-ov{openvino_version()}-pt{torch.__version__}-v{_CONVERSION_VERSION}"
-    key = "".join(c if c.isalnum() or c in "-._" else "_" for c in key)
-    folder = cache_dir() / "openvino" / key
+    folder = _cache_folder(part, model, digest)
     xml = folder / "model.xml"
     if xml.is_file() and (folder / "model.bin").is_file() and (folder / "meta.json").is_file():
         try:
@@ -320,6 +391,18 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
     return converted
 
 
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _save_atomically(converted, folder: Path, meta: dict) -> None:
     """Write model.xml/.bin + meta.json into a temporary folder beside ``folder``, then rename it."""
     import openvino as ov
@@ -339,23 +422,51 @@ def _save_atomically(converted, folder: Path, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compile_config() -> dict:
-    # f32 explicitly: on CPUs with AMX/AVX-512-BF16 OpenVINO would otherwise pick bf16 and change
-    # the masks; LATENCY + torch's thread count: one request at a time, as the predictor uses it.
+def _compile_config(precision: str = "f32") -> dict:
+    # The precision always explicit: on CPUs with AMX/AVX-512-BF16 OpenVINO would otherwise pick
+    # bf16 on its own. LATENCY + torch's thread count: one request at a time, as the predictor uses it.
     return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
-            "INFERENCE_PRECISION_HINT": "f32"}
+            "INFERENCE_PRECISION_HINT": precision}
 
 
-def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs]) -> Any:
-    """Compiled model for one part, shared by every model with the same weights in this process."""
+def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
+              precision: str = "f32") -> Any:
+    """Compiled model for one part, shared by every model with the same weights in this process.
+
+    The converted graph (and its disk cache) does not depend on the precision; the compiled one
+    does. A bf16 compilation is checked once per process against the f32 one (itself checked
+    against PyTorch at conversion) on ``example_fn``'s input, so a CPU whose bf16 kernels go wrong
+    falls back to PyTorch instead of giving bad masks.
+    """
     digest = weights_digest(module)
-    key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()))
+    key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), precision)
     with _process_lock:
         compiled = _process_cache.get(key)
-        if compiled is None:
+        if compiled is not None:
+            return compiled
+    if precision != "f32":
+        marker = _precision_check_file(part, model, digest, precision)
+        reference_model = None if marker.is_file() else _compiled(part, model, module, example_fn, "f32")
+        with _process_lock:
             converted = _load_or_convert(part, model, module, example_fn, digest)
-            compiled = _get_core().compile_model(converted, "CPU", _compile_config())
+            compiled = _get_core().compile_model(converted, "CPU", _compile_config(precision))
+            if reference_model is not None:  # first use of this precision on this CPU model
+                inputs = {i: t.numpy() for i, t in enumerate(example_fn())}
+                expected = reference_model.create_infer_request().infer(inputs)
+                got = compiled.create_infer_request().infer(inputs)
+                errors = [_check_relative(f"{part} output {i} ({precision})", np.asarray(got[i]),
+                                          np.asarray(expected[i]), _BF16_MAX_RELATIVE_ERROR)
+                          for i in range(len(reference_model.outputs))]
+                try:
+                    _write_atomically(marker, json.dumps({"precision": precision, "relative_error_vs_f32": errors}))
+                except OSError as exc:
+                    log.warning("cannot write %s (%s)", marker, exc)
             _process_cache[key] = compiled
+        return compiled
+    with _process_lock:
+        converted = _load_or_convert(part, model, module, example_fn, digest)
+        compiled = _get_core().compile_model(converted, "CPU", _compile_config(precision))
+        _process_cache[key] = compiled
     return compiled
 
 
@@ -368,7 +479,8 @@ class OpenVINOAccelerator:
 
     name = "openvino"
 
-    def __init__(self, model: PromptableModel, encoder, decoder) -> None:
+    def __init__(self, model: PromptableModel, encoder, decoder, precision: str = "f32") -> None:
+        self.precision = precision
         # Per part: training only the decoder (frozen-encoder fine-tuning) keeps the encoder graph valid.
         self._fingerprints = {"encoder": _encoder_fingerprint(model), "decoder": _decoder_fingerprint(model)}
         self._fingerprint_of = {"encoder": _encoder_fingerprint, "decoder": _decoder_fingerprint}
@@ -385,22 +497,25 @@ class OpenVINOAccelerator:
         self._embedding_shape = tuple(decoder.input(0).get_shape())
 
     @classmethod
-    def build(cls, model: PromptableModel) -> "OpenVINOAccelerator":
-        """Convert (or load from the caches) and compile both parts of ``model``."""
+    def build(cls, model: PromptableModel, precision: str = "f32") -> "OpenVINOAccelerator":
+        """Convert (or load from the caches) and compile both parts of ``model`` in ``precision``
+        (``f32`` or ``bf16``)."""
         if _encoder_fingerprint(model) is None or _decoder_fingerprint(model) is None:
             raise RuntimeError("the model's weights are inference tensors; load it outside inference_mode")
         size = model.image_size
         images = _example_images(size)
-        encoder = _compiled("encoder", model, ImageEncoder(model).eval(), lambda: (images,))
+        encoder_module = ImageEncoder(model).eval()
+        encoder = _compiled("encoder", model, encoder_module, lambda: (images,), precision)
 
         def decoder_example() -> Inputs:
-            # A real embedding (of the example image) so the check sees realistic logits.
-            embedding = encoder.create_infer_request().infer({0: images.numpy()})[0]
+            # A real float32 embedding (of the example image) so the check sees realistic logits.
+            reference_encoder = _compiled("encoder", model, encoder_module, lambda: (images,))
+            embedding = reference_encoder.create_infer_request().infer({0: images.numpy()})[0]
             box = torch.tensor([[0.15 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
             return torch.from_numpy(np.array(embedding, copy=True)), box
 
-        decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example)
-        return cls(model, encoder, decoder)
+        decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example, precision)
+        return cls(model, encoder, decoder, precision)
 
     def release(self, part: str) -> None:
         """Leave ``part`` (``"encoder"`` or ``"decoder"``) to PyTorch from now on, e.g. because it is

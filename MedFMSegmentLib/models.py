@@ -146,8 +146,9 @@ class PromptableModel(nn.Module):
         """Image embeddings on a CUDA device from a float16, channels-last copy of the image encoder.
 
         On an H200 this ran 640 slices/s against 475 under autocast (batch 64,
-        ``bench/results/gpu_h200.json``); through the session its box-prompt Dice changed by
-        -0.0003 against float32 (``gpu_h200_s4_run1.json``). The copy
+        ``bench/results/gpu_h200.json``), 822 with fused window attention (the default;
+        ``MEDFMSEGMENT_FUSED_ENCODER=0`` turns it off); through the session its box-prompt Dice
+        changed by -0.0003 against float32 either way (``gpu_h200_s5.json``). The copy
         is rebuilt whenever an encoder weight changes (tensor version counters), so fine-tuning
         or loading an adapter never leaves it stale. Off CUDA this is :meth:`encode`.
         """
@@ -159,6 +160,13 @@ class PromptableModel(nn.Module):
             import copy
 
             half = copy.deepcopy(self.image_encoder).half().eval().to(memory_format=torch.channels_last)
+            if os.environ.get("MEDFMSEGMENT_FUSED_ENCODER", "1") != "0":
+                from .fast_encoder import fuse_attention
+
+                # +30 % slices/s on an H200 (batch 64: 822 against 632), same embedding error;
+                # folding BatchNorm as well was slower there (755), so it is not done here
+                # (bench/bench_encoder_gpu.py, bench/results/encoder_gpu_h200.json).
+                fuse_attention(half)
             for parameter in half.parameters():
                 parameter.requires_grad_(False)
             # Kept in a tuple, so not a registered submodule: not in state_dict() or parameters().
@@ -226,7 +234,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-               device: str | torch.device = "auto", backend: str | None = None) -> PromptableModel:
+               device: str | torch.device = "auto", backend: str | None = None,
+               precision: str | None = None) -> PromptableModel:
     """Build a registered model with its weights, in eval mode, on a device.
 
     Args:
@@ -238,15 +247,20 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
             (OpenVINO on a CPU for LiteMedSAM when installed, else PyTorch), ``torch`` or
             ``openvino``. None means ``$MEDFMSEGMENT_BACKEND``, else ``auto``. Falls back to
             PyTorch with a logged warning when the faster backend cannot be used.
+        precision: OpenVINO's compute precision, ``auto`` (bf16 on CPUs that compute it
+            natively, else f32), ``f32`` or ``bf16``; see
+            :func:`MedFMSegmentLib.acceleration.resolve_precision`. None means
+            ``$MEDFMSEGMENT_PRECISION``, else ``auto``.
 
     Raises:
-        InputError: unknown name, backend, missing checkpoint, weights that do not fit.
+        InputError: unknown name, backend, precision, missing checkpoint, weights that do not fit.
     """
-    from .acceleration import BACKENDS, accelerate, default_backend
+    from .acceleration import BACKENDS, accelerate, default_backend, resolve_precision
 
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    resolve_precision(precision)  # an unknown name fails before the weights are read
     if name not in MODEL_SPECS:
         raise InputError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[name]
@@ -273,7 +287,7 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
                          f"{len(missing)} weights missing (e.g. {missing[0]})")
     model = PromptableModel(spec, network.image_encoder, network.prompt_encoder, network.mask_decoder,
                             weights_sha256=file_sha256(checkpoint))
-    return accelerate(model.to(torch_device).eval(), backend)
+    return accelerate(model.to(torch_device).eval(), backend, precision)
 
 
 def _read_state_dict(path: Path) -> dict:

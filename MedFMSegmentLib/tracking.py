@@ -73,7 +73,13 @@ def _ncc_convolution(before: torch.Tensor, after: torch.Tensor, r0: int, c0: int
     # window sum and the window sum of squares (dilation = the patch's subsampling stride).
     channels = torch.stack([region, region, region * region])[None]
     kernels = torch.stack([patch, torch.ones_like(patch), torch.ones_like(patch)])[:, None]
-    out = F.conv2d(channels, kernels, dilation=stride, groups=3)[0]
+    cudnn = torch.backends.cudnn
+    # Never autotuned: the patch and search sizes change from slice to slice, and with
+    # cudnn.benchmark on (common in user code and in our GPU benchmark) each new shape would
+    # trigger a fresh algorithm search costing far more than the convolution itself.
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic,
+                     allow_tf32=cudnn.allow_tf32):
+        out = F.conv2d(channels, kernels, dilation=stride, groups=3)[0]
     out = out[:, : bottom - top - height + 1, : right - left - width + 1]
     return _best_shift(out[0], out[1], out[2], patch, r0, c0, top, left)
 

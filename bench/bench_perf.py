@@ -15,13 +15,14 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
 On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so both columns show the
 same engine there.
 
-Usage: python bench/bench_perf.py [--device cpu] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
+Usage: python bench/bench_perf.py [--device cpu] [--precision auto] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--backend", default="auto", help="backend of the accelerated model (default auto)")
+    parser.add_argument("--precision", default=None,
+                        help="OpenVINO precision of the accelerated model: auto, f32 or bf16 "
+                             "(default: $MEDFMSEGMENT_PRECISION, else auto)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hc18", type=int, default=10, help="HC18 images for the Dice comparison")
     parser.add_argument("--hippocampus", type=int, default=3, help="hippocampus slices for the Dice comparison")
@@ -182,6 +186,8 @@ def main() -> None:
     args = parser.parse_args()
     if not DATA_DIR.is_dir():
         sys.exit(f"data folder {DATA_DIR} not found")
+    if args.precision:  # through the environment so the RSS child process gets it too
+        os.environ["MEDFMSEGMENT_PRECISION"] = args.precision
     if args.rss_child:
         rss_child(args.device, args.backend, args.threads)
         return
@@ -192,7 +198,8 @@ def main() -> None:
     with Timer() as t_fast:
         fast = load_model("litemedsam", device=args.device, backend=args.backend)
     result = {"benchmark": "perf", "machine": machine(), "device": str(plain.device), "model": "litemedsam",
-              "backend_plain": plain.backend, "backend_accelerated": fast.backend, "repeats": args.repeats,
+              "backend_plain": plain.backend, "backend_accelerated": fast.backend,
+              "precision_accelerated": getattr(fast.accelerator, "precision", "f32"), "repeats": args.repeats,
               "load_s_plain": t_plain.seconds, "load_s_accelerated": t_fast.seconds}
     if plain.device.type == "cuda":
         result["note"] = "on CUDA the auto backend is plain PyTorch float32: both columns are the same engine"

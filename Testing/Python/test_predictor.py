@@ -9,7 +9,8 @@ from conftest import dice, ellipsoid_mask
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings, SegmentationSession, choose_axis
+from MedFMSegmentLib.predictor import (EmbeddingCache, PredictorSettings, SegmentationSession, choose_axis,
+                                       cuda_batch_bucket)
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
 
@@ -308,3 +309,13 @@ def test_consensus_beats_propagation_on_a_real_hippocampus(litemedsam, data_dir)
                                     settings=PredictorSettings(box3d_strategy="consensus")).segment(prompts)
     assert dice(consensus, truth) > dice(propagated, truth) + 0.05
     assert dice(consensus, truth) > 0.72
+
+
+def test_cuda_batch_bucket_bounds_the_shapes():
+    sizes = {cuda_batch_bucket(n, 16) for n in range(1, 17)}
+    assert sizes == {1, 2, 4, 8, 16}  # five encoder shapes at most for any chunk
+    assert [cuda_batch_bucket(n, 16) for n in (1, 3, 5, 9, 16)] == [1, 4, 8, 16, 16]
+    assert all(n <= cuda_batch_bucket(n, 16) < 2 * n for n in range(1, 17))
+    assert cuda_batch_bucket(12, 10) == 12  # a limit below the count never drops slices
+    with pytest.raises(ValueError):
+        cuda_batch_bucket(0, 16)
