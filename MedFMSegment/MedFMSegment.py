@@ -4,6 +4,7 @@ The module imports without torch or any optional package: the library (``MedFMSe
 imported lazily inside methods, and dependencies are installed only when the user asks.
 """
 
+import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -82,6 +83,7 @@ class MedFMSegmentParameterNode:
     segmentation - segmentation the AI writes into.
     roiNode, positivePoints, negativePoints - prompts.
     axis - slicing orientation.
+    box3dStrategy - how a 3D box is segmented: propagate or consensus.
     device - auto, cpu, cuda or mps.
     modelName - registry name of the model.
     adapterPath - adapter folder (written by adaptation, used by batch).
@@ -94,6 +96,7 @@ class MedFMSegmentParameterNode:
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
+    box3dStrategy: Annotated[str, Choice(["propagate", "consensus"])] = "propagate"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     modelName: Annotated[str, Choice(["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     adapterPath: Path
@@ -142,12 +145,40 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.negativePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.ui.negativePlaceWidget.setCurrentNode)
         self.ui.adapterPathLineEdit.connect("currentPathChanged(QString)", self.updateAdapterList)
 
+        # Embed the slice the user looks at before the first prompt (see MedFMSegmentLib.background).
+        # Debounced: scrolling fires many events; only where the view rests is worth embedding.
+        self._focusSliceNode = None
+        self._focusTimer = qt.QTimer()
+        self._focusTimer.setSingleShot(True)
+        self._focusTimer.setInterval(150)
+        self._focusTimer.connect("timeout()", self.onFocusTimeout)
+        layoutManager = slicer.app.layoutManager()
+        for viewName in (layoutManager.sliceViewNames() if layoutManager else []):
+            sliceNode = layoutManager.sliceWidget(viewName).mrmlSliceNode()
+            self.addObserver(sliceNode, vtk.vtkCommand.ModifiedEvent, self.onSliceViewModified)
+
         self.updateDependencyStatus()
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self._focusTimer.stop()
         self.onCancelProcess()
+        self.logic.stopBackgroundEmbedding()
+
+    def onSliceViewModified(self, caller, event) -> None:
+        self._focusSliceNode = caller
+        self._focusTimer.start()
+
+    def onFocusTimeout(self) -> None:
+        p = self._parameterNode
+        if not p or not p.inputVolume or self._focusSliceNode is None or missing_dependencies():
+            return
+        sliceToRAS = slicer.util.arrayFromVTKMatrix(self._focusSliceNode.GetSliceToRAS())
+        try:
+            self.logic.focusSliceView(p.inputVolume, sliceToRAS, p.axis)
+        except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation, never an error dialog
+            logging.debug(f"background embedding not started: {exc}")
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -237,7 +268,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.configure(model_name=p.modelName, device=p.device)
             segment_id = self.logic.segment(p.inputVolume, p.segmentation, roi_node=p.roiNode,
                                             positive_node=p.positivePoints, negative_node=p.negativePoints,
-                                            axis=p.axis, propagate=propagate)
+                                            axis=p.axis, propagate=propagate, box3d_strategy=p.box3dStrategy)
             self.ui.statusLabel.text = _("Segmented into {segment}.").format(segment=segment_id)
             self.ui.deviceLabel.text = _("Device: {device}").format(device=self.logic.device_description())
         self.onParameterNodeModified()
@@ -421,6 +452,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.model = None
         self._model_key = None
         self._sessions = {}
+        self._embedders = {}
         self._undoStack = None
 
     @property
@@ -444,6 +476,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         """Use an already loaded :class:`~MedFMSegmentLib.models.PromptableModel` (tests, scripting)."""
         self.model = model
         self._model_key = (self.model_name, self.checkpoint, self.device)
+        self.stopBackgroundEmbedding()
         self._sessions.clear()
 
     def load_model(self):
@@ -453,6 +486,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
             self.model = load_model(self.model_name, self.checkpoint, self.device)
             self._model_key = key
+            self.stopBackgroundEmbedding()
             self._sessions.clear()
         return self.model
 
@@ -472,8 +506,45 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             session.set_axis(axis)
         return session
 
+    def focusSliceView(self, volume_node, slice_to_ras, axis: str = "auto", radius: int = 2):
+        """Embed, in a background thread, the slice of ``volume_node`` that a slice view shows
+        (``slice_to_ras``: its 4x4 SliceToRAS) and ``radius`` neighbours on each side.
+
+        Does nothing (returns None) before a model is loaded, so that looking at slices never
+        starts a model load on the UI thread, and for views oblique to the voxel grid.
+
+        Returns:
+            ``(voxel_axis, index)`` of the focused slice, or None.
+        """
+        from MedFMSegmentLib.background import BackgroundEmbedder
+        from MedFMSegmentLib.slicer_bridge import slice_view_voxel_slice
+
+        if self.model is None or volume_node is None or volume_node.GetImageData() is None:
+            return None
+        target = slice_view_voxel_slice(volume_node, slice_to_ras)
+        if target is None:
+            return None
+        session = self.session_for(volume_node, axis)
+        embedder = self._embedders.get(volume_node.GetID())
+        if embedder is None or embedder.session is not session:
+            if embedder is not None:
+                embedder.stop(timeout=0)
+            embedder = self._embedders[volume_node.GetID()] = BackgroundEmbedder(session, radius=radius)
+        embedder.focus(*target)
+        return target
+
+    def backgroundEmbedder(self, volume_node):
+        """The background embedder of a volume (None when none was started)."""
+        return self._embedders.get(volume_node.GetID()) if volume_node is not None else None
+
+    def stopBackgroundEmbedding(self) -> None:
+        for embedder in self._embedders.values():
+            embedder.stop(timeout=0)
+        self._embedders.clear()
+
     def clear(self) -> None:
         """Forget sessions and undo history (scene closed)."""
+        self.stopBackgroundEmbedding()
         self._sessions.clear()
         if self._undoStack is not None:
             self._undoStack.clear()
@@ -495,7 +566,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node, segmentation_node, roi_node=None, positive_node=None, negative_node=None,
-                axis: str = "auto", propagate=None, segment_id=None) -> str:
+                axis: str = "auto", propagate=None, segment_id=None, box3d_strategy: str = "propagate") -> str:
         """Segment from markups prompts and write the result into one segment.
 
         Args:
@@ -506,6 +577,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             axis: ``auto`` (from the prompts, see ``choose_axis``), ``axial``, ``coronal`` or ``sagittal``.
             propagate: Force 3D propagation on or off; None decides from the box.
             segment_id: Segment to replace; None replaces the segment the last call wrote, or creates one.
+            box3d_strategy: ``propagate`` or ``consensus`` (see ``PredictorSettings.box3d_strategy``).
 
         Returns:
             The segment id written.
@@ -514,6 +586,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
         prompts = markups_to_prompts(volume_node, roi_node, positive_node, negative_node)
         session = self.session_for(volume_node, axis)
+        session.settings = dataclasses.replace(session.settings, box3d_strategy=box3d_strategy)  # validates it
         mask = session.segment(prompts, propagate=propagate)
         if segment_id is None:
             segment_id = self._last_segment_id(segmentation_node)
@@ -712,4 +785,18 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
 
         logic.undo()
         self.assertIsNone(segmentation.GetSegmentation().GetSegment(segment_id))
+
+        # The Red view resting on slice 7 gets slices 5..9 embedded in the background.
+        if hasattr(slicer, "app"):
+            redNode = slicer.app.layoutManager().sliceWidget("Red").mrmlSliceNode()
+        else:  # slicer-core (the pytest run of this self-test): a slice node without a view
+            redNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSliceNode")
+        redNode.SetOrientationToAxial()
+        redNode.JumpSliceByCentering(*ijk_to_ras.MultiplyPoint([48, 44, 7, 1])[:3])
+        target = logic.focusSliceView(volume, slicer.util.arrayFromVTKMatrix(redNode.GetSliceToRAS()))
+        self.assertEqual(target, (2, 7))
+        self.assertTrue(logic.backgroundEmbedder(volume).wait_idle(timeout=120))
+        session = logic.session_for(volume)
+        self.assertTrue(all(session.is_embedded(k) for k in range(5, 10)))
+        logic.clear()
         self.delayDisplay("Test passed")

@@ -75,6 +75,7 @@ class BatchSettings:
     output_format: str = "nii.gz"
     resume: bool = False
     axis: str = "auto"
+    box3d_strategy: str = "propagate"
     prompts: dict[str, Prompts | list[str]] = field(default_factory=dict)
 
 
@@ -223,7 +224,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     Args:
         inputs: Files and folders.
         output_dir: Created when missing.
-        settings: Adapter, prompts, format, device, resume.
+        settings: Adapter, prompts, format, device, resume, slicing axis, 3D-box strategy.
         progress: Called as ``progress(done, total, result)`` after each case.
         cancel: Set it to stop after the current case (raises :class:`CancelledError`).
         model: An already loaded model to reuse (the Slicer module passes its own).
@@ -233,7 +234,9 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     """
     from .api import load_segmenter, segment_image
     from .io import write_label
+    from .predictor import PredictorSettings
 
+    predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
     if settings.output_format not in OUTPUT_FORMATS:
         raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
     output_dir = Path(output_dir)
@@ -270,7 +273,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
                     if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
                         raise InputError("no prompts for this case and no automatic adapter")
                     mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
-                                         cancel=cancel)
+                                         settings=predictor_settings, cancel=cancel)
                     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
                     write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
                     result.foreground_voxels = int(mask.sum())
@@ -317,11 +320,12 @@ def register_cli(commands) -> None:
     parser.add_argument("--format", default="nii.gz", choices=OUTPUT_FORMATS, help="output format")
     parser.add_argument("--resume", action="store_true", help="skip cases whose output exists and is valid")
     parser.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
+    from .cli import add_backend_option, add_box3d_strategy_option
+
+    add_box3d_strategy_option(parser)
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint")
     parser.add_argument("--device", default="auto")
-    from .cli import add_backend_option
-
     add_backend_option(parser)
     parser.set_defaults(handler=_cmd_batch)
 
@@ -329,7 +333,7 @@ def register_cli(commands) -> None:
 def _cmd_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
                              device=args.device, backend=args.backend, output_format=args.format, resume=args.resume, axis=args.axis,
-                             prompts=load_prompts_file(args.prompts) if args.prompts else {})
+                             box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
 
     def report(done: int, total: int, result: CaseResult) -> None:
         detail = result.error if result.status == "failed" else f"{result.foreground_voxels} voxels"

@@ -30,6 +30,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     add_backend_option(parser)
 
 
+def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
+    """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
+    parser.add_argument("--box3d-strategy", default="propagate", choices=["propagate", "consensus"],
+                        help="a 3D box: propagate slice by slice across its shortest side (default), or combine "
+                             "three axes (consensus: more accurate on the benchmark hippocampi, ~4x the encoder "
+                             "work; with --axis auto only)")
+
+
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
     """``--backend``: the inference engine (see :mod:`MedFMSegmentLib.acceleration`)."""
     parser.add_argument("--backend", default=None, choices=["auto", "torch", "openvino"],
@@ -70,9 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "shortest side, else axial")
     seg.add_argument("--propagate", action="store_true",
                      help="with a one-slice prompt, propagate through the volume until the structure ends")
-    seg.add_argument("--box3d-strategy", default="propagate", choices=["propagate", "consensus"],
-                     help="a 3D box: propagate slice by slice across its shortest side (default), or combine "
-                          "three axes (consensus: more accurate on the benchmark hippocampi, ~4x the encoder work)")
+    add_box3d_strategy_option(seg)
     seg.add_argument("--adapter", help="adapter folder from 'medfmsegment finetune'")
     seg.add_argument("--keep-components", default=None,
                      help="automatic mode post-processing: 'largest' or 'all' (default: adapter's setting)")

@@ -164,6 +164,41 @@ class VolumeGeometry:
         return ""
 
 
+def plane_to_voxel_slice(ijk_to_world: np.ndarray, size: Sequence[int], plane_to_world: np.ndarray,
+                         max_tilt_degrees: float = 10.0) -> tuple[int, int] | None:
+    """The voxel slice ``(voxel_axis, index)`` that a viewed plane shows, or None.
+
+    Args:
+        ijk_to_world: 4x4 voxel-index-to-world matrix of the volume (Slicer's IJKToRAS with any
+            parent transform applied; any world frame works if both matrices use it).
+        size: ``(I, J, K)`` voxel counts.
+        plane_to_world: 4x4 matrix of the plane (Slicer's ``SliceToRAS``): column 2 is its
+            normal, column 3 a point on it (the view's centre).
+        max_tilt_degrees: A plane tilted further than this from every voxel plane shows no single
+            voxel slice (None).
+
+    Returns:
+        The voxel axis the plane is normal to and the nearest slice index there, or None when the
+        plane is oblique to the grid or its centre lies outside the volume along that axis.
+    """
+    ijk_to_world = np.asarray(ijk_to_world, dtype=float)
+    plane_to_world = np.asarray(plane_to_world, dtype=float)
+    normal = plane_to_world[:3, 2] / np.linalg.norm(plane_to_world[:3, 2])
+    # A voxel plane's normal is along the inverse-transpose of the grid matrix, not the axis itself
+    # (they differ on sheared grids); normalised rows of the inverse give those normals.
+    world_to_ijk = np.linalg.inv(ijk_to_world)
+    plane_normals = world_to_ijk[:3, :3] / np.linalg.norm(world_to_ijk[:3, :3], axis=1, keepdims=True)
+    cosines = np.abs(plane_normals @ normal)
+    voxel_axis = int(np.argmax(cosines))
+    if cosines[voxel_axis] < np.cos(np.radians(max_tilt_degrees)):
+        return None
+    centre = world_to_ijk @ np.append(plane_to_world[:3, 3], 1.0)
+    index = int(np.floor(centre[voxel_axis] + 0.5))
+    if not 0 <= index < int(size[voxel_axis]):
+        return None
+    return voxel_axis, index
+
+
 def ras_lps_flip_4x4() -> np.ndarray:
     """4x4 homogeneous form of :data:`LPS_RAS_FLIP`."""
     matrix = np.eye(4)

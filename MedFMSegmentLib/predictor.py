@@ -205,6 +205,11 @@ class SegmentationSession:
             self._volume = apply_intensity_window(raw, low, high)
             self.device_volume = torch.from_numpy(self._volume)  # the same memory
         self._decoder_steps: dict[int, DecoderStep] = {}
+        self._transforms: dict[int, SliceTransform] = {}
+        # Slices being embedded right now, by cache key: another thread asking for one of them
+        # waits for that result instead of computing it again (see embedding_along).
+        self._inflight: dict[tuple, threading.Event] = {}
+        self._inflight_lock = threading.Lock()
         self.cache = EmbeddingCache(self.settings.cache_bytes_for(model.device))
         self.voxel_axis = 2
         self.auto_axis = False
@@ -229,11 +234,20 @@ class SegmentationSession:
     def _use_voxel_axis(self, voxel_axis: int) -> None:
         """Slice along ``voxel_axis`` (the ``auto`` setting is left as it is)."""
         self.voxel_axis = voxel_axis
-        row_axis, col_axis = in_plane_axes(self.voxel_axis)
-        spacing = self.image.geometry.spacing
-        size = self.image.geometry.size
-        self.transform = SliceTransform.create(size[row_axis], size[col_axis], self.model.image_size,
-                                               (spacing[row_axis], spacing[col_axis]))
+        self.transform = self.transform_for(voxel_axis)
+
+    def transform_for(self, voxel_axis: int) -> SliceTransform:
+        """The slice <-> model-input transform of slices along ``voxel_axis`` (any axis, not only
+        the current one)."""
+        transform = self._transforms.get(voxel_axis)
+        if transform is None:
+            row_axis, col_axis = in_plane_axes(voxel_axis)
+            spacing = self.image.geometry.spacing
+            size = self.image.geometry.size
+            transform = SliceTransform.create(size[row_axis], size[col_axis], self.model.image_size,
+                                              (spacing[row_axis], spacing[col_axis]))
+            self._transforms[voxel_axis] = transform
+        return transform
 
     @property
     def volume(self) -> np.ndarray:
@@ -270,16 +284,58 @@ class SegmentationSession:
         another session whose model shares this one's frozen image encoder."""
         self.cache.put(self._key(index), embedding)
 
-    @torch.inference_mode()
     def embedding(self, index: int) -> torch.Tensor:
-        """``(1, C, 64, 64)`` embedding of one slice, computed on first use."""
-        if not 0 <= index < self.num_slices:
-            raise InputError(f"slice {index} is outside 0..{self.num_slices - 1}")
-        cached = self.cache.get(self._key(index))
-        if cached is not None:
-            return cached
-        self.embed_slices([index])
-        return self.cache.get(self._key(index))
+        """``(1, C, 64, 64)`` embedding of one slice along the current axis, computed on first use."""
+        return self.embedding_along(self.voxel_axis, index)
+
+    @torch.inference_mode()
+    def embedding_along(self, voxel_axis: int, index: int) -> torch.Tensor:
+        """``(1, C, 64, 64)`` embedding of slice ``index`` along ``voxel_axis``, computed on first use.
+
+        Safe to call from several threads (e.g. :class:`~MedFMSegmentLib.background.BackgroundEmbedder`
+        beside the prompts of the UI thread): it never reads or changes the session's current axis,
+        and a slice that another thread is embedding is waited for, not computed twice.
+        """
+        size = self.image.geometry.size[voxel_axis]
+        if not 0 <= index < size:
+            raise InputError(f"slice {index} is outside 0..{size - 1}")
+        key = (voxel_axis, int(index))
+        while True:
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+            with self._inflight_lock:
+                pending = self._inflight.get(key)
+                if pending is None:
+                    done = self._inflight[key] = threading.Event()
+            if pending is not None:
+                pending.wait()
+                continue  # normally cached now; if that thread failed, compute it here
+            try:
+                embedding = self._encode_slices(voxel_axis, [int(index)])[0][None]
+                self.cache.put(key, embedding)
+                return embedding  # even if the cache, at its budget, let it go at once
+            finally:
+                with self._inflight_lock:
+                    del self._inflight[key]
+                done.set()
+
+    def _encode_slices(self, voxel_axis: int, indices: Sequence[int], batch_limit: int | None = None) -> torch.Tensor:
+        """``(len(indices), C, 64, 64)`` float32 embeddings of slices along ``voxel_axis``.
+
+        On CUDA the batch is padded to :func:`cuda_batch_bucket` of ``batch_limit`` (None: the
+        settings' batch size).
+        """
+        transform = self.transform_for(voxel_axis)
+        raw = torch.stack([slice_from_volume(self.device_volume, voxel_axis, i) for i in indices])
+        if self.model.device.type == "cuda":
+            count = len(indices)
+            limit = self.settings.batch_size_for(self.model.device) if batch_limit is None else batch_limit
+            padded = cuda_batch_bucket(count, limit)
+            if padded > count:  # repeat the last slice; its extra embeddings are dropped
+                raw = torch.cat([raw, raw[-1:].expand(padded - count, *raw.shape[1:])])
+            return self.model.encode_half(transform.images_to_input(raw)).float()[:count]
+        return self.model.encode(transform.images_to_input(raw).to(self.model.device))
 
     @torch.inference_mode()
     def embed_slices(self, indices: Sequence[int], batch_size: int = 1,
@@ -291,19 +347,11 @@ class SegmentationSession:
         device, so the decoder sees the same dtype everywhere.
         """
         todo = [int(i) for i in indices if not self.is_embedded(int(i))]
-        device = self.model.device
         for start in range(0, len(todo), batch_size):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("embedding cancelled")
             chunk = todo[start:start + batch_size]
-            raw = torch.stack([self.slice_tensor(i) for i in chunk])
-            if device.type == "cuda":
-                padded = cuda_batch_bucket(len(chunk), batch_size)
-                if padded > len(chunk):  # repeat the last slice; its extra embeddings are dropped
-                    raw = torch.cat([raw, raw[-1:].expand(padded - len(chunk), *raw.shape[1:])])
-                embeddings = self.model.encode_half(self.transform.images_to_input(raw)).float()[:len(chunk)]
-            else:
-                embeddings = self.model.encode(self.transform.images_to_input(raw).to(device))
+            embeddings = self._encode_slices(self.voxel_axis, chunk, batch_size)
             for i, embedding in zip(chunk, embeddings):
                 self.cache.put(self._key(i), embedding[None])
             if progress is not None:

@@ -66,6 +66,15 @@ def volume_ijk_to_world(volume_node) -> np.ndarray:
     return node_to_world_matrix(volume_node) @ _array_from_matrix(matrix)
 
 
+def slice_view_voxel_slice(volume_node, slice_to_ras: np.ndarray) -> tuple[int, int] | None:
+    """``(voxel_axis, index)`` of the volume slice a slice view shows (``SliceToRAS`` as a 4x4
+    array), or None when the view is oblique to the voxel grid or outside the volume."""
+    from .geometry import plane_to_voxel_slice
+
+    size = volume_node.GetImageData().GetDimensions()
+    return plane_to_voxel_slice(volume_ijk_to_world(volume_node), size, np.asarray(slice_to_ras, dtype=float))
+
+
 def volume_geometry(volume_node) -> VolumeGeometry:
     """The volume's grid in world coordinates (its linear parent transform included)."""
     dims = volume_node.GetImageData().GetDimensions()

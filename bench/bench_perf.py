@@ -6,7 +6,8 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
 * encoder ms per slice (256 x 256 input), plain vs accelerated, and their ratio;
 * decoder ms per box prompt with a cached embedding, plain vs accelerated, ratio;
 * first prompt on a new slice (encode + decode + mask post-processing) and later prompts on the
-  same slice, through :class:`SegmentationSession`;
+  same slice, through :class:`SegmentationSession`; and, as the Slicer module works, the time a
+  :class:`BackgroundEmbedder` takes to embed the shown slice and the first prompt after it;
 * Dice against the label of both backends on HC18 images (tight box from the mask) and on
   hippocampus slices, the Dice change, and the Dice between the two backends' masks;
 * peak RSS of a separate process that loads only the accelerated model and segments (what a user
@@ -33,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E402
 
+from MedFMSegmentLib.background import BackgroundEmbedder  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
@@ -121,9 +123,25 @@ def bench_session_latency(plain, fast, case, repeats: int) -> dict:
                 with Timer() as t:
                     session.predict_slice(k, box)
                 later[name].append(t.seconds * 1000)
+    # The viewer's design (MedFMSegmentLib.background): the shown slice is embedded in the background
+    # while the user moves to it. Timed: from focus until the slice is embedded, then the first prompt.
+    background, after = [], []
+    for _ in range(repeats):
+        session = SegmentationSession(fast, image)
+        embedder = BackgroundEmbedder(session, radius=0)
+        with Timer() as t:
+            embedder.focus(session.voxel_axis, k)
+            embedder.wait_idle()
+        background.append(t.seconds * 1000)
+        embedder.stop()
+        with Timer() as t:
+            session.predict_slice(k, (c0, r0, c1, r1))
+        after.append(t.seconds * 1000)
     return {"image": case[0], "image_shape": list(image.array.shape[1:]),
             "first_prompt_ms_plain": _median(first["plain"]), "first_prompt_ms_accelerated": _median(first["fast"]),
-            "later_prompt_ms_plain": _median(later["plain"]), "later_prompt_ms_accelerated": _median(later["fast"])}
+            "later_prompt_ms_plain": _median(later["plain"]), "later_prompt_ms_accelerated": _median(later["fast"]),
+            "background_embedding_ms_accelerated": _median(background),
+            "first_prompt_ms_after_background_embedding": _median(after)}
 
 
 def bench_dice(plain, fast, cases) -> dict:

@@ -83,3 +83,36 @@ def test_same_grid_detects_differences():
     assert not geometry.same_grid(other)
     assert "origin" in geometry.describe_difference(other)
     assert geometry.describe_difference(geometry) == ""
+
+
+def _plane(normal, centre) -> np.ndarray:
+    """A SliceToRAS-like 4x4: any in-plane axes, ``normal`` in column 2, ``centre`` in column 3."""
+    normal = np.asarray(normal, float) / np.linalg.norm(normal)
+    helper = np.array([1.0, 0, 0]) if abs(normal[0]) < 0.9 else np.array([0, 1.0, 0])
+    x = np.cross(helper, normal)
+    x /= np.linalg.norm(x)
+    matrix = np.eye(4)
+    matrix[:3, 0], matrix[:3, 1], matrix[:3, 2], matrix[:3, 3] = x, np.cross(normal, x), normal, centre
+    return matrix
+
+
+@pytest.mark.parametrize("left_handed", [True, False])
+def test_plane_to_voxel_slice_on_an_oblique_anisotropic_grid(left_handed):
+    from MedFMSegmentLib.geometry import plane_to_voxel_slice
+
+    geometry = oblique_geometry(size=(20, 24, 16), spacing=(0.7, 0.9, 2.5), left_handed=left_handed)
+    ijk_to_ras = geometry.ijk_to_ras()
+    inverse = np.linalg.inv(ijk_to_ras)
+    for axis, index in ((2, 6), (0, 13), (1, 0), (1, 23)):
+        normal = inverse[axis, :3]  # the normal of the voxel planes of this axis, in RAS
+        centre_ijk = np.array([9.6, 11.2, 7.4])
+        centre_ijk[axis] = index + 0.3  # off the voxel centre: the nearest slice is still index
+        plane = _plane(normal if axis != 1 else -normal, geometry.index_to_ras(centre_ijk))
+        assert plane_to_voxel_slice(ijk_to_ras, geometry.size, plane) == (axis, index)
+    # Outside the volume along the axis, or tilted 30 degrees from every voxel plane: no slice.
+    outside = np.array([9.0, 11.0, 16.6])
+    assert plane_to_voxel_slice(ijk_to_ras, geometry.size, _plane(inverse[2, :3], geometry.index_to_ras(outside))) is None
+    tilted = inverse[2, :3] / np.linalg.norm(inverse[2, :3]) + np.tan(np.radians(30)) * (
+        inverse[0, :3] / np.linalg.norm(inverse[0, :3]))
+    centre = geometry.index_to_ras(np.array([9.0, 11.0, 7.0]))
+    assert plane_to_voxel_slice(ijk_to_ras, geometry.size, _plane(tilted, centre)) is None

@@ -593,3 +593,63 @@ def test_batch_export_and_result_loading(module_file, monkeypatch, scene, tmp_pa
     for volume, segmentation in zip(volumes, created):
         sid = segmentation.GetSegmentation().GetNthSegmentID(0)
         np.testing.assert_array_equal(bridge.segment_to_mask(segmentation, sid, volume), masks[volume.GetID()])
+
+
+def test_logic_passes_the_3d_box_strategy(scene, module_file):
+    """Plumbing with a tiny random-weight model: the panel's "3D box" choice reaches the session,
+    and the segment written is the library's consensus result, voxel for voxel."""
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+    from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession
+    from MedFMSegmentLib.prompts import Prompts
+
+    geometry = oblique_geometry(size=(40, 36, 24), spacing=(0.8, 0.9, 1.5))
+    image = MedicalImage(ellipsoid_mask(geometry.shape, (12, 18, 20), (6, 9, 12)).astype(np.float32) * 100.0
+                         + random_image(geometry).array * 0.1, geometry)
+    volume = bridge.image_to_volume_node(image, scene, "ellipsoid")
+    box = (9, 10, 7, 31, 26, 17)
+    roi = slice_roi(scene, geometry, box)
+    assert bridge.markups_to_prompts(volume, roi_node=roi).box == box
+    model = tiny_random_model_for_tests()
+    logic = module_file.MedFMSegmentLogic()
+    logic.set_model(model)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "consensus")
+    sid = logic.segment(volume, segmentation, roi_node=roi, box3d_strategy="consensus")
+    session = logic.session_for(volume)
+    assert session.settings.box3d_strategy == "consensus"
+    assert {axis for axis, _ in session.cache.keys()} == {0, 1, 2}  # embedded along all three axes
+    expected = SegmentationSession(model, image, settings=PredictorSettings(box3d_strategy="consensus")).segment(
+        Prompts(box=box))
+    np.testing.assert_array_equal(bridge.segment_to_mask(segmentation, sid, volume), expected)
+    with pytest.raises(InputError, match="3D box strategy"):
+        logic.segment(volume, segmentation, roi_node=roi, box3d_strategy="vote")
+
+
+def test_logic_embeds_the_viewed_slice_in_the_background(scene, module_file):
+    """Plumbing with a tiny random-weight model: a slice view resting on a voxel plane of an
+    oblique, left-handed volume gets that slice and its neighbours embedded, off the UI thread."""
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+
+    geometry = oblique_geometry(size=(30, 28, 18), spacing=(0.8, 0.9, 1.5), left_handed=True)
+    volume = bridge.image_to_volume_node(random_image(geometry), scene, "vol")
+    ijk_to_world = bridge.volume_ijk_to_world(volume)
+    normal = np.linalg.inv(ijk_to_world)[2, :3]
+    slice_to_ras = np.eye(4)
+    helper = np.cross([1.0, 0, 0], normal)
+    slice_to_ras[:3, 0] = helper / np.linalg.norm(helper)
+    slice_to_ras[:3, 2] = normal / np.linalg.norm(normal)
+    slice_to_ras[:3, 1] = np.cross(slice_to_ras[:3, 2], slice_to_ras[:3, 0])
+    slice_to_ras[:3, 3] = (ijk_to_world @ [14.0, 13.0, 9.2, 1.0])[:3]
+
+    logic = module_file.MedFMSegmentLogic()
+    assert logic.focusSliceView(volume, slice_to_ras) is None  # no model loaded yet: nothing starts
+    logic.set_model(tiny_random_model_for_tests())
+    assert logic.focusSliceView(volume, slice_to_ras) == (2, 9)
+    embedder = logic.backgroundEmbedder(volume)
+    assert embedder.wait_idle(timeout=60)
+    session = logic.session_for(volume)
+    assert sorted(session.cache.keys()) == [(2, k) for k in (7, 8, 9, 10, 11)]
+    assert embedder.session is session
+    logic.clear()  # scene closed: the worker is told to stop, without blocking the UI thread
+    assert embedder.stopped and logic.backgroundEmbedder(volume) is None
+    embedder.stop(timeout=10)
+    assert not embedder.running
