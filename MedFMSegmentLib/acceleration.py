@@ -6,10 +6,12 @@ dtypes (torch float32 tensors); only the engine underneath changes. Anything the
 do not cover falls back to PyTorch call by call: clicks, several boxes at once, a mask input,
 gradients, training mode, a GPU, half precision, or weights changed after conversion.
 
-Why OpenVINO: on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) the LiteMedSAM encoder ran 2.5x
-faster than PyTorch float32 and the decoder 1.55x on the idle CPU (2.9x and 2.6x while other jobs
-shared it; ``bench/bench_perf.py``, ``bench/results/perf_cpu_idle.json``), with outputs equal to
-about 1e-5. In one-off trials during development (not a benchmark), ONNX Runtime was slower
+Why OpenVINO: on a 2-core AMD EPYC with AVX2 only, the LiteMedSAM encoder ran 2.5x faster than
+PyTorch float32 and the decoder 1.55x on the idle CPU (``bench/bench_perf.py``,
+``bench/results/perf_cpu_idle.json``), with outputs equal to about 1e-5. On a host with
+AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there) ran the encoder 4.9x and the
+decoder 2.1x faster, with a mean Dice change of +0.0016 on 30 HC18 images and +0.0049 on 10
+hippocampus slices (``perf_cpu_bf16.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
 than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
 less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably.
 
