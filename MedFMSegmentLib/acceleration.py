@@ -436,9 +436,10 @@ def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: 
     """Compiled model for one part, shared by every model with the same weights in this process.
 
     The converted graph (and its disk cache) does not depend on the precision; the compiled one
-    does. A bf16 compilation is checked once per process against the f32 one (itself checked
-    against PyTorch at conversion) on ``example_fn``'s input, so a CPU whose bf16 kernels go wrong
-    falls back to PyTorch instead of giving bad masks.
+    does. The first bf16 compilation on a CPU model is checked against the f32 one (itself
+    checked against PyTorch at conversion) on ``example_fn``'s input, and a marker in the disk
+    cache records the pass, so a CPU whose bf16 kernels go wrong falls back to PyTorch instead of
+    giving bad masks, and later processes skip the check.
     """
     digest = weights_digest(module)
     key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), precision)
