@@ -174,7 +174,8 @@ def describe_backends() -> dict:
 
 
 # ---------------------------------------------------------------------------- public entry point
-def accelerate(model: PromptableModel, backend: str = "auto", precision: str | None = None) -> PromptableModel:
+def accelerate(model: PromptableModel, backend: str = "auto", precision: str | None = None,
+               parts: tuple[str, ...] = ("encoder", "decoder")) -> PromptableModel:
     """Attach a faster inference backend to ``model`` in place and return it.
 
     Never fails for runtime reasons: when the backend is not installed, the model is not on the
@@ -186,6 +187,8 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
             PyTorch), ``torch`` (plain PyTorch), or ``openvino`` (try it for any model).
         precision: OpenVINO's compute precision, see :func:`resolve_precision` (None:
             ``$MEDFMSEGMENT_PRECISION``, else ``auto``). Ignored by PyTorch.
+        parts: What to convert: ``("encoder", "decoder")`` or ``("encoder",)`` (the decoder
+            stays in PyTorch, e.g. a fine-tuned decoder on the base encoder).
 
     Returns:
         The same model; ``model.backend`` tells which backend is active and
@@ -203,7 +206,7 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
             log.warning("backend openvino not used: %s; running plain PyTorch", reason)
         return model
     try:
-        model.accelerator = OpenVINOAccelerator.build(model, compute_precision)
+        model.accelerator = OpenVINOAccelerator.build(model, compute_precision, parts)
     except Exception as exc:  # noqa: BLE001 - any conversion problem means: stay on PyTorch
         message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
         log.warning("OpenVINO acceleration failed (%s: %s); running plain PyTorch", type(exc).__name__, message)
@@ -483,26 +486,28 @@ class OpenVINOAccelerator:
     name = "openvino"
 
     def __init__(self, model: PromptableModel, encoder, decoder, precision: str = "f32") -> None:
+        """``decoder`` may be None: every decode then runs in PyTorch."""
         self.precision = precision
         # Per part: training only the decoder (frozen-encoder fine-tuning) keeps the encoder graph valid.
         self._fingerprints = {"encoder": _encoder_fingerprint(model), "decoder": _decoder_fingerprint(model)}
         self._fingerprint_of = {"encoder": _encoder_fingerprint, "decoder": _decoder_fingerprint}
-        self._stale: set[str] = set()
+        self._stale: set[str] = set() if decoder is not None else {"decoder"}
         self._encoder = encoder
         self._decoder = decoder
         # Infer requests are not thread-safe; one lock each so a prompt need not wait for an
         # embedding being computed in another thread.
         self._encoder_request = encoder.create_infer_request()
-        self._decoder_request = decoder.create_infer_request()
+        self._decoder_request = decoder.create_infer_request() if decoder is not None else None
         self._encoder_lock = threading.Lock()
         self._decoder_lock = threading.Lock()
         self._image_shape = tuple(encoder.input(0).get_shape())
-        self._embedding_shape = tuple(decoder.input(0).get_shape())
+        self._embedding_shape = tuple(decoder.input(0).get_shape()) if decoder is not None else None
 
     @classmethod
-    def build(cls, model: PromptableModel, precision: str = "f32") -> "OpenVINOAccelerator":
-        """Convert (or load from the caches) and compile both parts of ``model`` in ``precision``
-        (``f32`` or ``bf16``)."""
+    def build(cls, model: PromptableModel, precision: str = "f32",
+              parts: tuple[str, ...] = ("encoder", "decoder")) -> "OpenVINOAccelerator":
+        """Convert (or load from the caches) and compile ``parts`` of ``model`` in ``precision``
+        (``f32`` or ``bf16``); the encoder is always one of them."""
         if _encoder_fingerprint(model) is None or _decoder_fingerprint(model) is None:
             raise RuntimeError("the model's weights are inference tensors; load it outside inference_mode")
         size = model.image_size
@@ -517,7 +522,9 @@ class OpenVINOAccelerator:
             box = torch.tensor([[0.15 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
             return torch.from_numpy(np.array(embedding, copy=True)), box
 
-        decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example, precision)
+        decoder = None
+        if "decoder" in parts:
+            decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example, precision)
         return cls(model, encoder, decoder, precision)
 
     def release(self, part: str) -> None:

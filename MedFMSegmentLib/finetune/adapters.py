@@ -113,11 +113,14 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
                        backend: str | None = None):
     """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``.
 
-    ``backend``: ``auto`` (the default) keeps adapted models on PyTorch, because every adapter
-    would need its own conversion (about a minute on 2 cores) and disk cache entry; ``openvino``
-    converts the adapted weights (keyed by their own digest, so never confused with the base).
+    ``backend``: ``auto`` (the default) converts nothing new: an adapter that left the image
+    encoder as it was (a frozen-encoder adapter) runs the encoder on the base model's accelerated
+    graph, already converted and cached, and its own decoder in PyTorch; a LoRA adapter, whose
+    encoder would need its own conversion (about a minute on 2 cores), stays on PyTorch.
+    ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
+    the base).
     """
-    from ..acceleration import BACKENDS, accelerate, default_backend
+    from ..acceleration import BACKENDS, accelerate, default_backend, resolve_backend, weights_digest
 
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
@@ -135,7 +138,13 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
         raise InputError(f"adapter {adapter_dir} was trained on base model {base.get('name')} "
                          f"(SHA-256 {str(base.get('sha256'))[:12]}...) but the loaded model is {model.spec.name} "
                          f"(SHA-256 {model.weights_sha256[:12]}...)")
+    base_encoder = None
+    if backend == "auto" and resolve_backend("auto", model) == "openvino":
+        base_encoder = weights_digest(model.image_encoder)
     apply_adapter(model, adapter_dir, metadata)
     if backend == "openvino":
         accelerate(model, backend)
+    elif base_encoder is not None and weights_digest(model.image_encoder) == base_encoder:
+        # The training embeddings came from this same accelerated encoder (see trainer._load_base).
+        accelerate(model, "auto", parts=("encoder",))
     return model, AdapterInfo.from_metadata(metadata)

@@ -124,6 +124,7 @@ def test_real_litemedsam_adapter_roundtrip(tmp_path):
         assert key in metadata
     assert metadata["training_cases"]["count"] == 2
     reloaded, info = load_adapted_model(folder, device="cpu")
+    assert reloaded.backend == "torch"  # a LoRA encoder would need its own conversion: PyTorch
     # identical outputs: BatchNorm must have stayed frozen during training
     session = SegmentationSession(model, cases[0][0])
     x = session.transform.image_to_input(session.slice_image(session.num_slices // 2))[None]
@@ -139,3 +140,28 @@ def test_real_litemedsam_adapter_roundtrip(tmp_path):
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="SHA-256"):
         load_adapted_model(folder, device="cpu")
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="shared hippocampus data absent")
+def test_real_frozen_encoder_adapter_runs_on_the_base_accelerated_encoder(tmp_path, litemedsam):
+    """A frozen-encoder adapter reloads with the encoder on the base model's converted graph (the
+    one its training embeddings came from) and its own decoder in PyTorch."""
+    cases = [(read_image(DATA / "imagesTr" / f"hippocampus_{n:03d}.nii.gz"),
+              read_label(DATA / "labelsTr" / f"hippocampus_{n:03d}.nii.gz")) for n in (1, 3)]
+    config = FinetuneConfig(steps=2, validate_every=2, max_validation_slices=1, device="cpu", encoder="frozen",
+                            embedding_budget=6)
+    model, metadata = finetune(cases, config)
+    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    reloaded, _ = load_adapted_model(folder, device="cpu")
+    if litemedsam.backend != "openvino":
+        pytest.skip("OpenVINO is not in use on this machine")
+    assert reloaded.backend == "openvino" and reloaded.accelerator.precision == litemedsam.accelerator.precision
+    session = SegmentationSession(reloaded, cases[0][0])
+    x = session.transform.image_to_input(session.slice_image(session.num_slices // 2))[None]
+    box = torch.tensor([[60.0, 70.0, 180.0, 200.0]])
+    with torch.no_grad():
+        embedding = reloaded.encode(x)
+        assert torch.equal(embedding, litemedsam.encode(x))  # the same converted encoder graph
+        # The adapter's decoder runs in PyTorch, as trained: exactly the trained model's output.
+        assert torch.equal(reloaded.decode(embedding, boxes=box)[0], model.decode(embedding, boxes=box)[0])
+        assert not torch.equal(reloaded.decode(embedding, boxes=box)[0], litemedsam.decode(embedding, boxes=box)[0])
