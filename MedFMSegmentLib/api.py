@@ -28,24 +28,27 @@ class SegmentResult:
 
 
 def load_segmenter(model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-                   adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None):
+                   adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
+                   precision: str | None = None):
     """Load a model and, when given, apply a fine-tuned adapter to it.
 
-    ``backend`` is the inference backend (see :func:`MedFMSegmentLib.models.load_model`).
+    ``backend`` and ``precision`` choose the inference engine (see
+    :func:`MedFMSegmentLib.models.load_model`).
 
     Returns:
         ``(model, adapter_info)``; ``adapter_info`` is None without an adapter, else the
         adapter's metadata (intensity settings, label, automatic-mode support).
     """
     if adapter is None:
-        return load_model(model_name, checkpoint, device, backend=backend), None
+        return load_model(model_name, checkpoint, device, backend=backend, precision=precision), None
     try:
         from .finetune.adapters import load_adapted_model
     except ModuleNotFoundError as exc:
         if exc.name and exc.name.startswith("MedFMSegmentLib"):
             raise InputError("adapters need the fine-tuning module, which this installation lacks") from None
         raise
-    return load_adapted_model(adapter, model_name=model_name, checkpoint=checkpoint, device=device, backend=backend)
+    return load_adapted_model(adapter, model_name=model_name, checkpoint=checkpoint, device=device, backend=backend,
+                              precision=precision)
 
 
 def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts, *, axis: str = "auto",
@@ -76,7 +79,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
 def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, prompts: Prompts, *,
                  model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
                  adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
-                 axis: str = "auto",
+                 precision: str | None = None, axis: str = "auto",
                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
                  keep_components: str | None = None, box3d_strategy: str = "propagate") -> SegmentResult:
     """Read an image, segment it and write the label map on the image's exact grid.
@@ -96,7 +99,7 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
     prompts.validate(image.geometry)
     if prompts.is_empty and adapter is None:
         raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
-    model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device, backend)
+    model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device, backend, precision)
     mask = segment_image(model, image, prompts, axis=axis, intensity=intensity, propagate=propagate,
                          adapter_info=adapter_info, keep_components=keep_components, settings=settings)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"

@@ -72,6 +72,7 @@ class BatchSettings:
     checkpoint: str | None = None
     device: str = "auto"
     backend: str | None = None
+    precision: str | None = None
     output_format: str = "nii.gz"
     resume: bool = False
     axis: str = "auto"
@@ -249,7 +250,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
-                                             settings.device, settings.backend)
+                                             settings.device, settings.backend, settings.precision)
     results: list[CaseResult] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(_read_case, cases[0])
@@ -332,7 +333,7 @@ def register_cli(commands) -> None:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     settings = BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
-                             device=args.device, backend=args.backend, output_format=args.format, resume=args.resume, axis=args.axis,
+                             device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
                              box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
 
     def report(done: int, total: int, result: CaseResult) -> None:

@@ -39,10 +39,13 @@ def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
-    """``--backend``: the inference engine (see :mod:`MedFMSegmentLib.acceleration`)."""
+    """``--backend`` and ``--precision``: the inference engine (see :mod:`MedFMSegmentLib.acceleration`)."""
     parser.add_argument("--backend", default=None, choices=["auto", "torch", "openvino"],
                         help="inference backend: auto (OpenVINO on a CPU when installed, else PyTorch; "
                              "default, or $MEDFMSEGMENT_BACKEND), torch or openvino")
+    parser.add_argument("--precision", default=None, choices=["auto", "f32", "bf16"],
+                        help="OpenVINO's precision: auto (bf16 where the CPU computes it natively, else f32; "
+                             "default, or $MEDFMSEGMENT_PRECISION), f32 or bf16")
 
 
 def _add_intensity_options(parser: argparse.ArgumentParser) -> None:
@@ -127,7 +130,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
-                          adapter=args.adapter, device=args.device, backend=args.backend, axis=args.axis,
+                          adapter=args.adapter, device=args.device, backend=args.backend,
+                          precision=args.precision, axis=args.axis,
                           intensity=intensity_from_args(args), propagate=True if args.propagate else None,
                           keep_components=args.keep_components, box3d_strategy=args.box3d_strategy)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "

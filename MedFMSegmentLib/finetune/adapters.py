@@ -110,7 +110,7 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
 
 
 def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto",
-                       backend: str | None = None):
+                       backend: str | None = None, precision: str | None = None):
     """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``.
 
     ``backend``: ``auto`` (the default) converts nothing new: an adapter that left the image
@@ -118,13 +118,15 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
     graph, already converted and cached, and its own decoder in PyTorch; a LoRA adapter, whose
     encoder would need its own conversion (about a minute on 2 cores), stays on PyTorch.
     ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
-    the base).
+    the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.models.load_model`).
     """
-    from ..acceleration import BACKENDS, accelerate, default_backend, resolve_backend, weights_digest
+    from ..acceleration import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
+                                weights_digest)
 
     backend = default_backend() if backend is None else backend
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    resolve_precision(precision)  # an unknown name fails before anything is loaded
     metadata = read_metadata(adapter_dir)
     if model_name == "tiny_random_for_tests":
         from ..models import tiny_random_model_for_tests
@@ -143,8 +145,8 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
         base_encoder = weights_digest(model.image_encoder)
     apply_adapter(model, adapter_dir, metadata)
     if backend == "openvino":
-        accelerate(model, backend)
+        accelerate(model, backend, precision)
     elif base_encoder is not None and weights_digest(model.image_encoder) == base_encoder:
         # The training embeddings came from this same accelerated encoder (see trainer._load_base).
-        accelerate(model, "auto", parts=("encoder",))
+        accelerate(model, "auto", precision, parts=("encoder",))
     return model, AdapterInfo.from_metadata(metadata)

@@ -69,6 +69,26 @@ def test_segment_click_on_2d_png_writes_png(data_dir, tmp_path):
     assert dice(mask > 0, truth > 0) > 0.75
 
 
+def test_precision_option_reaches_the_model(data_dir, tmp_path, capsys):
+    """``--precision f32`` gives exactly the float32 OpenVINO (or PyTorch) mask of the API."""
+    from MedFMSegmentLib.api import segment_file
+    from MedFMSegmentLib.prompts import Prompts
+
+    image = data_dir / "hc18_fetal_head_us" / "images" / "010_HC.png"
+    truth = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "hc18_fetal_head_us" / "masks" / "010_HC_mask.png")))
+    rows, cols = np.nonzero(truth)
+    box = [str(v) for v in (cols.min(), rows.min(), 0, cols.max(), rows.max(), 0)]
+    out = tmp_path / "f32.png"
+    assert main(["segment", str(image), "-o", str(out), "--device", "cpu", "--precision", "f32", "--box", *box]) == 0
+    expected = segment_file(image, tmp_path / "api.png", Prompts(box=tuple(int(v) for v in box)), device="cpu",
+                            precision="f32")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(out))) > 0, expected.mask[0])
+    assert dice(expected.mask[0], truth > 0) > 0.85
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(image), "-o", str(tmp_path / "x.png"), "--precision", "fp8", "--box", *box])
+    assert exit_info.value.code == 2 and not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--box", "0", "0", "0", "200", "10", "5"], "outside the image"),
     (["--box", "10", "0", "0", "5", "10", "5"], "inverted box"),
