@@ -31,5 +31,6 @@ step() {  # step NAME CAP COMMAND...
 step tests 100 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py Testing/Python/test_fast_encoder.py
 step gpu 150 python3 bench/bench_gpu.py --parts accuracy,prompts,propagation,ct --repeats 3 --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
 step gpu_encoder 60 python3 bench/bench_gpu.py --parts encoder --batch-sizes 32,64 --repeats 5 -o "$OUT/gpu_encoder.json"
-step propagation_no_autotune 40 python3 bench/bench_gpu.py --parts propagation --cudnn-benchmark off --repeats 3 -o "$OUT/gpu_propagation_cudnn_off.json"
+step finetune_lora 230 python3 bench/bench_finetune.py --device cuda --encoder lora -o "$OUT/finetune_lora.json"
+step encoder_variants 200 python3 bench/bench_encoder_gpu.py --batch-sizes 32,64,128 --repeats 10 --compile --profile-out "$OUT/profile_encoder.txt" -o "$OUT/encoder_variants.json"
 echo "== done at $(( $(date +%s) - START ))s" | tee -a "$LOG"
