@@ -148,7 +148,8 @@ class PromptableModel(nn.Module):
         On an H200 this ran 640 slices/s against 475 under autocast (batch 64,
         ``bench/results/gpu_h200.json``), 822 with fused window attention (the default;
         ``MEDFMSEGMENT_FUSED_ENCODER=0`` turns it off); through the session its box-prompt Dice
-        changed by -0.0003 against float32 either way (``gpu_h200_s5.json``). The copy
+        changed by -0.0002 against float32 with it and -0.0003 without (``gpu_h200_s5.json``,
+        ``gpu_h200_s5_unfused.json``). The copy
         is rebuilt whenever an encoder weight changes (tensor version counters), so fine-tuning
         or loading an adapter never leaves it stale. Off CUDA this is :meth:`encode`.
         """

@@ -162,10 +162,12 @@ def cuda_batch_bucket(count: int, limit: int) -> int:
     """Batch size to run ``count`` slices at on a GPU: the next power of two, at most ``limit``
     (and never below ``count``).
 
-    Few distinct shapes mean few cuDNN algorithm searches under ``cudnn.benchmark`` (each new
-    batch shape costs a search of every convolution: on an H200 a cold hippocampus 3D box took
-    4.3 s with the benchmark flag on against 2.3 s with it off) at a cost of at most twice the
-    encoder work on the last, partial batch.
+    Few distinct shapes mean few cuDNN algorithm searches under ``cudnn.benchmark`` (a search
+    runs for each new input shape of every convolution), at a cost of at most twice the encoder
+    work on the last, partial batch. On an H200 the first hippocampus 3D box in a process took
+    4.3 s with the benchmark flag on against 2.3 s off before this bucketing, and 3.9 s against
+    2.3 s after it; later runs took 0.085 s either way (``gpu_h200_s5*.json``), so the cost of
+    each search was not measured in isolation.
     """
     if count <= 0:
         raise ValueError("count must be positive")

@@ -76,7 +76,7 @@ def _ncc_convolution(before: torch.Tensor, after: torch.Tensor, r0: int, c0: int
     cudnn = torch.backends.cudnn
     # Never autotuned: the patch and search sizes change from slice to slice, and with
     # cudnn.benchmark on (common in user code and in our GPU benchmark) each new shape would
-    # trigger a fresh algorithm search costing far more than the convolution itself.
+    # trigger a fresh algorithm search for a convolution that is reused at most a few times.
     with cudnn.flags(enabled=cudnn.enabled, benchmark=False, deterministic=cudnn.deterministic,
                      allow_tf32=cudnn.allow_tf32):
         out = F.conv2d(channels, kernels, dilation=stride, groups=3)[0]

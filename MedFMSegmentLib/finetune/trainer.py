@@ -90,11 +90,13 @@ def _load_base(config: FinetuneConfig, mode: str) -> PromptableModel:
         device = torch.device("cpu") if config.device in ("auto", "cpu") else torch.device(config.device)
         return tiny_random_model_for_tests().to(device)
     # Training needs autograd, which only PyTorch gives; a frozen encoder only embeds, so it may
-    # run on the accelerated backend, while the decoder, about to be trained, stays in PyTorch.
-    model = load_model(config.model_name, config.checkpoint, config.device,
-                       backend="torch" if mode == "lora" else None)
-    if model.accelerator is not None:
-        model.accelerator.release("decoder")
+    # run on the accelerated backend, while the decoder, about to be trained, stays in PyTorch
+    # (load_adapted_model later runs a frozen-encoder adapter on this same encoder graph).
+    model = load_model(config.model_name, config.checkpoint, config.device, backend="torch")
+    if mode != "lora":
+        from ..acceleration import accelerate, default_backend
+
+        accelerate(model, default_backend(), parts=("encoder",))
     return model
 
 
