@@ -13,7 +13,9 @@ AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there) ran the encode
 decoder 2.1x faster, with a mean Dice change of +0.0016 on 30 HC18 images and +0.0049 on 10
 hippocampus slices (``perf_cpu_bf16.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
 than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
-less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably.
+less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably. On the
+AVX-512 host with VNNI, INT8 did speed the encoder up (210 vs 287 ms in bf16): it is offered as
+the explicit precision ``int8`` (:mod:`MedFMSegmentLib.quantization`), never chosen by ``auto``.
 
 Conversion costs some seconds, so converted graphs are kept on disk in a user cache folder
 (``~/.cache/medfmsegment``, or ``$MEDFMSEGMENT_CACHE``), keyed by a SHA-256 of the weights that
@@ -53,7 +55,9 @@ BACKENDS = ("auto", "torch", "openvino")
 # natively (AVX-512-BF16 or AMX; OpenVINO's "BF16" capability), else f32: on the 2-core AMD EPYC
 # with AVX-512-BF16 bf16 halved the encoder time and moved mean Dice by less than the issue's
 # 0.005 bound (bench/bench_perf.py, bench/results/perf_cpu_bf16.json).
-PRECISIONS = ("auto", "f32", "bf16")
+# "int8" (explicit only): the encoder quantized to INT8 with NNCF, the rest as "auto"; see
+# MedFMSegmentLib/quantization.py for what it costs in accuracy.
+PRECISIONS = ("auto", "f32", "bf16", "int8")
 CACHE_ENV = "MEDFMSEGMENT_CACHE"
 BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
 PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
@@ -62,6 +66,9 @@ PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
 # by about 6 % and the decoder logits by about 1 %, while bench_perf measured the Dice change
 # within 0.005; a broken kernel gives 100 % or NaN.
 _BF16_MAX_RELATIVE_ERROR = 0.15
+# INT8 moves the embedding more (relative L2 about 0.25-0.3 on real slices in the trials of
+# quantization.py, with Dice within about 0.01 on average); a broken graph gives 1 or NaN.
+_INT8_MAX_RELATIVE_ERROR = 0.5
 # "auto" converts only the models whose speed-up and accuracy were measured (bench/bench_perf.py);
 # the 1024 px SAM models need several GB to convert and were never benchmarked here.
 AUTO_MODELS = frozenset({"litemedsam"})
@@ -113,19 +120,25 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str | None = None) -> str:
-    """``f32`` or ``bf16``: what ``precision`` (None: ``$MEDFMSEGMENT_PRECISION``) means here.
+    """``f32``, ``bf16`` or ``int8``: what ``precision`` (None: ``$MEDFMSEGMENT_PRECISION``) means here.
 
     ``bf16`` asked for on a CPU without native bfloat16 gives ``f32``: OpenVINO would emulate it
     slowly, or ignore it.
 
     Raises:
-        InputError: unknown precision name.
+        InputError: unknown precision name, or ``int8`` without NNCF installed.
     """
     precision = default_precision() if precision is None else precision
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if precision == "f32":
         return "f32"
+    if precision == "int8":
+        from .quantization import nncf_available
+
+        if not nncf_available():
+            raise InputError("precision int8 needs NNCF: pip install nncf")
+        return "int8"
     return "bf16" if cpu_has_native_bf16() else "f32"
 
 
@@ -168,9 +181,16 @@ def describe_backends() -> dict:
     in_use = "torch"
     if requested != "torch" and resolve_device("auto").type == "cpu" and openvino_version():
         in_use = "openvino" if requested == "openvino" or DEFAULT_MODEL in AUTO_MODELS else "torch"
+    from .quantization import nncf_version
+
+    precision = "f32"
+    if in_use == "openvino":
+        try:
+            precision = resolve_precision(default_precision())
+        except InputError as exc:  # info reports the problem instead of failing on it
+            precision = f"unavailable ({exc})"
     return {"requested": requested, "in_use": in_use, "available": available_backends(),
-            "openvino": openvino_version(),
-            "precision": resolve_precision(default_precision()) if in_use == "openvino" else "f32",
+            "openvino": openvino_version(), "nncf": nncf_version(), "precision": precision,
             "cache_dir": str(cache_dir())}
 
 
@@ -217,19 +237,49 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
 
 # ---------------------------------------------------------------------------- OpenVINO
 class BoxDecoder(nn.Module):
-    """Prompt encoder + mask decoder for one box: the graph that is converted for prompts."""
+    """Prompt encoder + mask decoder for one box on one image: the graph converted for prompts.
+
+    Takes the image embedding token-major, ``(1, H*W, C)`` (the layout the decoder's transformer
+    works in), instead of ``(1, C, H, W)``: OpenVINO otherwise transposes the 4 MB embedding twice
+    on every prompt (two generic Transpose kernels, 3.3 ms of 19.4 in a bf16 profile on the 2-core
+    AVX-512-BF16 EPYC). The caller transposes once per slice. The arithmetic is segment-anything's
+    ``MaskDecoder.predict_masks`` and ``TwoWayTransformer.forward`` for that case (the same layers
+    in the same order, outputs equal to PyTorch's to ~1e-5), keeping only the first mask, as
+    ``multimask_output=False`` does.
+    """
 
     def __init__(self, model: PromptableModel) -> None:
         super().__init__()
         self.prompt_encoder = model.prompt_encoder
         self.mask_decoder = model.mask_decoder
 
-    def forward(self, embedding: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Same calls as PromptableModel.decode with boxes only.
-        sparse, dense = self.prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        return self.mask_decoder(image_embeddings=embedding, image_pe=self.prompt_encoder.get_dense_pe(),
-                                 sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                 multimask_output=False)
+    def forward(self, embedding_tokens: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embedding_tokens (1, H*W, C)``, ``boxes (1, 4)`` in input pixels ->
+        ``(logits (1, 1, 4H, 4W), iou (1, 1))``, as ``PromptableModel.decode``."""
+        prompt_encoder, decoder = self.prompt_encoder, self.mask_decoder
+        transformer = decoder.transformer
+        sparse, dense = prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
+        batch, channels, height, width = dense.shape
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
+        keys = embedding_tokens + dense.flatten(2).transpose(1, 2)
+        key_pe = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
+        queries = tokens
+        for layer in transformer.layers:
+            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
+        attention = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
+        hidden = transformer.norm_final_attn(queries + attention)
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(batch, channels, height, width))
+        hyper = decoder.output_hypernetworks_mlps[0](hidden[:, 1])[:, None]
+        up_batch, up_channels, up_height, up_width = upscaled.shape
+        logits = (hyper @ upscaled.reshape(up_batch, up_channels, up_height * up_width))
+        iou = decoder.iou_prediction_head(hidden[:, 0])[:, 0:1]
+        return logits.reshape(up_batch, 1, up_height, up_width), iou
+
+
+def image_tokens(embedding: torch.Tensor) -> torch.Tensor:
+    """``(1, C, H, W)`` embedding -> contiguous ``(1, H*W, C)``: :class:`BoxDecoder`'s input."""
+    return embedding.flatten(2).transpose(1, 2).contiguous()
 
 
 class ImageEncoder(nn.Module):
@@ -359,6 +409,21 @@ def _precision_check_file(part: str, model: PromptableModel, digest: str, precis
     return _cache_folder(part, model, digest) / f"check-{precision}-{cpu_key}.json"
 
 
+def _read_cached(folder: Path):
+    """The OpenVINO model saved in ``folder``, or None when absent (a damaged entry is removed)."""
+    xml = folder / "model.xml"
+    if not (xml.is_file() and (folder / "model.bin").is_file() and (folder / "meta.json").is_file()):
+        return None
+    try:
+        loaded = _get_core().read_model(str(xml))
+        log.debug("OpenVINO model loaded from %s", folder)
+        return loaded
+    except Exception as exc:  # noqa: BLE001 - a damaged entry is replaced by the caller
+        log.warning("cached OpenVINO model %s is unreadable (%s); making it again", folder, exc)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+
+
 def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
                      digest: str):
     """OpenVINO model of ``module`` from the disk cache, or converted, validated and cached.
@@ -368,15 +433,9 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
 
     core = _get_core()
     folder = _cache_folder(part, model, digest)
-    xml = folder / "model.xml"
-    if xml.is_file() and (folder / "model.bin").is_file() and (folder / "meta.json").is_file():
-        try:
-            loaded = core.read_model(str(xml))
-            log.debug("OpenVINO %s loaded from %s", part, folder)
-            return loaded
-        except Exception as exc:  # noqa: BLE001 - a damaged entry is replaced below
-            log.warning("cached OpenVINO model %s is unreadable (%s); converting again", folder, exc)
-            shutil.rmtree(folder, ignore_errors=True)
+    loaded = _read_cached(folder)
+    if loaded is not None:
+        return loaded
     log.info("converting %s %s for OpenVINO (once per weights; cached in %s)", model.spec.name, part, folder.parent)
     example = example_fn()
     converted = _convert(module, example)
@@ -477,6 +536,48 @@ def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: 
     return compiled
 
 
+def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: torch.Tensor,
+                           float_precision: str) -> Any:
+    """The encoder quantized to INT8 (:mod:`MedFMSegmentLib.quantization`), compiled with
+    ``float_precision`` for the operations that stay in floating point.
+
+    Quantizing takes minutes, so the INT8 graph is cached on disk beside the float one, keyed by
+    the weights, the versions and the calibration set. Before it is cached, its embedding of the
+    example image is checked against the float32 graph's (relative L2 below
+    ``_INT8_MAX_RELATIVE_ERROR``).
+    """
+    from .quantization import CALIBRATION_VERSION, nncf_version, quantize_encoder
+
+    digest = weights_digest(module)
+    key = ("encoder-int8", model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), float_precision)
+    with _process_lock:
+        compiled = _process_cache.get(key)
+        if compiled is not None:
+            return compiled
+        folder = _cache_folder(f"encoder-int8-nncf{nncf_version()}-c{CALIBRATION_VERSION}", model, digest)
+        quantized = _read_cached(folder)
+        if quantized is None:
+            converted = _load_or_convert("encoder", model, module, lambda: (images,), digest)
+            log.warning("quantizing the %s encoder to INT8 (once per weights, a few minutes on a small CPU; "
+                        "cached in %s)", model.spec.name, folder.parent)
+            quantized = quantize_encoder(converted, images.shape[-1])
+            reference = _compiled("encoder", model, module, lambda: (images,), "f32")
+            inputs = {0: images.numpy()}
+            expected = reference.create_infer_request().infer(inputs)[0]
+            got = _get_core().compile_model(quantized, "CPU", _compile_config("f32")).create_infer_request().infer(inputs)[0]
+            error = _check_relative("INT8 encoder output", np.asarray(got), np.asarray(expected), _INT8_MAX_RELATIVE_ERROR)
+            meta = {"model": model.spec.name, "part": "encoder", "precision": "int8", "weights_digest": digest,
+                    "openvino": openvino_version(), "nncf": nncf_version(), "calibration_version": CALIBRATION_VERSION,
+                    "relative_error_vs_f32": error}
+            try:
+                _save_atomically(quantized, folder, meta)
+            except OSError as exc:
+                log.warning("cannot write the OpenVINO cache in %s (%s)", folder.parent, exc)
+        compiled = _get_core().compile_model(quantized, "CPU", _compile_config(float_precision))
+        _process_cache[key] = compiled
+    return compiled
+
+
 class OpenVINOAccelerator:
     """Runs ``encode`` and one-box ``decode`` with compiled OpenVINO models.
 
@@ -502,7 +603,9 @@ class OpenVINOAccelerator:
         self._encoder_lock = threading.Lock()
         self._decoder_lock = threading.Lock()
         self._image_shape = tuple(encoder.input(0).get_shape())
-        self._embedding_shape = tuple(decoder.input(0).get_shape()) if decoder is not None else None
+        self._tokens_shape = tuple(decoder.input(0).get_shape()) if decoder is not None else None
+        # (copy of the last embedding decoded, its token-major copy): later prompts on a slice reuse it.
+        self._last_tokens: tuple[torch.Tensor, np.ndarray] | None = None
 
     @classmethod
     def build(cls, model: PromptableModel, precision: str = "f32",
@@ -514,18 +617,24 @@ class OpenVINOAccelerator:
         size = model.image_size
         images = _example_images(size)
         encoder_module = ImageEncoder(model).eval()
-        encoder = _compiled("encoder", model, encoder_module, lambda: (images,), precision)
+        float_precision = precision
+        if precision == "int8":
+            float_precision = "bf16" if cpu_has_native_bf16() else "f32"
+            encoder = _compiled_int8_encoder(model, encoder_module, images, float_precision)
+        else:
+            encoder = _compiled("encoder", model, encoder_module, lambda: (images,), precision)
 
         def decoder_example() -> Inputs:
             # A real float32 embedding (of the example image) so the check sees realistic logits.
             reference_encoder = _compiled("encoder", model, encoder_module, lambda: (images,))
             embedding = reference_encoder.create_infer_request().infer({0: images.numpy()})[0]
             box = torch.tensor([[0.15 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
-            return torch.from_numpy(np.array(embedding, copy=True)), box
+            return image_tokens(torch.from_numpy(np.array(embedding, copy=True))), box
 
         decoder = None
         if "decoder" in parts:
-            decoder = _compiled("box_decoder", model, BoxDecoder(model).eval(), decoder_example, precision)
+            decoder = _compiled("box_decoder_tokens", model, BoxDecoder(model).eval(), decoder_example,
+                                float_precision)
         return cls(model, encoder, decoder, precision)
 
     def release(self, part: str) -> None:
@@ -569,14 +678,31 @@ class OpenVINOAccelerator:
         """``(logits, iou)`` for exactly one box and nothing else, else None (PyTorch then)."""
         if boxes is None or points is not None or point_labels is not None or mask_input is not None:
             return None
-        if tuple(boxes.shape) != (1, 4) or tuple(embedding.shape) != self._embedding_shape:
+        if tuple(boxes.shape) != (1, 4) or embedding.ndim != 4 or self._tokens_shape is None:
+            return None
+        batch, channels, height, width = embedding.shape
+        if (batch, height * width, channels) != self._tokens_shape:
             return None
         boxes = boxes.float() if boxes.dtype != torch.float32 and boxes.device.type == "cpu" else boxes
         if not self._usable("decoder", model, embedding, boxes):
             return None
         with self._decoder_lock:
-            result = self._decoder_request.infer({0: embedding.detach().contiguous().numpy(),
+            result = self._decoder_request.infer({0: self._tokens_of(embedding),
                                                   1: boxes.detach().contiguous().numpy()})
             logits = torch.from_numpy(np.array(result[0], copy=True))
             iou = torch.from_numpy(np.array(result[1], copy=True))
         return logits, iou
+
+    def _tokens_of(self, embedding: torch.Tensor) -> np.ndarray:
+        """Token-major copy of ``embedding``, reused while the same values come back (every later
+        prompt on a slice). Compared by value, not identity: callers such as
+        :class:`~MedFMSegmentLib.decoder_step.DecoderStep` copy each slice's embedding into one
+        buffer, and inference tensors keep no version counter. The comparison costs ~0.4 ms, the
+        transposition ~1.6 ms (2-core EPYC). Call under the decoder lock."""
+        embedding = embedding.detach()
+        last = self._last_tokens
+        if last is not None and last[0].shape == embedding.shape and torch.equal(last[0], embedding):
+            return last[1]
+        tokens = image_tokens(embedding).numpy()
+        self._last_tokens = (embedding.clone(), tokens)
+        return tokens

@@ -7,6 +7,7 @@ convert the tiny random model once into a temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from conftest import dice
-from MedFMSegmentLib import acceleration
+from MedFMSegmentLib import acceleration, quantization
 from MedFMSegmentLib.acceleration import accelerate, weights_digest
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.io import read_image
@@ -132,6 +133,61 @@ def test_bf16_check_runs_once_per_cpu(tmp_path, monkeypatch):
     assert again.accelerator.precision == "bf16"
 
 
+# ----------------------------------------------------------------------------- INT8 (explicit only)
+needs_nncf = pytest.mark.skipif(not quantization.nncf_available(), reason="NNCF is not installed")
+
+
+def test_int8_without_nncf_is_a_clear_input_error(monkeypatch, tmp_path, capsys, data_dir):
+    from MedFMSegmentLib.cli import main
+
+    monkeypatch.setattr(quantization, "nncf_available", lambda: False)
+    with pytest.raises(InputError, match="needs NNCF"):
+        load_model("litemedsam", device="cpu", precision="int8")
+    out = tmp_path / "mask.png"
+    image = data_dir / "hc18_fetal_head_us" / "images" / "010_HC.png"
+    assert main(["segment", str(image), "-o", str(out), "--precision", "int8", "--box", "100", "100", "0",
+                 "200", "200", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs NNCF" in err and "Traceback" not in err
+    assert not out.exists()
+    assert acceleration.resolve_precision("auto") != "int8"  # never chosen on its own
+
+
+@needs_nncf
+def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch):
+    """Tiny random model (plumbing only): INT8 graph checked, cached on disk, reused without NNCF."""
+    monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+    model = accelerate(tiny_random_model_for_tests(), "openvino", "int8")
+    assert model.backend == "openvino" and model.accelerator.precision == "int8"
+    folders = list((tmp_path / "openvino").glob("*encoder-int8-*"))
+    assert len(folders) == 1
+    meta = json.loads((folders[0] / "meta.json").read_text())
+    assert meta["precision"] == "int8" and 0 < meta["relative_error_vs_f32"] < acceleration._INT8_MAX_RELATIVE_ERROR
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        got, expected = model.encode(x), tiny_random_model_for_tests().encode(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    assert float((got - expected).norm() / expected.norm()) < acceleration._INT8_MAX_RELATIVE_ERROR
+    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(quantization, "quantize_encoder", lambda *a, **k: pytest.fail("quantized again"))
+    again = accelerate(tiny_random_model_for_tests(), "openvino", "int8")
+    assert again.accelerator.precision == "int8"
+    assert np.array_equal(quantization.calibration_images(32, 3, seed=5)[2], quantization.calibration_images(32, 3, seed=5)[2])
+
+
+@needs_nncf
+def test_int8_masks_agree_with_torch_on_real_images(real_cases, real_sessions):
+    """The real LiteMedSAM in INT8 (quantized once into the user cache: about two minutes on 2 cores)."""
+    model = load_model("litemedsam", device="cpu", precision="int8")
+    assert model.backend == "openvino" and model.accelerator.precision == "int8"
+    for (image, k, truth), (_, plain, _, _) in zip(real_cases, real_sessions):
+        box = mask_bbox(truth)
+        a, b = SegmentationSession(model, image).predict_slice(k, box), plain.predict_slice(k, box)
+        assert dice(a, b) >= 0.9
+        assert abs(dice(a, truth) - dice(b, truth)) < 0.06
+
+
 def test_embeddings_match_torch_on_real_slices(real_sessions):
     for fast, plain, k, _ in real_sessions:
         a, b = fast.embedding(k), plain.embedding(k)
@@ -150,6 +206,45 @@ def test_decode_matches_torch_on_real_slice(f32_litemedsam, torch_litemedsam, re
     assert fast_logits.dtype == logits.dtype == torch.float32
     assert float((fast_logits - logits).abs().max()) < 1e-2
     assert float((fast_iou - iou).abs().max()) < 1e-3
+
+
+def test_token_major_box_decoder_is_the_torch_decoder(torch_litemedsam, real_sessions):
+    """The graph's module, in PyTorch, against PromptableModel.decode: the rewrite changes layout only."""
+    module = acceleration.BoxDecoder(torch_litemedsam).eval()
+    for _, plain, k, truth in real_sessions:
+        embedding = plain.embedding(k)
+        box = torch.from_numpy(plain.transform.box_to_input(mask_bbox(truth)))[None]
+        with torch.inference_mode():
+            logits, iou = module(acceleration.image_tokens(embedding), box)
+            expected_logits, expected_iou = torch_litemedsam.decode(embedding, boxes=box)
+        assert logits.shape == expected_logits.shape and iou.shape == expected_iou.shape
+        assert float((logits - expected_logits).abs().max()) < 1e-3
+        assert float((iou - expected_iou).abs().max()) < 1e-5
+
+
+def test_decoder_reuses_tokens_only_for_the_same_embedding(f32_litemedsam, torch_litemedsam, real_sessions):
+    """Prompts alternating between slices never see another slice's cached token-major copy."""
+    accelerator = f32_litemedsam.accelerator
+    pairs = []
+    for _, plain, k, truth in real_sessions[:2]:
+        box = torch.from_numpy(plain.transform.box_to_input(mask_bbox(truth)))[None]
+        pairs.append((plain.embedding(k), box))
+    with torch.inference_mode():
+        for embedding, box in pairs + pairs[::-1] + pairs:
+            got, _ = f32_litemedsam.decode(embedding, boxes=box)
+            expected, _ = torch_litemedsam.decode(embedding, boxes=box)
+            assert float((got - expected).abs().max()) < 1e-2
+        first = accelerator._tokens_of(pairs[0][0])
+        assert accelerator._tokens_of(pairs[0][0].clone()) is first  # same values: no new copy
+        # One buffer refilled slice after slice, as DecoderStep does (an inference tensor: no version counter).
+        buffer = torch.empty_like(pairs[0][0])
+        for embedding, box in pairs + pairs[::-1]:
+            buffer.copy_(embedding)
+            got, _ = f32_litemedsam.decode(buffer, boxes=box)
+            expected, _ = torch_litemedsam.decode(embedding, boxes=box)
+            assert float((got - expected).abs().max()) < 1e-2
+        buffer.mul_(2.0)
+        assert np.array_equal(accelerator._tokens_of(buffer), acceleration.image_tokens(buffer).numpy())
 
 
 def test_masks_agree_with_torch_on_real_images(real_sessions):
