@@ -561,7 +561,9 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
             converted = _load_or_convert("encoder", model, module, lambda: (images,), digest)
             log.warning("quantizing the %s encoder to INT8 (once per weights, a few minutes on a small CPU; "
                         "cached in %s)", model.spec.name, folder.parent)
-            quantized = quantize_encoder(converted, images.shape[-1])
+            # TinyViT (LiteMedSAM) embeds patches with two convolutions, a ViT with one.
+            stem = 2 if model.spec.name == "litemedsam" else 1
+            quantized = quantize_encoder(converted, images.shape[-1], float_stem=stem)
             reference = _compiled("encoder", model, module, lambda: (images,), "f32")
             inputs = {0: images.numpy()}
             expected = reference.create_infer_request().infer(inputs)[0]
