@@ -12,9 +12,11 @@ LiteMedSAM's encoder in INT8 (with bfloat16 for what stays in floating point) to
 287 ms in bfloat16. Calibrated on 64 generated images, the mean Dice of tight-box masks moved by
 +0.006 on 30 HC18 images and +0.005 on 20 hippocampus slices against float32, but single images
 moved by up to -0.05; with 32 images hippocampus moved by -0.007. Calibrating on real images
-(NNCF's transformer preset) gave +0.009 / +0.016. The benchmark (two runs,
-``perf_cpu_int8_s6*.json``): encoder 5.2x / 6.4x faster than PyTorch float32 (bfloat16: 4.5x /
-4.2x), mean Dice change +0.0053 (HC18) / +0.0166 (hippocampus), single HC18 images up to 0.079.
+(NNCF's transformer preset) gave +0.009 / +0.016. The benchmark, with the patch embedding kept
+in float (two runs, ``perf_cpu_int8_s6_stem_run*.json``): encoder 4.7x / 6.3x faster than
+PyTorch float32 (bfloat16: 4.5x / 4.2x), first prompt on a new slice 274 / 240 ms, mean Dice
+change +0.0097 (HC18) / +0.0060 (hippocampus), single images losing up to 0.022 / 0.037
+(bfloat16: 0.011).
 INT8 is therefore an explicit choice (``precision="int8"``), never what ``auto`` picks.
 """
 
