@@ -95,12 +95,16 @@ def quantize_encoder(model: Any, size: int, float_stem: int = 2) -> Any:
     Raises:
         ImportError: NNCF is not installed.
     """
+    import contextlib
     import logging
+    import sys
 
     import nncf
 
     logging.getLogger("nncf").setLevel(logging.WARNING)
     images = calibration_images(size)
     ignored = nncf.IgnoredScope(names=stem_convolutions(model, float_stem)) if float_stem else None
-    return nncf.quantize(model, nncf.Dataset(images), subset_size=len(images),
-                         model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored)
+    # NNCF's progress bars print to stdout; stdout belongs to the caller (batch prints JSON there).
+    with contextlib.redirect_stdout(sys.stderr):
+        return nncf.quantize(model, nncf.Dataset(images), subset_size=len(images),
+                             model_type=nncf.ModelType.TRANSFORMER, ignored_scope=ignored)

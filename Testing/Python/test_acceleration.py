@@ -154,12 +154,13 @@ def test_int8_without_nncf_is_a_clear_input_error(monkeypatch, tmp_path, capsys,
 
 
 @needs_nncf
-def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch):
+def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch, capsys):
     """Tiny random model (plumbing only): INT8 graph checked, cached on disk, reused without NNCF."""
     monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(acceleration, "_process_cache", {})
     model = accelerate(tiny_random_model_for_tests(), "openvino", "int8")
     assert model.backend == "openvino" and model.accelerator.precision == "int8"
+    assert capsys.readouterr().out == ""  # NNCF's progress goes to stderr, never into the caller's stdout
     folders = list((tmp_path / "openvino").glob("*encoder-int8-*"))
     assert len(folders) == 1
     meta = json.loads((folders[0] / "meta.json").read_text())
