@@ -16,7 +16,7 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
 On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so both columns show the
 same engine there.
 
-Usage: python bench/bench_perf.py [--device cpu] [--precision auto] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
+Usage: python bench/bench_perf.py [--device cpu] [--precision auto|f32|bf16|int8] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
     parser.add_argument("--backend", default="auto", help="backend of the accelerated model (default auto)")
     parser.add_argument("--precision", default=None,
-                        help="OpenVINO precision of the accelerated model: auto, f32 or bf16 "
+                        help="OpenVINO precision of the accelerated model: auto, f32, bf16 or int8 "
                              "(default: $MEDFMSEGMENT_PRECISION, else auto)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hc18", type=int, default=10, help="HC18 images for the Dice comparison")
