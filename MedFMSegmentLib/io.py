@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -273,13 +273,31 @@ def read_label(path: str | os.PathLike) -> MedicalImage:
     return read_image(path)
 
 
+def new_sibling(path: Path, suffix: str = "", directory: bool = False) -> Path:
+    """Create a new, uniquely named hidden file (or folder) beside ``path`` and return its path.
+
+    Unlike ``tempfile.mkstemp``/``mkdtemp`` (modes 0600/0700), it gets the permissions an ordinary
+    new file or folder gets (0666/0777 less the umask), so what is renamed into place from it is
+    as readable as any other output of the user: a label map or an adapter folder meant to be shared.
+    """
+    for _ in range(100):
+        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
+        try:
+            if directory:
+                os.mkdir(candidate, 0o777)
+            else:
+                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` with the same extension; rename it into place on success."""
     fmt = label_format(path) if path.suffix else ""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{fmt}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = new_sibling(path, suffix=f".partial{fmt}")
     try:
         yield tmp
         os.replace(tmp, path)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import InputError
+from ..io import new_sibling
 from ..models import PromptableModel, load_model
 from ..preprocessing import IntensitySettings
 
@@ -63,13 +63,15 @@ def trainable_state(model: PromptableModel) -> dict:
 
 def save_adapter(model: PromptableModel, folder, metadata: dict) -> Path:
     """Write ``adapter.safetensors`` + ``metadata.json`` atomically (temp dir beside it, then rename)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = new_sibling(folder, directory=True)
     try:
-        save_file(trainable_state(model), str(tmp / WEIGHTS_FILE))
+        # Bytes written by us, not save_file: safetensors 0.8 creates the file 0600 (owner only),
+        # and an adapter is meant to be shared.
+        (tmp / WEIGHTS_FILE).write_bytes(save(trainable_state(model)))
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
         if folder.exists():
             old = folder.with_name(f".{folder.name}.old")

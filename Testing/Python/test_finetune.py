@@ -1,4 +1,6 @@
 """Fine-tuning: plumbing with the tiny random model, save/reload identity with the real LiteMedSAM."""
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -38,9 +40,16 @@ def test_tiny_finetune_save_reload_identical(tmp_path):
     assert [r["step"] for r in reports] == [1, 2, 3, 4]
     assert all({"step", "steps", "loss", "val_dice"} <= set(r) for r in reports)
     assert metadata["encoder"] == "lora" and metadata["lora"]["layers"] > 0
-    folder = save_adapter(model, tmp_path / "adapter", metadata)
+    previous_umask = os.umask(0o022)
+    try:
+        folder = save_adapter(model, tmp_path / "adapter", metadata)
+    finally:
+        os.umask(previous_umask)
     assert sorted(p.name for p in folder.iterdir()) == ["adapter.safetensors", "metadata.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # A portable adapter: as readable as any folder the user makes (mkdtemp would give 0700).
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in folder.iterdir()} == {0o644}
     reloaded, info = load_adapted_model(folder, model_name=TINY)
     assert info.automatic and info.keep_components == "largest"
     session_a = SegmentationSession(model, cases[0][0])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -28,6 +31,29 @@ def test_label_round_trip_keeps_geometry_and_voxels(tmp_path, oblique_mask, ext)
     np.testing.assert_array_equal(back.array > 0, mask)
     assert set(np.unique(back.array)) <= {0, 1}
     assert [p.name for p in tmp_path.iterdir()] == [f"out{ext}"]  # no temporary left behind
+
+
+@pytest.fixture()
+def umask_022():
+    """A known umask for permission checks (the process's is restored after)."""
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".seg.nrrd", ".png"])
+def test_written_labels_get_ordinary_permissions(tmp_path, umask_022, ext):
+    """Atomic writing must not leave outputs readable by their owner only (mkstemp's 0600)."""
+    if ext == ".png":
+        mask = np.zeros((1, 20, 30), bool)
+        mask[0, 5:10, 3:25] = True
+        geometry = read_image(_write_png(tmp_path / "in.png", (mask[0] * 200).astype(np.uint8))).geometry
+    else:
+        geometry = oblique_geometry()
+        mask = np.zeros(geometry.shape, dtype=bool)
+        mask[..., 2:5] = True
+    path = write_label(mask, geometry, tmp_path / f"out{ext}", is_2d=ext == ".png")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_seg_nrrd_carries_segment_name(tmp_path, oblique_mask):
