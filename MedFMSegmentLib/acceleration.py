@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -45,6 +44,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .io import new_sibling
 
 if TYPE_CHECKING:
     from .models import PromptableModel
@@ -459,14 +459,12 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
 
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    tmp = new_sibling(path)
     try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def _save_atomically(converted, folder: Path, meta: dict) -> None:
@@ -474,7 +472,7 @@ def _save_atomically(converted, folder: Path, meta: dict) -> None:
     import openvino as ov
 
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = new_sibling(folder, directory=True)
     try:
         # compress_to_fp16=False: the default would store fp16 weights and change the outputs.
         ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
@@ -561,9 +559,7 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
             converted = _load_or_convert("encoder", model, module, lambda: (images,), digest)
             log.warning("quantizing the %s encoder to INT8 (once per weights, a few minutes on a small CPU; "
                         "cached in %s)", model.spec.name, folder.parent)
-            # TinyViT (LiteMedSAM) embeds patches with two convolutions, a ViT with one.
-            stem = 2 if model.spec.name == "litemedsam" else 1
-            quantized = quantize_encoder(converted, images.shape[-1], float_stem=stem)
+            quantized = quantize_encoder(converted, images.shape[-1], float_stem=_patch_embedding_convolutions(model))
             reference = _compiled("encoder", model, module, lambda: (images,), "f32")
             inputs = {0: images.numpy()}
             expected = reference.create_infer_request().infer(inputs)[0]
@@ -579,6 +575,15 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
         compiled = _get_core().compile_model(quantized, "CPU", _compile_config(float_precision))
         _process_cache[key] = compiled
     return compiled
+
+
+def _patch_embedding_convolutions(model: PromptableModel) -> int:
+    """Convolutions in the encoder's patch embedding (TinyViT: 2, SAM's ViT: 1); they are the
+    first ones of the converted graph."""
+    patch_embed = getattr(model.image_encoder, "patch_embed", None)
+    if patch_embed is None:
+        return 1
+    return max(1, sum(isinstance(m, nn.Conv2d) for m in patch_embed.modules()))
 
 
 class OpenVINOAccelerator:

@@ -249,7 +249,8 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
             ``openvino``. None means ``$MEDFMSEGMENT_BACKEND``, else ``auto``. Falls back to
             PyTorch with a logged warning when the faster backend cannot be used.
         precision: OpenVINO's compute precision, ``auto`` (bf16 on CPUs that compute it
-            natively, else f32), ``f32`` or ``bf16``; see
+            natively, else f32), ``f32``, ``bf16`` or ``int8`` (explicit only: the encoder
+            quantized with NNCF, :mod:`MedFMSegmentLib.quantization`); see
             :func:`MedFMSegmentLib.acceleration.resolve_precision`. None means
             ``$MEDFMSEGMENT_PRECISION``, else ``auto``.
 

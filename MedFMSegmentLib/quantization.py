@@ -22,6 +22,7 @@ INT8 is therefore an explicit choice (``precision="int8"``), never what ``auto``
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 from typing import Any
 
@@ -40,11 +41,13 @@ def nncf_available() -> bool:
 
 
 def nncf_version() -> str | None:
+    """NNCF's installed version, read from its package metadata (``info`` must not import it)."""
     if not nncf_available():
         return None
-    import nncf
-
-    return getattr(nncf, "__version__", "unknown")
+    try:
+        return importlib.metadata.version("nncf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def calibration_image(rng: np.random.Generator, size: int) -> np.ndarray:

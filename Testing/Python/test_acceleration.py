@@ -177,6 +177,12 @@ def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch, capsys
     assert np.array_equal(quantization.calibration_images(32, 3, seed=5)[2], quantization.calibration_images(32, 3, seed=5)[2])
 
 
+def test_float_stem_follows_the_encoder(torch_litemedsam):
+    """The convolutions INT8 leaves in float: TinyViT's two-convolution patch embedding, a ViT's one."""
+    assert acceleration._patch_embedding_convolutions(torch_litemedsam) == 2
+    assert acceleration._patch_embedding_convolutions(tiny_random_model_for_tests()) == 1
+
+
 @needs_nncf
 def test_int8_masks_agree_with_torch_on_real_images(real_cases, real_sessions):
     """The real LiteMedSAM in INT8 (quantized once into the user cache: about two minutes on 2 cores)."""
