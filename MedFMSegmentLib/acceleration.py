@@ -9,10 +9,10 @@ gradients, training mode, a GPU, half precision, or weights changed after conver
 Why OpenVINO: on a 2-core AMD EPYC with AVX2 only, the LiteMedSAM encoder ran 2.5x faster than
 PyTorch float32 and the decoder 1.55x on the idle CPU (``bench/bench_perf.py``,
 ``bench/results/perf_cpu_idle.json``), with outputs equal to about 1e-5. On a host with
-AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there) ran the encoder 4.2-4.5x and,
-with the token-major decoder graph (:class:`BoxDecoder`), the decoder 2.6-3.1x faster, with a
-mean Dice change of +0.0016 on 30 HC18 images and +0.0053 on 10 hippocampus slices
-(``perf_cpu_bf16_s6.json``, ``perf_cpu_bf16_s6_run2.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
+AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there) ran the encoder 4.2-4.6x and,
+with the reassociated token-major decoder graph (:mod:`MedFMSegmentLib.box_decoder`), the
+decoder 4.2x faster (13.8 ms a prompt), with a mean Dice change of +0.0016 on 30 HC18 images and
++0.0054 on 10 hippocampus slices (``perf_cpu_bf16_s7.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
 than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
 less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably. On the
 AVX-512 host with VNNI, INT8 did speed the encoder up (210 vs 287 ms in bf16): it is offered as
@@ -36,13 +36,15 @@ import os
 import shutil
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from .box_decoder import BoxDecoder, image_tokens
 from .errors import InputError
 from .io import new_sibling
 
@@ -75,6 +77,9 @@ _INT8_MAX_RELATIVE_ERROR = 0.5
 AUTO_MODELS = frozenset({"litemedsam"})
 # Bump when the conversion below changes, so old cache entries are not reused.
 _CONVERSION_VERSION = 1
+# The decoder graph's part name, also its cache key: renamed whenever the graph's arithmetic
+# changes (box_decoder, box_decoder_tokens before), so that old entries are never reused.
+DECODER_PART = "box_decoder_reassociated"
 
 Inputs = tuple[torch.Tensor, ...]
 _process_cache: dict[tuple, Any] = {}
@@ -237,52 +242,6 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
 
 
 # ---------------------------------------------------------------------------- OpenVINO
-class BoxDecoder(nn.Module):
-    """Prompt encoder + mask decoder for one box on one image: the graph converted for prompts.
-
-    Takes the image embedding token-major, ``(1, H*W, C)`` (the layout the decoder's transformer
-    works in), instead of ``(1, C, H, W)``: OpenVINO otherwise transposes the 4 MB embedding twice
-    on every prompt (two generic Transpose kernels, 3.3 ms of 19.4 in a bf16 profile on the 2-core
-    AVX-512-BF16 EPYC). The caller transposes once per slice. The arithmetic is segment-anything's
-    ``MaskDecoder.predict_masks`` and ``TwoWayTransformer.forward`` for that case (the same layers
-    in the same order, outputs equal to PyTorch's to ~1e-5), keeping only the first mask, as
-    ``multimask_output=False`` does.
-    """
-
-    def __init__(self, model: PromptableModel) -> None:
-        super().__init__()
-        self.prompt_encoder = model.prompt_encoder
-        self.mask_decoder = model.mask_decoder
-
-    def forward(self, embedding_tokens: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``embedding_tokens (1, H*W, C)``, ``boxes (1, 4)`` in input pixels ->
-        ``(logits (1, 1, 4H, 4W), iou (1, 1))``, as ``PromptableModel.decode``."""
-        prompt_encoder, decoder = self.prompt_encoder, self.mask_decoder
-        transformer = decoder.transformer
-        sparse, dense = prompt_encoder(points=None, boxes=boxes[:, None, :], masks=None)
-        batch, channels, height, width = dense.shape
-        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-        keys = embedding_tokens + dense.flatten(2).transpose(1, 2)
-        key_pe = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)
-        queries = tokens
-        for layer in transformer.layers:
-            queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=key_pe)
-        attention = transformer.final_attn_token_to_image(q=queries + tokens, k=keys + key_pe, v=keys)
-        hidden = transformer.norm_final_attn(queries + attention)
-        upscaled = decoder.output_upscaling(keys.transpose(1, 2).reshape(batch, channels, height, width))
-        hyper = decoder.output_hypernetworks_mlps[0](hidden[:, 1])[:, None]
-        up_batch, up_channels, up_height, up_width = upscaled.shape
-        logits = (hyper @ upscaled.reshape(up_batch, up_channels, up_height * up_width))
-        iou = decoder.iou_prediction_head(hidden[:, 0])[:, 0:1]
-        return logits.reshape(up_batch, 1, up_height, up_width), iou
-
-
-def image_tokens(embedding: torch.Tensor) -> torch.Tensor:
-    """``(1, C, H, W)`` embedding -> contiguous ``(1, H*W, C)``: :class:`BoxDecoder`'s input."""
-    return embedding.flatten(2).transpose(1, 2).contiguous()
-
-
 class ImageEncoder(nn.Module):
     """Normalisation + image encoder, so the converted graph takes images in [0, 1] like ``encode``.
 
@@ -300,6 +259,33 @@ class ImageEncoder(nn.Module):
         if self.sam_normalization:  # same arithmetic as PromptableModel.normalize
             images = (images * 255.0 - self.pixel_mean) / self.pixel_std
         return self.image_encoder(images)
+
+
+@contextmanager
+def quiet_torch_threads(model: PromptableModel) -> Iterator[None]:
+    """Run the PyTorch work between a model's OpenVINO calls on one thread.
+
+    After a parallel PyTorch operation, PyTorch's OpenMP threads keep spinning for some
+    milliseconds; an OpenVINO graph started then shares the cores with them. One-off timings on the
+    2-core EPYC: the bf16 decoder graph took 11.9 ms after nothing, 15.5-18.1 ms right after
+    ``torch.equal`` on an embedding or the upsampling of a mask to its slice, and 11.9 ms after
+    the same upsampling on one thread (1.0 ms instead of 0.7). So the small PyTorch steps of a
+    prompt (upsampling, thresholding, statistics) run single-threaded when ``model`` runs on
+    OpenVINO; elsewhere this does nothing.
+
+    ``torch.set_num_threads`` is process-wide for threads that start meanwhile; the count is
+    restored on exit.
+    """
+    accelerator = getattr(model, "accelerator", None)
+    threads = torch.get_num_threads()
+    if getattr(accelerator, "name", None) != "openvino" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def weights_digest(*modules: nn.Module) -> str:
@@ -432,7 +418,6 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
     ``example_fn`` gives the example inputs; it is called only when converting (it may be costly).
     """
 
-    core = _get_core()
     folder = _cache_folder(part, model, digest)
     loaded = _read_cached(folder)
     if loaded is not None:
@@ -444,7 +429,7 @@ def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, examp
     with torch.inference_mode():
         reference = module(*example)
     reference = reference if isinstance(reference, tuple) else (reference,)
-    request = core.compile_model(converted, "CPU", _compile_config()).create_infer_request()
+    request = _compile(converted, part).create_infer_request()
     outputs = request.infer({i: t.numpy() for i, t in enumerate(example)})
     errors = [_check_close(f"{part} output {i}", outputs[i], ref) for i, ref in enumerate(reference)]
     meta = {"model": model.spec.name, "part": part, "weights_digest": digest, "weights_file_sha256": model.weights_sha256,
@@ -493,6 +478,27 @@ def _compile_config(precision: str = "f32") -> dict:
             "INFERENCE_PRECISION_HINT": precision}
 
 
+# Extra compile settings per part. The decoder graph runs without OpenVINO's "snippets" fusion:
+# it fused the reassociated attention's small products with the adds and normalisations around
+# them into kernels several times slower (2.4 ms against 0.34 ms for one product in a bf16 profile
+# on the 2-core EPYC; the whole graph 11.9 -> 11.4 ms, one-off). SNIPPETS_MODE is a CPU plugin
+# setting that OpenVINO accepts at compile time without listing it; a version that refuses it
+# compiles with defaults.
+_PART_CONFIG = {DECODER_PART: {"SNIPPETS_MODE": "DISABLE"}}
+
+
+def _compile(converted, part: str, precision: str = "f32"):
+    """``converted`` compiled for the CPU with :func:`_compile_config` and ``part``'s own settings."""
+    config = _compile_config(precision)
+    extra = _PART_CONFIG.get(part, {})
+    if extra:
+        try:
+            return _get_core().compile_model(converted, "CPU", {**config, **extra})
+        except Exception as exc:  # noqa: BLE001 - a tuning setting must not turn acceleration off
+            log.debug("compiling %s with %s failed (%s); using the defaults", part, extra, exc)
+    return _get_core().compile_model(converted, "CPU", config)
+
+
 def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
               precision: str = "f32") -> Any:
     """Compiled model for one part, shared by every model with the same weights in this process.
@@ -514,7 +520,7 @@ def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: 
         reference_model = None if marker.is_file() else _compiled(part, model, module, example_fn, "f32")
         with _process_lock:
             converted = _load_or_convert(part, model, module, example_fn, digest)
-            compiled = _get_core().compile_model(converted, "CPU", _compile_config(precision))
+            compiled = _compile(converted, part, precision)
             if reference_model is not None:  # first use of this precision on this CPU model
                 inputs = {i: t.numpy() for i, t in enumerate(example_fn())}
                 expected = reference_model.create_infer_request().infer(inputs)
@@ -530,7 +536,7 @@ def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: 
         return compiled
     with _process_lock:
         converted = _load_or_convert(part, model, module, example_fn, digest)
-        compiled = _get_core().compile_model(converted, "CPU", _compile_config(precision))
+        compiled = _compile(converted, part, precision)
         _process_cache[key] = compiled
     return compiled
 
@@ -613,7 +619,7 @@ class OpenVINOAccelerator:
         self._image_shape = tuple(encoder.input(0).get_shape())
         self._tokens_shape = tuple(decoder.input(0).get_shape()) if decoder is not None else None
         # (copy of the last embedding decoded, its token-major copy): later prompts on a slice reuse it.
-        self._last_tokens: tuple[torch.Tensor, np.ndarray] | None = None
+        self._last_tokens: tuple[np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, model: PromptableModel, precision: str = "f32",
@@ -641,7 +647,7 @@ class OpenVINOAccelerator:
 
         decoder = None
         if "decoder" in parts:
-            decoder = _compiled("box_decoder_tokens", model, BoxDecoder(model).eval(), decoder_example,
+            decoder = _compiled(DECODER_PART, model, BoxDecoder(model).eval(), decoder_example,
                                 float_precision)
         return cls(model, encoder, decoder, precision)
 
@@ -676,9 +682,9 @@ class OpenVINOAccelerator:
         with self._encoder_lock:
             # Batched graphs gain nothing on a CPU; one image at a time keeps the shape static.
             for image in images.detach().contiguous().numpy():
-                result = self._encoder_request.infer({0: image[None]})
+                result = self._encoder_request.infer({0: image[None]}, share_inputs=True)
                 outputs.append(torch.from_numpy(np.array(result[0], copy=True)))
-        return torch.cat(outputs)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
     def decode(self, model: PromptableModel, embedding: torch.Tensor, boxes: torch.Tensor | None,
                points: torch.Tensor | None, point_labels: torch.Tensor | None,
@@ -695,8 +701,10 @@ class OpenVINOAccelerator:
         if not self._usable("decoder", model, embedding, boxes):
             return None
         with self._decoder_lock:
+            # share_inputs: OpenVINO reads the 4 MB token array in place instead of copying it
+            # on every prompt (3.3 ms of a 12.7 ms call, one-off timing on the 2-core EPYC).
             result = self._decoder_request.infer({0: self._tokens_of(embedding),
-                                                  1: boxes.detach().contiguous().numpy()})
+                                                  1: boxes.detach().contiguous().numpy()}, share_inputs=True)
             logits = torch.from_numpy(np.array(result[0], copy=True))
             iou = torch.from_numpy(np.array(result[1], copy=True))
         return logits, iou
@@ -705,12 +713,19 @@ class OpenVINOAccelerator:
         """Token-major copy of ``embedding``, reused while the same values come back (every later
         prompt on a slice). Compared by value, not identity: callers such as
         :class:`~MedFMSegmentLib.decoder_step.DecoderStep` copy each slice's embedding into one
-        buffer, and inference tensors keep no version counter. The comparison costs ~0.4 ms, the
-        transposition ~1.6 ms (2-core EPYC). Call under the decoder lock."""
-        embedding = embedding.detach()
+        buffer, and inference tensors keep no version counter. Call under the decoder lock.
+
+        NumPy on purpose, single-threaded: a PyTorch operation here leaves PyTorch's OpenMP threads
+        spinning for some milliseconds while OpenVINO's threads start the graph on the same cores.
+        One-off timings on the 2-core EPYC: the bf16 decoder graph took 11.9 ms after nothing or a
+        NumPy comparison, 15.5-17.3 ms right after ``torch.equal``. The comparison costs ~0.2 ms,
+        the transposition of a new slice ~2.9 ms (PyTorch: 1.5 ms plus that slowdown).
+        """
+        values = embedding.detach().numpy()
         last = self._last_tokens
-        if last is not None and last[0].shape == embedding.shape and torch.equal(last[0], embedding):
+        if last is not None and last[0].shape == values.shape and np.array_equal(last[0], values):
             return last[1]
-        tokens = image_tokens(embedding).numpy()
-        self._last_tokens = (embedding.clone(), tokens)
+        batch, channels = values.shape[:2]
+        tokens = np.ascontiguousarray(values.reshape(batch, channels, -1).transpose(0, 2, 1))
+        self._last_tokens = (values.copy(), tokens)
         return tokens

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 
+from .acceleration import quiet_torch_threads
 from .models import PromptableModel
 from .preprocessing import SliceTransform
 from .prompts import Box2D
@@ -104,19 +105,20 @@ class DecoderStep:
             ``(mask, stats)``: the ``(rows, cols)`` bool mask on the model's device (a reused
             buffer, see the class note) and its :class:`StepStats`.
         """
-        if self._embedding is None or self._embedding.shape != embedding.shape:
-            self._embedding = torch.empty_like(embedding)
-            self._graph = self._outputs = None
-        self._embedding.copy_(embedding)
-        self._box.copy_(torch.from_numpy(self.transform.box_to_input(box))[None])
-        if self.use_graph and self._graph is None and self.graph_error is None:
-            self._capture()
-        if self._graph is not None:
-            self._graph.replay()
-            self._logits, mask, values = self._outputs
-        else:
-            self._logits, mask, values = self._compute()
-        return mask, to_stats(values)
+        with quiet_torch_threads(self.model):
+            if self._embedding is None or self._embedding.shape != embedding.shape:
+                self._embedding = torch.empty_like(embedding)
+                self._graph = self._outputs = None
+            self._embedding.copy_(embedding)
+            self._box.copy_(torch.from_numpy(self.transform.box_to_input(box))[None])
+            if self.use_graph and self._graph is None and self.graph_error is None:
+                self._capture()
+            if self._graph is not None:
+                self._graph.replay()
+                self._logits, mask, values = self._outputs
+            else:
+                self._logits, mask, values = self._compute()
+            return mask, to_stats(values)
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, _ = self.model.decode(self._embedding, boxes=self._box)

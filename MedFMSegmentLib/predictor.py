@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .acceleration import quiet_torch_threads
 from .errors import CancelledError, InputError
 from .geometry import in_plane_axes, slice_from_volume, slice_into_volume, to_slice_coords
 from .io import MedicalImage
@@ -418,7 +419,8 @@ class SegmentationSession:
             points = torch.from_numpy(coords)[None].to(device)
             labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)], device=device)
         logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels)
-        return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
+        with quiet_torch_threads(self.model):
+            return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
 
     def decode_logits(self, index: int, box: Box2D) -> np.ndarray:
         """``(rows, cols)`` float32 logits of one decoder call on slice ``index`` with exactly this

@@ -215,8 +215,9 @@ def test_decode_matches_torch_on_real_slice(f32_litemedsam, torch_litemedsam, re
     assert float((fast_iou - iou).abs().max()) < 1e-3
 
 
-def test_token_major_box_decoder_is_the_torch_decoder(torch_litemedsam, real_sessions):
-    """The graph's module, in PyTorch, against PromptableModel.decode: the rewrite changes layout only."""
+def test_box_decoder_module_is_the_torch_decoder(torch_litemedsam, real_sessions):
+    """The graph's module, in PyTorch, against PromptableModel.decode: layout and attention
+    arithmetic are rearranged (box_decoder.py), results are not."""
     module = acceleration.BoxDecoder(torch_litemedsam).eval()
     for _, plain, k, truth in real_sessions:
         embedding = plain.embedding(k)
