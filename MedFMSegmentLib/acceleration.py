@@ -46,6 +46,7 @@ from torch import nn
 
 from .box_decoder import BoxDecoder, image_tokens
 from .errors import InputError
+from .fast_encoder import for_openvino
 from .io import new_sibling
 
 if TYPE_CHECKING:
@@ -245,12 +246,14 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
 class ImageEncoder(nn.Module):
     """Normalisation + image encoder, so the converted graph takes images in [0, 1] like ``encode``.
 
-    Holds only the encoder's own weights, so its digest does not change with the decoder's.
+    Holds only the encoder's own weights, so its digest does not change with the decoder's. The
+    encoder is an eval-mode copy rewritten for OpenVINO (:func:`~MedFMSegmentLib.fast_encoder.for_openvino`:
+    the same values, fewer reference kernels); the model's own encoder is untouched.
     """
 
     def __init__(self, model: PromptableModel) -> None:
         super().__init__()
-        self.image_encoder = model.image_encoder
+        self.image_encoder = for_openvino(model.image_encoder)
         self.sam_normalization = model.spec.normalization == "sam"
         self.register_buffer("pixel_mean", model.pixel_mean.detach().clone(), persistent=False)
         self.register_buffer("pixel_std", model.pixel_std.detach().clone(), persistent=False)

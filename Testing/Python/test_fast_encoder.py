@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from MedFMSegmentLib.fast_encoder import fold_batchnorm, fuse_attention
+from MedFMSegmentLib.fast_encoder import (fold_batchnorm, for_openvino, fuse_attention, permute_around_convolutions,
+                                          split_qkv)
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 
 
@@ -54,3 +55,20 @@ def test_vit_encoders_are_left_alone():
     encoder = copy.deepcopy(tiny_random_model_for_tests().image_encoder).eval()
     assert fold_batchnorm(encoder) == 0
     assert fuse_attention(encoder) == 0
+    assert split_qkv(encoder) == 0
+    assert permute_around_convolutions(encoder) == 0
+
+
+def test_openvino_rewrites_keep_the_embedding(torch_encoder):
+    """The copy OpenVINO converts: separate q/k/v projections and 4D permutes, the same values."""
+    counted = copy.deepcopy(torch_encoder).eval()
+    assert split_qkv(counted) == 10  # every window attention
+    assert permute_around_convolutions(counted) == 13  # 10 TinyViT blocks + 3 patch mergings
+    assert not any(hasattr(m, "qkv") for m in counted.modules())
+    rewritten = for_openvino(torch_encoder)
+    assert any(hasattr(m, "qkv") for m in torch_encoder.modules())  # the original keeps its layers
+    images = _real_like_images()
+    with torch.inference_mode():
+        expected, got = torch_encoder(images), rewritten(images)
+    assert got.shape == expected.shape == (2, 256, 64, 64)
+    assert float((got - expected).abs().max()) < 1e-5 * float(expected.abs().max())
