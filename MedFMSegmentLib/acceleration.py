@@ -9,10 +9,11 @@ gradients, training mode, a GPU, half precision, or weights changed after conver
 Why OpenVINO: on a 2-core AMD EPYC with AVX2 only, the LiteMedSAM encoder ran 2.5x faster than
 PyTorch float32 and the decoder 1.55x on the idle CPU (``bench/bench_perf.py``,
 ``bench/results/perf_cpu_idle.json``), with outputs equal to about 1e-5. On a host with
-AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there) ran the encoder 4.2-4.6x and,
-with the reassociated token-major decoder graph (:mod:`MedFMSegmentLib.box_decoder`), the
-decoder 4.2x faster (13.8 ms a prompt), with a mean Dice change of +0.0016 on 30 HC18 images and
-+0.0054 on 10 hippocampus slices (``perf_cpu_bf16_s7.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
+AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there), with the graphs arranged
+for the CPU (:mod:`MedFMSegmentLib.box_decoder`, :func:`~MedFMSegmentLib.fast_encoder.for_openvino`),
+ran the encoder 4.5-4.8x and the decoder 3.5-4.0x faster, with a mean Dice change of +0.0013 on
+30 HC18 images and +0.0055 on 10 hippocampus slices (``perf_cpu_bf16_s7_encoder.json``,
+``perf_cpu_bf16_s7_run2.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
 than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
 less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably. On the
 AVX-512 host with VNNI, INT8 did speed the encoder up (210 vs 287 ms in bf16): it is offered as
