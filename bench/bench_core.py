@@ -112,7 +112,8 @@ def main() -> None:
         sys.exit(f"data folder {DATA_DIR} not found")
     torch.manual_seed(0)
     model = load_model("litemedsam", device=args.device)
-    result = {"benchmark": "core", "machine": machine(), "device": str(model.device), "model": "litemedsam"}
+    result = {"benchmark": "core", "machine": machine(), "device": str(model.device), "model": "litemedsam",
+              "backend": model.backend, "precision": getattr(model.accelerator, "precision", "f32")}
     if args.hc18 > 0:
         result["hc18"] = bench_hc18(model, args.hc18)
         print(json.dumps(result["hc18"]), file=sys.stderr, flush=True)
