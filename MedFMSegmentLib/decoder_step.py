@@ -105,26 +105,27 @@ class DecoderStep:
             ``(mask, stats)``: the ``(rows, cols)`` bool mask on the model's device (a reused
             buffer, see the class note) and its :class:`StepStats`.
         """
-        with quiet_torch_threads(self.model):
-            if self._embedding is None or self._embedding.shape != embedding.shape:
-                self._embedding = torch.empty_like(embedding)
-                self._graph = self._outputs = None
+        if self._embedding is None or self._embedding.shape != embedding.shape:
+            self._embedding = torch.empty_like(embedding)
+            self._graph = self._outputs = None
+        with quiet_torch_threads(self.model):  # the decoder graph starts right after these copies
             self._embedding.copy_(embedding)
             self._box.copy_(torch.from_numpy(self.transform.box_to_input(box))[None])
-            if self.use_graph and self._graph is None and self.graph_error is None:
-                self._capture()
-            if self._graph is not None:
-                self._graph.replay()
-                self._logits, mask, values = self._outputs
-            else:
-                self._logits, mask, values = self._compute()
-            return mask, to_stats(values)
+        if self.use_graph and self._graph is None and self.graph_error is None:
+            self._capture()
+        if self._graph is not None:
+            self._graph.replay()
+            self._logits, mask, values = self._outputs
+        else:
+            self._logits, mask, values = self._compute()
+        return mask, to_stats(values)
 
     def _compute(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits, _ = self.model.decode(self._embedding, boxes=self._box)
-        logits = self.transform.logits_to_slice(logits)[0]
-        mask = logits > 0
-        return logits, mask, mask_statistics(mask, self._previous)
+        with quiet_torch_threads(self.model):  # the next step's decoder graph may follow at once
+            logits = self.transform.logits_to_slice(logits)[0]
+            mask = logits > 0
+            return logits, mask, mask_statistics(mask, self._previous)
 
     def _capture(self) -> None:
         try:

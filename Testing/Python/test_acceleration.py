@@ -410,3 +410,21 @@ def test_decoder_change_keeps_encoder_accelerated(tiny_cache):
     model.accelerator = None
     with torch.inference_mode():
         assert torch.equal(logits, model.decode(embedding, boxes=box)[0])
+
+
+def test_quiet_torch_threads_only_around_openvino(f32_litemedsam, torch_litemedsam):
+    """One PyTorch thread inside the block for an OpenVINO model (restored after, even on error);
+    a PyTorch model keeps its threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with acceleration.quiet_torch_threads(f32_litemedsam):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), acceleration.quiet_torch_threads(f32_litemedsam):
+            raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+        with acceleration.quiet_torch_threads(torch_litemedsam):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
