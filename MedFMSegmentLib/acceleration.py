@@ -11,9 +11,8 @@ PyTorch float32 and the decoder 1.55x on the idle CPU (``bench/bench_perf.py``,
 ``bench/results/perf_cpu_idle.json``), with outputs equal to about 1e-5. On a host with
 AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there), with the graphs arranged
 for the CPU (:mod:`MedFMSegmentLib.box_decoder`, :func:`~MedFMSegmentLib.fast_encoder.for_openvino`),
-ran the encoder 4.5-4.8x and the decoder 3.5-4.0x faster, with a mean Dice change of +0.0013 on
-30 HC18 images and +0.0055 on 10 hippocampus slices (``perf_cpu_bf16_s7_encoder.json``,
-``perf_cpu_bf16_s7_run2.json``). In one-off trials during development (not a benchmark), ONNX Runtime was slower
+ran the encoder 4.5-5.4x and the decoder 3.5-4.3x faster, with a mean Dice change of +0.0013 on
+30 HC18 images and +0.0055 on 10 hippocampus slices (``perf_cpu_bf16_s7_*.json``, four runs). In one-off trials during development (not a benchmark), ONNX Runtime was slower
 than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
 less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably. On the
 AVX-512 host with VNNI, INT8 did speed the encoder up (210 vs 287 ms in bf16): it is offered as

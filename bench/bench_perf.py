@@ -11,7 +11,8 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
 * Dice against the label of both backends on HC18 images (tight box from the mask) and on
   hippocampus slices, the Dice change, and the Dice between the two backends' masks;
 * peak RSS of a separate process that loads only the accelerated model and segments (what a user
-  runs), plus the peak RSS of this process (both models).
+  runs), plus the peak RSS of this process (both models); that process also times the first and
+  later prompts alone, without the PyTorch float32 model interleaved (``accelerated_only_process``).
 
 On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so both columns show the
 same engine there.
@@ -174,8 +175,12 @@ def process_peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def rss_child(device: str, backend: str, threads: int) -> None:
-    """Child process: load only the accelerated model, segment one HC18 image, print peak RSS."""
+def rss_child(device: str, backend: str, threads: int, repeats: int) -> None:
+    """Child process: load only the accelerated model, segment one HC18 image, print peak RSS.
+
+    Then, as a user's process runs (no PyTorch float32 model beside it), the first prompt on a new
+    slice and later prompts, medians over ``repeats`` fresh sessions (RSS is read before).
+    """
     torch.set_num_threads(threads)
     with Timer() as t:
         model = load_model("litemedsam", device=device, backend=backend)
@@ -185,7 +190,21 @@ def rss_child(device: str, backend: str, threads: int) -> None:
     box = mask_bbox(truth)
     session.predict_slice(k, box)
     session.predict_slice(k, box)
-    print(json.dumps({"peak_rss_mb": process_peak_rss_mb(), "load_s": t.seconds, "backend": model.backend}))
+    result = {"peak_rss_mb": process_peak_rss_mb(), "load_s": t.seconds, "backend": model.backend}
+    c0, r0, c1, r1 = box
+    first, later = [], []
+    for _ in range(repeats):
+        session = SegmentationSession(model, image)
+        with Timer() as t:
+            session.predict_slice(k, box)
+        first.append(t.seconds * 1000)
+        for other in ((c0 + 4, r0 + 4, c1 - 4, r1 - 4), box, (c0 + 4, r0 + 4, c1 - 4, r1 - 4)):
+            with Timer() as t:
+                session.predict_slice(k, other)
+            later.append(t.seconds * 1000)
+    result.update({"first_prompt_ms": _median(first), "later_prompt_ms": _median(later),
+                   "first_prompt_runs": len(first), "later_prompt_runs": len(later)})
+    print(json.dumps(result))
 
 
 def main() -> None:
@@ -207,7 +226,7 @@ def main() -> None:
     if args.precision:  # through the environment so the RSS child process gets it too
         os.environ["MEDFMSEGMENT_PRECISION"] = args.precision
     if args.rss_child:
-        rss_child(args.device, args.backend, args.threads)
+        rss_child(args.device, args.backend, args.threads, args.repeats)
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -237,7 +256,8 @@ def main() -> None:
     if args.hippocampus > 0:
         result["dice_hippocampus"] = bench_dice(plain, fast, hippocampus_cases(args.hippocampus))
     child = subprocess.run([sys.executable, __file__, "--rss-child", "--device", args.device, "--backend",
-                            args.backend, "--threads", str(args.threads)], capture_output=True, text=True)
+                            args.backend, "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                           capture_output=True, text=True)
     try:
         result["accelerated_only_process"] = json.loads(child.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
