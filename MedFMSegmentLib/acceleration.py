@@ -572,7 +572,7 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
             reference = _compiled("encoder", model, module, lambda: (images,), "f32")
             inputs = {0: images.numpy()}
             expected = reference.create_infer_request().infer(inputs)[0]
-            got = _get_core().compile_model(quantized, "CPU", _compile_config("f32")).create_infer_request().infer(inputs)[0]
+            got = _compile(quantized, "encoder-int8").create_infer_request().infer(inputs)[0]
             error = _check_relative("INT8 encoder output", np.asarray(got), np.asarray(expected), _INT8_MAX_RELATIVE_ERROR)
             meta = {"model": model.spec.name, "part": "encoder", "precision": "int8", "weights_digest": digest,
                     "openvino": openvino_version(), "nncf": nncf_version(), "calibration_version": CALIBRATION_VERSION,
@@ -581,7 +581,7 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
                 _save_atomically(quantized, folder, meta)
             except OSError as exc:
                 log.warning("cannot write the OpenVINO cache in %s (%s)", folder.parent, exc)
-        compiled = _get_core().compile_model(quantized, "CPU", _compile_config(float_precision))
+        compiled = _compile(quantized, "encoder-int8", float_precision)
         _process_cache[key] = compiled
     return compiled
 
@@ -721,7 +721,7 @@ class OpenVINOAccelerator:
         NumPy on purpose, single-threaded: a PyTorch operation here leaves PyTorch's OpenMP threads
         spinning for some milliseconds while OpenVINO's threads start the graph on the same cores.
         One-off timings on the 2-core EPYC: the bf16 decoder graph took 11.9 ms after nothing or a
-        NumPy comparison, 15.5-17.3 ms right after ``torch.equal``. The comparison costs ~0.2 ms,
+        NumPy comparison, 15.5-17.6 ms right after ``torch.equal``. The comparison costs ~0.2 ms,
         the transposition of a new slice ~2.9 ms (PyTorch: 1.5 ms plus that slowdown).
         """
         values = embedding.detach().numpy()

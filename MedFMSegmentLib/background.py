@@ -1,8 +1,8 @@
 """Embed the slice the user is looking at, and its neighbours, before the user prompts.
 
-On a CPU the encoder dominates the first prompt on a new slice (333-423 ms with OpenVINO
-bfloat16, 923 ms in float32 on an AVX2-only CPU: ``bench/results/perf_cpu_bf16_s6*.json``,
-``perf_cpu_idle.json``), the decoder the later ones (22-57 ms). A viewer that calls
+On a CPU the encoder dominates the first prompt on a new slice (283-346 ms with OpenVINO
+bfloat16, 923 ms in float32 on an AVX2-only CPU: ``bench/results/perf_cpu_bf16_s7_*.json``,
+``perf_cpu_idle.json``), the decoder the later ones (12-19 ms in bfloat16, 57 ms in float32). A viewer that calls
 :meth:`BackgroundEmbedder.focus` whenever the shown slice changes gets that slice embedded while
 the user moves the mouse to it, so the first prompt usually costs only the decoder.
 

@@ -16,7 +16,8 @@ moved by up to -0.05; with 32 images hippocampus moved by -0.007. Calibrating on
 in float (two runs, ``perf_cpu_int8_s6_stem_run*.json``): encoder 4.7x / 6.3x faster than
 PyTorch float32 (bfloat16: 4.5x / 4.2x), first prompt on a new slice 274 / 240 ms, mean Dice
 change +0.0097 (HC18) / +0.0060 (hippocampus), single images losing up to 0.022 / 0.037
-(bfloat16: 0.011).
+(bfloat16: 0.011). With session 7's rearranged graphs (``perf_cpu_int8_s7*.json``): encoder
+6.75x / 6.86x, first prompt 222 / 250 ms, single images losing up to 0.041 (bfloat16: 0.013).
 INT8 is therefore an explicit choice (``precision="int8"``), never what ``auto`` picks.
 """
 
