@@ -604,8 +604,7 @@ class SegmentationSession:
         0.697 on the 20 (``core_cpu_bf16_consensus6_s7.json``).
         """
         geometry = self.image.geometry
-        extent = (np.asarray(box[3:], float) - np.asarray(box[:3], float) + 1) * np.asarray(geometry.spacing, float)
-        shortest, middle, longest = sorted((2, 1, 0), key=lambda a: (round(float(extent[a]), 6), -a))
+        shortest, middle, longest = axes_by_extent(box, geometry.spacing)
         stages = 2 + self.settings.consensus_rounds
         short_logits = self.propagate_box_logits(box, shortest, cancel)
         if progress:
@@ -710,6 +709,14 @@ class SegmentationSession:
 
     def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
         slice_from_volume(result, self.voxel_axis, index)[...] = plane
+
+
+def axes_by_extent(box: Sequence[float], spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Voxel axes of a 3D ``box`` (i0, j0, k0, i1, j1, k1) from its shortest to its longest physical
+    side; equal sides (to 1e-6 mm) put the higher axis first."""
+    extent = (np.asarray(box[3:], float) - np.asarray(box[:3], float) + 1) * np.asarray(spacing, float)
+    shortest, middle, longest = sorted((2, 1, 0), key=lambda a: (round(float(extent[a]), 6), -a))
+    return shortest, middle, longest
 
 
 def box_on_axis(box: Sequence[float], voxel_axis: int) -> tuple[Box2D, int, int]:

@@ -35,14 +35,9 @@ from common import DATA_DIR, dice, emit, machine, peak_rss_mb  # noqa: E402
 from MedFMSegmentLib.geometry import slice_from_volume  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession, box_on_axis  # noqa: E402
+from MedFMSegmentLib.predictor import (PredictorSettings, SegmentationSession, axes_by_extent,  # noqa: E402
+                                        box_on_axis)
 from MedFMSegmentLib.prompts import Prompts, expand_box, mask_bbox, smooth_box_track  # noqa: E402
-
-
-def longest_axis(session: SegmentationSession, box: tuple[int, ...]) -> int:
-    """The voxel axis of the box's longest physical side (ties as the consensus strategy breaks them)."""
-    extent = (np.asarray(box[3:], float) - np.asarray(box[:3], float) + 1) * np.asarray(session.image.geometry.spacing)
-    return sorted((2, 1, 0), key=lambda a: (round(float(extent[a]), 6), -a))[2]
 
 
 def every_slice_tight(session: SegmentationSession, truth: np.ndarray, box: tuple[int, ...], axis: int) -> np.ndarray:
@@ -112,7 +107,7 @@ def main() -> None:
         scores = {"consensus": dice(consensus, truth)}
         for axis in (0, 1, 2):
             scores[f"every_slice_tight_axis{axis}"] = dice(every_slice_tight(session, truth, box, axis), truth)
-        axis = longest_axis(session, box)
+        axis = axes_by_extent(box, session.image.geometry.spacing)[2]
         for variant, mask in track_variants(session, consensus, truth, box, axis).items():
             scores[variant] = dice(mask, truth)
         for key, value in scores.items():
