@@ -112,6 +112,10 @@ class PromptableModel(nn.Module):
         self.mask_decoder = mask_decoder
         self.weights_sha256 = weights_sha256
         self.accelerator = None
+        #: Optional trainable module between the image embedding and the prompt decoder (an
+        #: adapter's :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter`); applied in
+        #: :meth:`decode`, so cached embeddings stay the image encoder's own.
+        self.embedding_adapter: nn.Module | None = None
         self.register_buffer("pixel_mean", torch.tensor(_SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -191,6 +195,8 @@ class PromptableModel(nn.Module):
             ``(logits, iou)``: ``(N, 1, 256, 256)`` logits covering the padded model input, and
             ``(N, 1)`` predicted IoU.
         """
+        if self.embedding_adapter is not None:
+            embedding = self.embedding_adapter(embedding)
         if self.accelerator is not None:
             decoded = self.accelerator.decode(self, embedding, boxes, points, point_labels, mask_input)
             if decoded is not None:

@@ -85,6 +85,7 @@ def run_part(name, train, test, steps, device, encoder, log):
     mean = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "case"}
     return {"train_cases": len(train), "test_cases": len(test), "encoder": metadata["encoder"],
             "steps": metadata["steps"], "validation_dice": metadata["validation_dice"],
+            "embedding_adapter": metadata.get("embedding_adapter"),
             "training_seconds": round(train_s, 1), "peak_rss_mb_after_training": round(train_rss, 1),
             "mean_dice": mean, "cases": rows, "peak_rss_mb": round(peak_rss_mb(), 1),
             "peak_gpu_mb": peak_gpu_mb()}

@@ -34,6 +34,33 @@ class AdapterInfo:
                    metadata.get("keep_components", "largest"), metadata)
 
 
+class EmbeddingAdapter(torch.nn.Module):
+    """A residual bottleneck on the ``(B, C, 64, 64)`` image embedding, before the decoder.
+
+    With the image encoder frozen (fine-tuning on a CPU, on cached embeddings) the decoder alone
+    cannot change what the embedding says about the target structure; this small block (1x1 down
+    to ``channels``, 3x3, 1x1 back up, added to its input) can, at the cost of a decoder step.
+    The last layer starts at zero, so training starts from the base model's output.
+    """
+
+    def __init__(self, embedding_channels: int = 256, channels: int = 64) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv2d(embedding_channels, channels, 1)
+        self.mix = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.up = torch.nn.Conv2d(channels, embedding_channels, 1)
+        self.act = torch.nn.GELU()
+        torch.nn.init.zeros_(self.up.weight)
+        torch.nn.init.zeros_(self.up.bias)
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        return embedding + self.up(self.act(self.mix(self.act(self.down(embedding)))))
+
+
+def add_embedding_adapter(model: PromptableModel, channels: int) -> None:
+    """Give ``model`` an :class:`EmbeddingAdapter` of ``channels`` (on the model's device)."""
+    model.embedding_adapter = EmbeddingAdapter(model.prompt_encoder.embed_dim, channels).to(model.device)
+
+
 def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv", "proj"),
                 encoder_stages=None) -> list[str]:
     """Add LoRA layers (peft) to the image encoder's attention Linear layers, in place."""
@@ -52,11 +79,17 @@ def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv",
     return names
 
 
+def is_trained(parameter_name: str) -> bool:
+    """Whether fine-tuning trains (and an adapter file stores) this parameter of the model."""
+    return ("lora_" in parameter_name or parameter_name.startswith("mask_decoder.")
+            or parameter_name.startswith("embedding_adapter."))
+
+
 def trainable_state(model: PromptableModel) -> dict:
-    """LoRA weights of the encoder and all mask decoder weights."""
+    """LoRA weights of the encoder, the embedding adapter's and all mask decoder weights."""
     state = {}
     for key, value in model.state_dict().items():
-        if "lora_" in key or key.startswith("mask_decoder."):
+        if is_trained(key):
             state[key] = value.detach().cpu().contiguous()
     return state
 
@@ -105,9 +138,17 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
     if lora is not None:  # None: a decoder-only adapter (frozen image encoder)
         inject_lora(model, int(lora.get("rank", 4)), float(lora.get("alpha", 8)),
                     tuple(lora.get("targets", ("qkv", "proj"))), lora.get("encoder_stages"))
+    embedding_adapter = metadata.get("embedding_adapter")
+    if embedding_adapter:
+        add_embedding_adapter(model, int(embedding_adapter["channels"]))
     state = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
     device = model.device
-    model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    missing = [key for key in missing if is_trained(key)]
+    if missing or unexpected:
+        # strict=False alone would drop unknown weights or keep untrained ones without a word
+        raise InputError(f"adapter {adapter_dir}: its weights do not match its metadata.json "
+                         f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]})")
     return model.to(device).eval()
 
 

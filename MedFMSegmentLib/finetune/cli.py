@@ -39,6 +39,7 @@ def _run(args: argparse.Namespace) -> int:
     check_cases(cases, args.label_value)
     config = FinetuneConfig(model_name=args.model, checkpoint=args.checkpoint, device=args.device,
                             steps=args.steps, encoder=args.encoder, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
+                            embedding_adapter_channels=args.embedding_adapter,
                             label_value=args.label_value, seed=args.seed,
                             label_name=args.label_name or (f"label {args.label_value}" if args.label_value else "label"))
     model, metadata = finetune(cases, config, progress=_progress)
@@ -55,14 +56,18 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--label-value", type=int, default=None, help="label value to learn (default: all non-zero)")
     parser.add_argument("--label-name", default=None)
     parser.add_argument("--steps", type=int, default=None,
-                        help="training steps (default: 200 with LoRA, 2000 with a frozen encoder)")
+                        help="training steps (default: 800 with LoRA, 2000 with a frozen encoder)")
     parser.add_argument("--model", default="litemedsam")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"],
-                        help="lora: LoRA in the image encoder + decoder; frozen: decoder only on cached "
-                             "embeddings (fast on a CPU); auto (default): lora on a GPU, frozen otherwise")
+                        help="lora: LoRA in the image encoder + decoder; frozen: decoder and an embedding "
+                             "adapter on cached embeddings (fast on a CPU); auto (default): lora on a GPU, "
+                             "frozen otherwise")
+    parser.add_argument("--embedding-adapter", type=int, default=None, metavar="CHANNELS",
+                        help="width of the trainable block between image embedding and decoder; 0: none "
+                             "(default: 64 with a frozen encoder, 0 with LoRA)")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(handler=_run)

@@ -16,13 +16,14 @@ from ..geometry import slice_from_volume
 from ..io import MedicalImage
 from ..models import PromptableModel, load_model, resolve_device, tiny_random_model_for_tests
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
-from .adapters import inject_lora, trainable_state
+from .adapters import add_embedding_adapter, inject_lora, is_trained, trainable_state
 
 TEST_MODEL = "tiny_random_for_tests"
 # Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
 # step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
 DEFAULT_STEPS = {"lora": 800, "frozen": 2000}
 DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4}
+DEFAULT_EMBEDDING_ADAPTER = {"lora": 0, "frozen": 64}
 
 
 @dataclass
@@ -38,7 +39,8 @@ class FinetuneConfig:
     lora_alpha: float = 8.0
     lora_targets: tuple = ("qkv", "proj")
     encoder_stages: tuple | None = None  # None: every stage; e.g. (2, 3) for the last ones only
-    lr: float = 3e-4
+    embedding_adapter_channels: int | None = None  # None: DEFAULT_EMBEDDING_ADAPTER of the mode; 0: none
+    lr: float = 3e-4  # LoRA and embedding-adapter weights
     decoder_lr: float | None = None  # None: DEFAULT_DECODER_LR of the encoder mode
     label_value: int | None = None
     label_name: str = "label"
@@ -239,7 +241,10 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     Returns ``(model, metadata)``. ``config.encoder`` picks the mode (see
     :func:`resolve_encoder_mode`): with a frozen encoder each sampled slice is embedded once and
     the decoder trains on the cached embeddings, with jittered box prompts, empty prompts
-    (automatic mode) and horizontally flipped copies as augmentation.
+    (automatic mode) and horizontally flipped copies as augmentation. There an
+    :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter` (``embedding_adapter_channels``,
+    64 by default) trains with the decoder, since the frozen encoder cannot adapt the features
+    themselves.
 
     The model stays in eval mode throughout (BatchNorm statistics frozen, no dropout), so the
     saved adapter reloads to exactly the trained outputs.
@@ -251,6 +256,10 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     mode = resolve_encoder_mode(config, resolve_device(config.device))
+    adapter_channels = (DEFAULT_EMBEDDING_ADAPTER[mode] if config.embedding_adapter_channels is None
+                        else config.embedding_adapter_channels)
+    if adapter_channels < 0:
+        raise InputError(f"embedding adapter channels must be 0 or more, got {adapter_channels}")
     model = _load_base(config, mode)
     base_name, base_sha = model.spec.name, model.weights_sha256
     for p in model.parameters():
@@ -259,9 +268,11 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
     targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
                if mode == "lora" else [])
+    if adapter_channels > 0:
+        add_embedding_adapter(model, adapter_channels)
     model.to(model.pixel_mean.device)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or name.startswith("mask_decoder."))
+        p.requires_grad_(is_trained(name))
     model.eval()
 
     slices = _slices(cases, config)
@@ -297,9 +308,10 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     from monai.losses import DiceCELoss
 
     loss_fn = DiceCELoss(sigmoid=True)
-    lora_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    dec_params = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
-    groups = [{"params": lora_params, "lr": config.lr}, {"params": dec_params, "lr": decoder_lr}]
+    # The added weights (LoRA, embedding adapter) learn at ``lr``, the pretrained decoder at ``decoder_lr``.
+    added = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("mask_decoder.")]
+    dec_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("mask_decoder.")]
+    groups = [{"params": added, "lr": config.lr}, {"params": dec_params, "lr": decoder_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     use_amp = model.device.type == "cuda"
@@ -379,6 +391,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
                  "encoder_stages": list(config.encoder_stages) if config.encoder_stages is not None else None,
                  "layers": len(targets)} if mode == "lora" else None,
+        "embedding_adapter": {"channels": adapter_channels} if adapter_channels > 0 else None,
         "automatic": config.automatic_fraction > 0,
         "keep_components": config.keep_components,
         "seed": config.seed,

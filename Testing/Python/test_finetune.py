@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from MedFMSegmentLib.errors import CancelledError, InputError
-from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
+from MedFMSegmentLib.finetune.adapters import EmbeddingAdapter, load_adapted_model, save_adapter
 from MedFMSegmentLib.finetune.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
 from MedFMSegmentLib.io import MedicalImage, read_image, read_label
@@ -40,6 +40,7 @@ def test_tiny_finetune_save_reload_identical(tmp_path):
     assert [r["step"] for r in reports] == [1, 2, 3, 4]
     assert all({"step", "steps", "loss", "val_dice"} <= set(r) for r in reports)
     assert metadata["encoder"] == "lora" and metadata["lora"]["layers"] > 0
+    assert metadata["embedding_adapter"] is None and model.embedding_adapter is None  # LoRA adapts the encoder
     previous_umask = os.umask(0o022)
     try:
         folder = save_adapter(model, tmp_path / "adapter", metadata)
@@ -71,6 +72,8 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
     assert embedding_reports and embedding_reports[-1]["done"] == embedding_reports[-1]["total"] <= 10 + 8
     assert [r["step"] for r in reports if "step" in r] == list(range(1, 7))
     assert metadata["encoder"] == "frozen" and metadata["lora"] is None
+    assert metadata["embedding_adapter"] == {"channels": 64}
+    assert model.embedding_adapter.up.weight.abs().max() > 0  # trained away from its zero start
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model.encode(x), base.encode(x))  # the encoder did not change
@@ -78,9 +81,31 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
                zip(model.mask_decoder.state_dict().items(), base.mask_decoder.state_dict().items()))
     folder = save_adapter(model, tmp_path / "adapter", metadata)
     reloaded, info = load_adapted_model(folder, model_name=TINY)
+    assert reloaded.embedding_adapter is not None
     with torch.no_grad():
         e = model.encode(x)
         assert torch.equal(model.decode(e)[0], reloaded.decode(e)[0])
+    # Metadata that does not describe the weights (here: no embedding adapter) is refused, not
+    # loaded with the adapter's weights silently dropped.
+    import json
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    meta["embedding_adapter"] = None
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="do not match its metadata"):
+        load_adapted_model(folder, model_name=TINY)
+
+
+def test_embedding_adapter_starts_as_the_identity():
+    """Its last layer starts at zero: before training, the adapted decoder gives the base output
+    bit for bit, so training starts from the base model."""
+    torch.manual_seed(0)
+    adapter = EmbeddingAdapter(embedding_channels=32, channels=8)
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(adapter(x), x)
+        torch.nn.init.normal_(adapter.up.weight)
+        assert not torch.equal(adapter(x), x)  # and it is in the path once it has weights
 
 
 def test_cancel_writes_nothing(tmp_path):
@@ -99,6 +124,8 @@ def test_bad_inputs():
         finetune([(image, label)], FinetuneConfig(model_name=TINY, label_value=5))
     with pytest.raises(InputError, match="grids differ"):
         finetune([(image, MedicalImage.from_array(label.array[:, :30]))], FinetuneConfig(model_name=TINY))
+    with pytest.raises(InputError, match="embedding adapter channels"):
+        finetune([(image, label)], FinetuneConfig(model_name=TINY, embedding_adapter_channels=-1))
 
 
 def _cli(*args):
