@@ -636,7 +636,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         for image_path, label_path in pairs:
             args += ["--image", str(image_path), "--label", str(label_path)]
         args += ["-o", str(adapter_dir), "--device", device]
-        if int(steps) > 0:  # 0: the library picks (200 with LoRA, 2000 with a frozen encoder)
+        if int(steps) > 0:  # 0: the library picks (800 with LoRA, 2000 with a frozen encoder)
             args += ["--steps", str(int(steps))]
         if int(rank) != 4:  # only pass --rank when it differs from the command's default
             args += ["--rank", str(int(rank))]
