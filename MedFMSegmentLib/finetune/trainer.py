@@ -244,7 +244,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     (automatic mode) and horizontally flipped copies as augmentation. There an
     :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter` (``embedding_adapter_channels``,
     64 by default) trains with the decoder, since the frozen encoder cannot adapt the features
-    themselves.
+    themselves: over five paired runs on the CPU it added 0.020 of automatic Dice on average
+    (better in three) and moved box Dice by -0.003 (``bench/results/adapter_pairs_cpu_bf16_s9.jsonl``).
 
     The model stays in eval mode throughout (BatchNorm statistics frozen, no dropout), so the
     saved adapter reloads to exactly the trained outputs.

@@ -1,0 +1,95 @@
+"""Fine-tuning with and without one option, same splits, encoder and seed: automatic and box Dice.
+
+Made to compare the frozen-encoder fine-tuning with and without its embedding adapter
+(``FinetuneConfig.embedding_adapter_channels``): one JSON line per run. Test-case embeddings are
+computed once with the base model's encoder (the one frozen-encoder training uses) and cached
+under ``--cache``; the adapted model decodes them, as ``bench_finetune.py`` does.
+
+Usage: python bench/bench_adapter_pairs.py --part hc18|hippocampus --tag NAME --config '{"embedding_adapter_channels": 0, "seed": 1}'
+Splits: hippocampus cases 1-5 train, the next 20 test; HC18 the first 10 prefixes train (10
+images), 30 images of the others test (as ``bench_finetune.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import box_dice  # noqa: E402
+from common import DATA_DIR, machine  # noqa: E402
+
+from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
+from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
+from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
+from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
+from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+
+
+def splits(part: str):
+    if part == "hippocampus":
+        folder = DATA_DIR / "msd_hippocampus_mri"
+        names = sorted(p.name for p in (folder / "labelsTr").glob("hippocampus_*.nii.gz"))[:25]
+        pairs = [(read_image(folder / "imagesTr" / n), read_label(folder / "labelsTr" / n)) for n in names]
+        return pairs[:5], pairs[5:]
+    folder = DATA_DIR / "hc18_fetal_head_us"
+    images = sorted((folder / "images").glob("*_HC.png"))
+    train_prefixes = set(sorted({p.name.split("_")[0] for p in images})[:10])
+
+    def pair(p):
+        return read_image(p), read_label(folder / "masks" / p.name.replace("_HC.png", "_HC_mask.png"))
+
+    return ([pair(p) for p in images if p.name.split("_")[0] in train_prefixes][:10],
+            [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][:30])
+
+
+def test_embeddings(base, test, cache: Path) -> list[list[torch.Tensor]]:
+    cache.mkdir(parents=True, exist_ok=True)
+    out = []
+    for image, _ in test:
+        path = cache / (Path(image.source).name + ".pt")
+        if not path.exists():
+            session = SegmentationSession(base, image, axis="axial")
+            torch.save([session.embedding(i).half() for i in range(session.num_slices)], path)
+        out.append(torch.load(path))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["hippocampus", "hc18"], required=True)
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON")
+    parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
+    args = parser.parse_args()
+    train, test = splits(args.part)
+    config = json.loads(args.config)
+    embeddings = test_embeddings(load_model(), test, Path(args.cache) / args.part)
+    validation = []
+    started = time.monotonic()
+    model, metadata = finetune(train, FinetuneConfig(**config),
+                               progress=lambda r: validation.append(r["val_dice"]) if r.get("val_dice") is not None else None)
+    train_s = time.monotonic() - started
+    scores = []
+    for (image, label), case_embeddings in zip(test, embeddings):
+        session = SegmentationSession(model, image, axis="axial")
+        for index, embedding in enumerate(case_embeddings):
+            session.store_embedding(index, embedding.float())
+        mask = label.array != 0
+        automatic = evaluate_masks(segment_automatic(session), mask, image.geometry.spacing)["dice"]
+        scores.append((automatic, box_dice(session, mask)))
+    scores = np.array(scores)
+    print(json.dumps({"tag": args.tag, "part": args.part, "config": config, "auto": round(float(scores[:, 0].mean()), 4),
+                      "box": round(float(scores[:, 1].mean()), 4), "train_s": round(train_s, 1),
+                      "steps": metadata["steps"], "val": [round(v, 3) for v in validation],
+                      "machine": machine()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
