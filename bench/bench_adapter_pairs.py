@@ -7,7 +7,7 @@ under ``--cache``; the adapted model decodes them, as ``bench_finetune.py`` does
 
 Usage: python bench/bench_adapter_pairs.py --part hc18|hippocampus --tag NAME --config '{"embedding_adapter_channels": 0, "seed": 1}'
 Splits: hippocampus cases 1-5 train, the next 20 test; HC18 the first 10 prefixes train (10
-images), 30 images of the others test (as ``bench_finetune.py``).
+images), 30 images of the others test: ``bench_finetune.py``'s splits.
 """
 from __future__ import annotations
 
@@ -21,32 +21,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import box_dice  # noqa: E402
-from common import DATA_DIR, machine  # noqa: E402
+from bench_finetune import box_dice, hc18_split, hippocampus_split  # noqa: E402
+from common import machine  # noqa: E402
 
 from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
 from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
-from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
-
-
-def splits(part: str):
-    if part == "hippocampus":
-        folder = DATA_DIR / "msd_hippocampus_mri"
-        names = sorted(p.name for p in (folder / "labelsTr").glob("hippocampus_*.nii.gz"))[:25]
-        pairs = [(read_image(folder / "imagesTr" / n), read_label(folder / "labelsTr" / n)) for n in names]
-        return pairs[:5], pairs[5:]
-    folder = DATA_DIR / "hc18_fetal_head_us"
-    images = sorted((folder / "images").glob("*_HC.png"))
-    train_prefixes = set(sorted({p.name.split("_")[0] for p in images})[:10])
-
-    def pair(p):
-        return read_image(p), read_label(folder / "masks" / p.name.replace("_HC.png", "_HC_mask.png"))
-
-    return ([pair(p) for p in images if p.name.split("_")[0] in train_prefixes][:10],
-            [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][:30])
 
 
 def test_embeddings(base, test, cache: Path) -> list[list[torch.Tensor]]:
@@ -68,7 +50,7 @@ def main() -> None:
     parser.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON")
     parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
     args = parser.parse_args()
-    train, test = splits(args.part)
+    train, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     config = json.loads(args.config)
     embeddings = test_embeddings(load_model(), test, Path(args.cache) / args.part)
     validation = []

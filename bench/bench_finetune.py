@@ -56,6 +56,30 @@ def auto_dice(session, mask, refine_iterations: int = 1) -> float:
     return evaluate_masks(pred, mask, session.image.geometry.spacing)["dice"]
 
 
+def hippocampus_split(n_train: int, n_test: int):
+    """(train, test) lists of (image, label): the first ``n_train`` hippocampus cases by name, then
+    the next ``n_test``."""
+    folder = DATA / "msd_hippocampus_mri"
+    names = sorted(p.name for p in (folder / "labelsTr").glob("hippocampus_*.nii.gz"))
+    pairs = [(read_image(folder / "imagesTr" / n), read_label(folder / "labelsTr" / n))
+             for n in names[: n_train + n_test]]
+    return pairs[:n_train], pairs[n_train:]
+
+
+def hc18_split(n_train: int, n_test: int):
+    """(train, test) lists of (image, label) split by subject prefix: ``n_train`` images of the first
+    ``n_train`` prefixes, ``n_test`` images of the others."""
+    folder = DATA / "hc18_fetal_head_us"
+    images = sorted((folder / "images").glob("*_HC.png"))
+    train_prefixes = set(sorted({p.name.split("_")[0] for p in images})[:n_train])
+
+    def pair(p):
+        return read_image(p), read_label(folder / "masks" / p.name.replace("_HC.png", "_HC_mask.png"))
+
+    return ([pair(p) for p in images if p.name.split("_")[0] in train_prefixes][:n_train],
+            [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][:n_test])
+
+
 def run_part(name, train, test, steps, device, encoder, log):
     base = load_model(device=device)  # OpenVINO on a CPU when present: the shared embeddings come from it
     started = time.monotonic()
@@ -110,25 +134,12 @@ def main() -> int:
     result = {"benchmark": "finetune", "machine": machine(),
               "device": str(load_model(device=args.device, backend="torch").device)}
     if "hippocampus" in args.parts:
-        folder = DATA / "msd_hippocampus_mri"
-        names = sorted(p.name for p in (folder / "labelsTr").glob("hippocampus_*.nii.gz"))
-        pairs = [(read_image(folder / "imagesTr" / n), read_label(folder / "labelsTr" / n))
-                 for n in names[: args.hippo_train + args.hippo_test]]
-        result["hippocampus"] = run_part("hippocampus", pairs[: args.hippo_train], pairs[args.hippo_train:],
-                                         args.steps, args.device, args.encoder, log)
+        train, test = hippocampus_split(args.hippo_train, args.hippo_test)
+        result["hippocampus"] = run_part("hippocampus", train, test, args.steps, args.device, args.encoder, log)
         if args.output:  # a run cut short later (a time-limited GPU) keeps this part's figures
             Path(args.output).write_text(json.dumps(result, indent=2))
     if "hc18" in args.parts:
-        folder = DATA / "hc18_fetal_head_us"
-        images = sorted((folder / "images").glob("*_HC.png"))
-        prefixes = sorted({p.name.split("_")[0] for p in images})
-        train_prefixes = set(prefixes[: args.hc_train])
-
-        def pair(p):
-            return read_image(p), read_label(folder / "masks" / p.name.replace("_HC.png", "_HC_mask.png"))
-
-        train = [pair(p) for p in images if p.name.split("_")[0] in train_prefixes][: args.hc_train]
-        test = [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][: args.hc_test]
+        train, test = hc18_split(args.hc_train, args.hc_test)
         result["hc18"] = run_part("hc18", train, test, args.steps, args.device, args.encoder, log)
     emit(result, args.output)
     return 0
