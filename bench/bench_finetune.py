@@ -2,7 +2,8 @@
 
 Hippocampus MRI (train on N cases, test on others) and HC18 ultrasound (split by filename prefix).
 Usage: python bench/bench_finetune.py [--steps N] [--encoder auto|lora|frozen] [--hippo-train 5] [--hippo-test 20]
-       [--hc-train 10] [--hc-test 30] [--parts hippocampus,hc18] [-o bench/results/finetune_cpu.json]
+       [--hc-train 10] [--hc-test 30] [--parts hippocampus,hc18] [--embedding-adapter N] [--seed N]
+       [-o bench/results/finetune_cpu.json]
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def hc18_split(n_train: int, n_test: int):
             [pair(p) for p in images if p.name.split("_")[0] not in train_prefixes][:n_test])
 
 
-def run_part(name, train, test, steps, device, encoder, log):
-    base = load_model(device=device)  # OpenVINO on a CPU when present: the shared embeddings come from it
+def run_part(name, train, test, config: FinetuneConfig, log):
+    base = load_model(device=config.device)  # OpenVINO on a CPU when present: the shared embeddings come from it
     started = time.monotonic()
 
     def report(r):
@@ -92,7 +93,7 @@ def run_part(name, train, test, steps, device, encoder, log):
             log(f"{name} step {r['step']}/{r['steps']} loss {r['loss']:.4f} val_dice {r['val_dice']} "
                 f"at {time.monotonic() - started:.0f} s")
 
-    model, metadata = finetune(train, FinetuneConfig(steps=steps, device=device, encoder=encoder), progress=report)
+    model, metadata = finetune(train, config, progress=report)
     train_s = time.monotonic() - started
     train_rss = peak_rss_mb()
     shared = metadata["encoder"] == "frozen"
@@ -125,6 +126,9 @@ def main() -> int:
     parser.add_argument("--parts", default="hippocampus,hc18")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"])
+    parser.add_argument("--embedding-adapter", type=int, default=None,
+                        help="embedding adapter channels (default: the library's, 64 frozen / 0 LoRA; 0: none)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
 
@@ -133,14 +137,18 @@ def main() -> int:
 
     result = {"benchmark": "finetune", "machine": machine(),
               "device": str(load_model(device=args.device, backend="torch").device)}
+    config = FinetuneConfig(steps=args.steps, device=args.device, encoder=args.encoder,
+                            embedding_adapter_channels=args.embedding_adapter, seed=args.seed)
+    result["options"] = {"steps": args.steps, "encoder": args.encoder, "embedding_adapter": args.embedding_adapter,
+                         "seed": args.seed}
     if "hippocampus" in args.parts:
         train, test = hippocampus_split(args.hippo_train, args.hippo_test)
-        result["hippocampus"] = run_part("hippocampus", train, test, args.steps, args.device, args.encoder, log)
+        result["hippocampus"] = run_part("hippocampus", train, test, config, log)
         if args.output:  # a run cut short later (a time-limited GPU) keeps this part's figures
             Path(args.output).write_text(json.dumps(result, indent=2))
     if "hc18" in args.parts:
         train, test = hc18_split(args.hc_train, args.hc_test)
-        result["hc18"] = run_part("hc18", train, test, args.steps, args.device, args.encoder, log)
+        result["hc18"] = run_part("hc18", train, test, config, log)
     emit(result, args.output)
     return 0
 

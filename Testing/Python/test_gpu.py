@@ -1,7 +1,7 @@
 """CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
 
 These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
-All five passed on a lent H200 (``bench/results/gpu_h200_s4_run1.log``, ``gpu_h200_s4_run2.log``):
+The first five passed on a lent H200 (``bench/results/gpu_h200_s4_run1.log``, ``gpu_h200_s4_run2.log``):
 the GPU-against-CPU 3D box test first failed there on a real bug (a decoder step built in
 inference mode could not be updated outside it), fixed and rerun.
 """
@@ -70,24 +70,38 @@ def test_gpu_3d_box_matches_cpu(cuda_model, litemedsam):
     assert abs(dice(gpu, truth) - dice(cpu, truth)) < 0.02
 
 
-def test_lora_finetune_on_gpu_reloads_identically(tmp_path):
-    """LoRA under CUDA autocast: a few steps change the model, and the saved adapter reloads to
-    the same outputs (BatchNorm kept frozen)."""
+@pytest.mark.parametrize("encoder, adapter_channels", [("lora", 0), ("lora", 32), ("frozen", 64)])
+def test_finetune_on_gpu_reloads_identically(tmp_path, encoder, adapter_channels):
+    """Fine-tuning under CUDA autocast (LoRA, LoRA with an embedding adapter, frozen encoder with
+    one): the saved adapter reloads to the same outputs (BatchNorm kept frozen), and the session's
+    CUDA-graph decoder step runs the embedding adapter like the eager decoder."""
     from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
     from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
     from MedFMSegmentLib.predictor import SegmentationSession
 
     cases = [_case(1), _case(3)]
-    model, metadata = finetune(cases, FinetuneConfig(steps=20, validate_every=10, device="cuda", encoder="lora"))
-    assert metadata["encoder"] == "lora" and metadata["device"].startswith("cuda")
+    model, metadata = finetune(cases, FinetuneConfig(steps=20, validate_every=10, device="cuda", encoder=encoder,
+                                                     embedding_adapter_channels=adapter_channels))
+    assert metadata["encoder"] == encoder and metadata["device"].startswith("cuda")
+    assert (metadata["embedding_adapter"] or {}).get("channels", 0) == adapter_channels
     folder = save_adapter(model, tmp_path / "adapter", metadata)
     reloaded, _ = load_adapted_model(folder, device="cuda")
-    session = SegmentationSession(model, cases[0][0], axis="axial")
-    x = session.transform.image_to_input(session.slice_image(session.num_slices // 2))[None].cuda()
+    session = SegmentationSession(reloaded, cases[0][0], axis="axial")
+    index = session.num_slices // 2
+    x = session.transform.image_to_input(session.slice_image(index))[None].cuda()
     with torch.inference_mode():
         e1, e2 = model.encode(x), reloaded.encode(x)
         assert torch.allclose(e1, e2, atol=1e-5)
         assert torch.allclose(model.decode(e1)[0], reloaded.decode(e2)[0], atol=1e-4)
+    truth = cases[0][1].array[index] > 0
+    rows, cols = np.nonzero(truth)
+    box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
+    graphed = session.decode_slice(index, box)  # CUDA graph (DecoderStep)
+    t = session.transform
+    with torch.inference_mode():
+        logits, _ = reloaded.decode(session.embedding(index), boxes=torch.from_numpy(t.box_to_input(box))[None].cuda())
+        eager = (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
+    assert graphed.any() and np.mean(graphed != eager) < 1e-3
 
 
 def test_graphed_decoder_step_matches_eager(cuda_model):
