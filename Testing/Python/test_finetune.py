@@ -96,6 +96,21 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
         load_adapted_model(folder, model_name=TINY)
 
 
+def test_saved_state_comes_from_the_second_half_of_training():
+    """Validation checks in the first half neither become the saved state nor stop training
+    (a 2-image validation set once rated step 100 of 800 best); the metadata names the step kept."""
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    reports = []
+    config = FinetuneConfig(model_name=TINY, steps=12, validate_every=2, early_stopping_patience=1, device="cpu",
+                            embedding_budget=10)
+    _, metadata = finetune(cases, config, progress=reports.append)
+    checks = {r["step"]: r["val_dice"] for r in reports if r.get("val_dice") is not None}
+    assert min(checks) == 2 and metadata["steps"] >= 6 + 2  # one bad check after the first eligible one at the least
+    eligible = {step: dice for step, dice in checks.items() if step >= 6}
+    assert metadata["best_step"] == max(eligible, key=lambda step: (eligible[step], -step))
+    assert metadata["validation_dice"] == eligible[metadata["best_step"]]
+
+
 def test_embedding_adapter_starts_as_the_identity():
     """Its last layer starts at zero: before training, the adapted decoder gives the base output
     bit for bit, so training starts from the base model."""
