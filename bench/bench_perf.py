@@ -10,6 +10,10 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
   :class:`BackgroundEmbedder` takes to embed the shown slice and the first prompt after it;
 * Dice against the label of both backends on HC18 images (tight box from the mask) and on
   hippocampus slices, the Dice change, and the Dice between the two backends' masks;
+* 3D propagation seconds on the largest hippocampus volume (3D box from its label, embedding
+  included) and batch embedding slices per second, plain vs accelerated, ratio, Dice change;
+* fine-tuning seconds per step, frozen-encoder and LoRA modes (training is PyTorch in both);
+* peak GPU memory (PyTorch's allocator; null without CUDA);
 * peak RSS of a separate process that loads only the accelerated model and segments (what a user
   runs), plus the peak RSS of this process (both models); that process also times the first and
   later prompts alone, without the PyTorch float32 model interleaved (``accelerated_only_process``).
@@ -17,7 +21,8 @@ both alike; figures are medians over ``--repeats`` runs. Prints one JSON object:
 On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so both columns show the
 same engine there.
 
-Usage: python bench/bench_perf.py [--device cpu] [--precision auto|f32|bf16|int8] [--repeats 5] [--hc18 10] [--hippocampus 3] [-o out.json]
+Usage: python bench/bench_perf.py [--device cpu] [--precision auto|f32|bf16|int8] [--repeats 5] [--hc18 10] [--hippocampus 3]
+       [--volume-repeats 3] [--batch-slices 8] [--frozen-steps 30] [--lora-steps 6] [-o out.json]
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E402
+from common import DATA_DIR, emit, Timer, dice, machine, peak_gpu_mb, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.background import BackgroundEmbedder  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
@@ -163,6 +168,85 @@ def bench_dice(plain, fast, cases) -> dict:
             "min_dice_between_backends": float(min(r["dice_between_backends"] for r in rows)), "per_case": rows}
 
 
+def _largest_hippocampus() -> tuple:
+    path = max((HIPPOCAMPUS / "imagesTr").glob("*.nii.gz"), key=lambda p: p.stat().st_size)
+    return path.name, read_image(path), read_image(HIPPOCAMPUS / "labelsTr" / path.name).array > 0
+
+
+def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
+    """3D propagation from the label's 3D box on the largest hippocampus volume (a fresh session
+    each run, embedding included), and batch embedding throughput (slices embedded ahead, as batch
+    and automatic segmentation do: batches of 16 on a GPU, one by one on a CPU), plain against
+    accelerated."""
+    from MedFMSegmentLib.prompts import Prompts
+
+    name, image, truth = _largest_hippocampus()
+    k, j, i = np.nonzero(truth)
+    prompts = Prompts(box=(int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max())))
+    seconds = {"plain": [], "fast": []}
+    masks = {}
+    rates = {"plain": [], "fast": []}
+    for _ in range(repeats):
+        for label, model in (("plain", plain), ("fast", fast)):
+            propagation = SegmentationSession(model, image)
+            with Timer() as t:
+                masks[label] = propagation.segment(prompts)
+                _sync(model.device)
+            seconds[label].append(t.seconds)
+            session = SegmentationSession(model, image, axis="axial")
+            count = min(batch_slices, session.num_slices)
+            with Timer() as t:
+                session.embed_slices(range(count), batch_size=max(1, session.settings.batch_size_for(model.device)))
+                _sync(model.device)
+            rates[label].append(count / t.seconds)
+    result = {"case": name, "shape": list(image.array.shape), "box3d_strategy": propagation.settings.box3d_strategy,
+              "slicing_voxel_axis": propagation.voxel_axis,
+              "propagation_s_plain": _median(seconds["plain"]), "propagation_s_accelerated": _median(seconds["fast"]),
+              "dice_plain": dice(masks["plain"], truth), "dice_accelerated": dice(masks["fast"], truth),
+              "batch_slices": count,
+              "batch_slices_per_s_plain": _median(rates["plain"]), "batch_slices_per_s_accelerated": _median(rates["fast"]),
+              "runs": repeats}
+    result["propagation_speedup"] = result["propagation_s_plain"] / result["propagation_s_accelerated"]
+    result["batch_speedup"] = result["batch_slices_per_s_accelerated"] / result["batch_slices_per_s_plain"]
+    result["dice_change"] = result["dice_accelerated"] - result["dice_plain"]
+    return result
+
+
+def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int) -> dict:
+    """Seconds per fine-tuning step (median of the intervals between steps) on two hippocampus
+    cases: the frozen-encoder mode (the CPU default; its slices are embedded first, by the
+    accelerated encoder) and LoRA (the GPU default). Training is PyTorch in both modes, as it needs
+    autograd: the only accelerated part is the frozen mode's embedding stage."""
+    import time
+
+    from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+
+    names = sorted(p.name for p in (HIPPOCAMPUS / "labelsTr").glob("*.nii.gz"))[:2]
+    cases = [(read_image(HIPPOCAMPUS / "imagesTr" / n), read_image(HIPPOCAMPUS / "labelsTr" / n)) for n in names]
+    result = {"cases": names}
+    for mode, steps in (("frozen", frozen_steps), ("lora", lora_steps)):
+        if steps < 2:
+            continue
+        stamps, embedded = {}, []
+
+        def progress(report, stamps=stamps, embedded=embedded):
+            if report.get("stage") == "embedding":
+                embedded.append(time.perf_counter())
+            elif report.get("val_dice") is None:  # steps with a validation pass would skew the median
+                stamps[report["step"]] = time.perf_counter()
+
+        config = FinetuneConfig(steps=steps, device=device, encoder=mode, validate_every=10 ** 6, embedding_budget=40)
+        with Timer() as t:
+            finetune(cases, config, progress=progress)
+        intervals = [stamps[n] - stamps[n - 1] for n in sorted(stamps) if n - 1 in stamps]
+        result[f"{mode}_step_s"] = _median(intervals)
+        result[f"{mode}_steps_timed"] = len(intervals)
+        result[f"{mode}_total_s"] = t.seconds
+        if len(embedded) > 1:
+            result[f"{mode}_embedding_ms_per_slice"] = 1000 * _median(list(np.diff(embedded)))
+    return result
+
+
 def process_peak_rss_mb() -> float:
     """Peak RSS of this process image: VmHWM, which, unlike ru_maxrss, does not carry over the
     parent's peak into a child started with fork + exec."""
@@ -217,6 +301,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hc18", type=int, default=10, help="HC18 images for the Dice comparison")
     parser.add_argument("--hippocampus", type=int, default=3, help="hippocampus slices for the Dice comparison")
+    parser.add_argument("--volume-repeats", type=int, default=3, help="runs of the 3D propagation and batch parts")
+    parser.add_argument("--batch-slices", type=int, default=8, help="slices embedded ahead per batch run")
+    parser.add_argument("--frozen-steps", type=int, default=30, help="frozen-encoder fine-tuning steps timed")
+    parser.add_argument("--lora-steps", type=int, default=6, help="LoRA fine-tuning steps timed")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (also the OpenVINO thread count)")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", help="also write the JSON here")
@@ -255,6 +343,14 @@ def main() -> None:
     result["dice_hc18"] = bench_dice(plain, fast, hc18)
     if args.hippocampus > 0:
         result["dice_hippocampus"] = bench_dice(plain, fast, hippocampus_cases(args.hippocampus))
+    result["peak_rss_mb_this_process_both_models"] = process_peak_rss_mb()  # before fine-tuning adds to it
+    print("volume ...", file=sys.stderr, flush=True)
+    result["volume"] = bench_volume(plain, fast, args.volume_repeats, args.batch_slices)
+    print(json.dumps(result["volume"]), file=sys.stderr, flush=True)
+    print("fine-tuning steps ...", file=sys.stderr, flush=True)
+    result["finetune"] = bench_finetune_steps(args.device, args.frozen_steps, args.lora_steps)
+    print(json.dumps(result["finetune"]), file=sys.stderr, flush=True)
+    result["peak_gpu_mb"] = peak_gpu_mb()
     child = subprocess.run([sys.executable, __file__, "--rss-child", "--device", args.device, "--backend",
                             args.backend, "--threads", str(args.threads), "--repeats", str(args.repeats)],
                            capture_output=True, text=True)
@@ -262,7 +358,7 @@ def main() -> None:
         result["accelerated_only_process"] = json.loads(child.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         result["accelerated_only_process"] = {"error": child.stderr.strip()[-300:]}
-    result["peak_rss_mb_this_process_both_models"] = process_peak_rss_mb()
+    result["peak_rss_mb_this_process_end"] = process_peak_rss_mb()
     result["machine"]["load_average_end"] = list(__import__("os").getloadavg())
     emit(result, args.output)
 
