@@ -440,7 +440,8 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     The loaded model is cached (per model name, checkpoint and device), and so is one
     ``SegmentationSession`` per volume, so repeated prompts on a volume reuse its slice
-    embeddings. Every write goes through :mod:`MedFMSegmentLib.slicer_bridge` with an undo snapshot.
+    embeddings. All sessions share one embedding cache, so one memory budget bounds them
+    however many volumes are prompted. Every write goes through :mod:`MedFMSegmentLib.slicer_bridge` with an undo snapshot.
     """
 
     def __init__(self) -> None:
@@ -452,6 +453,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.model = None
         self._model_key = None
         self._sessions = {}
+        self._embeddingCache = None
         self._embedders = {}
         self._undoStack = None
 
@@ -477,7 +479,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.model = model
         self._model_key = (self.model_name, self.checkpoint, self.device)
         self.stopBackgroundEmbedding()
-        self._sessions.clear()
+        self._forgetSessions()
 
     def load_model(self):
         key = (self.model_name, self.checkpoint, self.device)
@@ -487,8 +489,22 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             self.model = load_model(self.model_name, self.checkpoint, self.device)
             self._model_key = key
             self.stopBackgroundEmbedding()
-            self._sessions.clear()
+            self._forgetSessions()
         return self.model
+
+    def _forgetSessions(self) -> None:
+        self._sessions.clear()
+        self._embeddingCache = None  # its budget depends on the model's device
+
+    def embeddingCache(self):
+        """The :class:`~MedFMSegmentLib.predictor.EmbeddingCache` every volume's session shares: its
+        budget is ``PredictorSettings.cache_bytes`` for the model's device (1 GiB on a CPU)."""
+        if self._embeddingCache is None:
+            from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings
+
+            budget = PredictorSettings().cache_bytes_for(self.load_model().device)
+            self._embeddingCache = EmbeddingCache(budget)
+        return self._embeddingCache
 
     def session_for(self, volume_node, axis: str = "auto"):
         """The cached session of a volume, rebuilt when the volume's voxels or geometry changed."""
@@ -499,7 +515,10 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         stamp = (volume_node.GetImageData().GetMTime(), volume_node.GetMTime())
         cached = self._sessions.get(volume_node.GetID())
         if cached is None or cached[0] != stamp or cached[1].model is not model:
-            session = SegmentationSession(model, volume_node_to_image(volume_node), axis=axis)
+            if cached is not None:
+                cached[1].cache.clear()  # embeddings of voxels that changed: free their share of the budget
+            session = SegmentationSession(model, volume_node_to_image(volume_node), axis=axis,
+                                          cache=self.embeddingCache())
             self._sessions[volume_node.GetID()] = (stamp, session)
         else:
             session = cached[1]
@@ -545,7 +564,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def clear(self) -> None:
         """Forget sessions and undo history (scene closed)."""
         self.stopBackgroundEmbedding()
-        self._sessions.clear()
+        self._forgetSessions()
         if self._undoStack is not None:
             self._undoStack.clear()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -116,6 +117,9 @@ class PromptableModel(nn.Module):
         #: adapter's :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter`); applied in
         #: :meth:`decode`, so cached embeddings stay the image encoder's own.
         self.embedding_adapter: nn.Module | None = None
+        #: Names this loaded model (base or adapted) in shared embedding caches
+        #: (:class:`~MedFMSegmentLib.predictor.SessionCache`).
+        self.cache_token = uuid.uuid4().hex
         self.register_buffer("pixel_mean", torch.tensor(_SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 

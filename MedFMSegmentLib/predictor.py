@@ -13,6 +13,7 @@ the same slice costs only the prompt decoder.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -110,7 +111,12 @@ class PredictorSettings:
 
 
 class EmbeddingCache:
-    """LRU cache of slice embeddings bounded by bytes; thread-safe."""
+    """LRU cache of slice embeddings bounded by bytes; thread-safe.
+
+    One cache can serve many sessions (volumes, models), so that one memory budget bounds them
+    all, as the Slicer module does: each session sees it through a :class:`SessionCache`, whose
+    keys carry the session's volume and model tokens.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -146,7 +152,7 @@ class EmbeddingCache:
             return key in self._items
 
     def keys(self) -> list[tuple]:
-        """The cached keys, ``(voxel_axis, slice_index)``, least recently used first."""
+        """The cached keys, least recently used first."""
         with self._lock:
             return list(self._items)
 
@@ -157,10 +163,72 @@ class EmbeddingCache:
     def nbytes(self) -> int:
         return self._bytes
 
+    def discard(self, predicate: Callable[[tuple], bool]) -> int:
+        """Drop the entries whose key satisfies ``predicate``; returns how many were dropped."""
+        with self._lock:
+            doomed = [key for key in self._items if predicate(key)]
+            for key in doomed:
+                old = self._items.pop(key)
+                self._bytes -= old.element_size() * old.nelement()
+            return len(doomed)
+
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+class SessionCache:
+    """One session's view of an :class:`EmbeddingCache`, possibly shared with other sessions.
+
+    The session asks by ``(voxel_axis, slice_index)``; the store holds ``(volume token, model
+    token, voxel_axis, slice_index)``: the volume token is unique to the session (its image and
+    intensity window), the model token to the loaded model or adapter
+    (:attr:`PromptableModel.cache_token`). Hits and misses are counted per session.
+    """
+
+    def __init__(self, store: EmbeddingCache, namespace: tuple) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.hits = 0
+        self.misses = 0
+
+    def _full(self, key: tuple) -> tuple:
+        return self.namespace + key
+
+    def _owns(self, full_key: tuple) -> bool:
+        return full_key[:len(self.namespace)] == self.namespace
+
+    def get(self, key: tuple) -> torch.Tensor | None:
+        value = self.store.get(self._full(key))
+        if value is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return value
+
+    def put(self, key: tuple, value: torch.Tensor) -> None:
+        self.store.put(self._full(key), value)
+
+    def __contains__(self, key: tuple) -> bool:
+        return self._full(key) in self.store
+
+    def keys(self) -> list[tuple]:
+        """This session's cached keys, ``(voxel_axis, slice_index)``, least recently used first."""
+        n = len(self.namespace)
+        return [key[n:] for key in self.store.keys() if self._owns(key)]
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    @property
+    def max_bytes(self) -> int:
+        """The budget of the whole store (shared by every session on it)."""
+        return self.store.max_bytes
+
+    def clear(self) -> None:
+        """Drop this session's embeddings (other sessions' stay)."""
+        self.store.discard(self._owns)
 
 
 def cuda_batch_bucket(count: int, limit: int) -> int:
@@ -192,10 +260,14 @@ class SegmentationSession:
             2D images always use K.
         intensity: How voxel values are scaled to [0, 1].
         settings: Refinement and propagation behaviour.
+        cache: An embedding cache to share with other sessions under one memory budget (the
+            Slicer module shares one across volumes); by default the session has its own, of
+            ``settings.cache_bytes``.
     """
 
     def __init__(self, model: PromptableModel, image: MedicalImage, axis: str | int = "auto",
-                 intensity: IntensitySettings | None = None, settings: PredictorSettings | None = None) -> None:
+                 intensity: IntensitySettings | None = None, settings: PredictorSettings | None = None,
+                 cache: EmbeddingCache | None = None) -> None:
         self.model = model
         self.image = image
         self.settings = settings or PredictorSettings()
@@ -217,7 +289,8 @@ class SegmentationSession:
         # waits for that result instead of computing it again (see embedding_along).
         self._inflight: dict[tuple, threading.Event] = {}
         self._inflight_lock = threading.Lock()
-        self.cache = EmbeddingCache(self.settings.cache_bytes_for(model.device))
+        store = cache if cache is not None else EmbeddingCache(self.settings.cache_bytes_for(model.device))
+        self.cache = SessionCache(store, (uuid.uuid4().hex, model.cache_token))
         self.voxel_axis = 2
         self.auto_axis = False
         self.set_axis(axis)

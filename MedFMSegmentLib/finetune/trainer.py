@@ -225,7 +225,8 @@ def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     (``bench/results/finetune_cpu_2000steps.json``). On an H200, 800 LoRA steps (the default)
     took 103 s on hippocampus and 92 s on HC18, and gave automatic Dice 0.805 and 0.923, against
     0.484 and 0.869 after 200 steps (``bench/results/finetune_gpu_h200_lora800_*.json``,
-    ``finetune_gpu_h200_lora.json``).
+    ``finetune_gpu_h200_lora.json``). On an H100, 800 LoRA steps (with an embedding adapter)
+    took 130 s (``finetune_gpu_h100_lora_adapter_hippocampus_s10.json``).
     """
     if config.encoder not in ("auto", "lora", "frozen"):
         raise InputError(f"encoder mode must be auto, lora or frozen, got {config.encoder!r}")

@@ -148,6 +148,31 @@ def test_embedding_cache_respects_memory_budget():
     assert cache.get((2, 9)) is not None and cache.get((2, 0)) is None
 
 
+def test_sessions_share_one_embedding_budget():
+    """Plumbing with a tiny random-weight model: sessions on one EmbeddingCache are bounded
+    together (least recently used first, whichever session it belongs to), never see each other's
+    embeddings, and clear only their own."""
+    import torch
+
+    model = tiny_random_model_for_tests()
+    rng = np.random.default_rng(0)
+    images = [MedicalImage.from_array(rng.random((4, 32, 32)).astype(np.float32)) for _ in range(2)]
+    probe = SegmentationSession(model, images[0], axis="axial")
+    one = probe.embedding(0)
+    store = EmbeddingCache(max_bytes=3 * one.element_size() * one.nelement())
+    a = SegmentationSession(model, images[0], axis="axial", cache=store)
+    b = SegmentationSession(model, images[1], axis="axial", cache=store)
+    torch.testing.assert_close(a.embedding(0), one)
+    b.embedding(0), b.embedding(1)
+    assert len(store) == 3 and a.cache.keys() == [(2, 0)] and b.cache.keys() == [(2, 0), (2, 1)]
+    assert not torch.equal(a.embedding(0), b.embedding(0))  # same key for the session, separate entries
+    b.embedding(2)  # over budget: the least recently used entry goes, here b's slice 1
+    assert len(store) == 3 and store.nbytes <= store.max_bytes and b.cache.keys() == [(2, 0), (2, 2)]
+    b.cache.clear()
+    assert a.cache.keys() == [(2, 0)] and len(store) == 1
+    assert {key[1] for key in store.keys()} == {model.cache_token}  # keyed by the model too
+
+
 def test_embedding_cache_budget_defaults_per_device():
     import torch
 

@@ -653,3 +653,31 @@ def test_logic_embeds_the_viewed_slice_in_the_background(scene, module_file):
     assert embedder.stopped and logic.backgroundEmbedder(volume) is None
     embedder.stop(timeout=10)
     assert not embedder.running
+
+
+def test_logic_sessions_share_one_bounded_embedding_cache(scene, module_file):
+    """Plumbing with a tiny random-weight model: every volume's session draws on one embedding
+    cache (one budget however many volumes are prompted), and a volume whose voxels change
+    drops its old embeddings from it."""
+    import torch
+
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+
+    geometry = oblique_geometry(size=(20, 18, 6), spacing=(0.8, 0.9, 1.5))
+    first = bridge.image_to_volume_node(random_image(geometry, seed=1), scene, "first")
+    second = bridge.image_to_volume_node(random_image(geometry, seed=2), scene, "second")
+    logic = module_file.MedFMSegmentLogic()
+    logic.set_model(tiny_random_model_for_tests())
+    a, b = logic.session_for(first, "axial"), logic.session_for(second, "axial")
+    store = logic.embeddingCache()
+    assert a.cache.store is store and b.cache.store is store and store.max_bytes == 1 << 30
+    a.embedding(2), b.embedding(2), b.embedding(3)
+    assert a.cache.keys() == [(2, 2)] and sorted(b.cache.keys()) == [(2, 2), (2, 3)] and len(store) == 3
+    assert not torch.equal(a.embedding(2), b.embedding(2))  # same slice index, other volume, own entry
+    bridge.image_to_volume_node(random_image(geometry, seed=3), scene, "unused")  # other nodes: no effect
+    array = slicer.util.arrayFromVolume(second)
+    array += 1
+    slicer.util.arrayFromVolumeModified(second)
+    renewed = logic.session_for(second, "axial")
+    assert renewed is not b and renewed.cache.store is store
+    assert len(store) == 1 and renewed.cache.keys() == [] and a.cache.keys() == [(2, 2)]
