@@ -199,7 +199,8 @@ class PromptableModel(nn.Module):
             ``(logits, iou)``: ``(N, 1, 256, 256)`` logits covering the padded model input, and
             ``(N, 1)`` predicted IoU.
         """
-        if self.embedding_adapter is not None:
+        prompted = boxes is not None or points is not None
+        if self.embedding_adapter is not None and not (prompted and getattr(self.embedding_adapter, "prompt_free_only", False)):
             embedding = self.embedding_adapter(embedding)
         if self.accelerator is not None:
             decoded = self.accelerator.decode(self, embedding, boxes, points, point_labels, mask_input)

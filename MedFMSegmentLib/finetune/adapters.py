@@ -43,8 +43,10 @@ class EmbeddingAdapter(torch.nn.Module):
     The last layer starts at zero, so training starts from the base model's output.
     """
 
-    def __init__(self, embedding_channels: int = 256, channels: int = 64) -> None:
+    def __init__(self, embedding_channels: int = 256, channels: int = 64, prompt_free_only: bool = False) -> None:
         super().__init__()
+        #: Applied to prompt-free decoding only (automatic mode); prompted calls see the raw embedding.
+        self.prompt_free_only = prompt_free_only
         self.down = torch.nn.Conv2d(embedding_channels, channels, 1)
         self.mix = torch.nn.Conv2d(channels, channels, 3, padding=1)
         self.up = torch.nn.Conv2d(channels, embedding_channels, 1)
@@ -56,9 +58,10 @@ class EmbeddingAdapter(torch.nn.Module):
         return embedding + self.up(self.act(self.mix(self.act(self.down(embedding)))))
 
 
-def add_embedding_adapter(model: PromptableModel, channels: int) -> None:
+def add_embedding_adapter(model: PromptableModel, channels: int, prompt_free_only: bool = False) -> None:
     """Give ``model`` an :class:`EmbeddingAdapter` of ``channels`` (on the model's device)."""
-    model.embedding_adapter = EmbeddingAdapter(model.prompt_encoder.embed_dim, channels).to(model.device)
+    model.embedding_adapter = EmbeddingAdapter(model.prompt_encoder.embed_dim, channels,
+                                               prompt_free_only).to(model.device)
 
 
 def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv", "proj"),
@@ -140,7 +143,8 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
                     tuple(lora.get("targets", ("qkv", "proj"))), lora.get("encoder_stages"))
     embedding_adapter = metadata.get("embedding_adapter")
     if embedding_adapter:
-        add_embedding_adapter(model, int(embedding_adapter["channels"]))
+        add_embedding_adapter(model, int(embedding_adapter["channels"]),
+                              bool(embedding_adapter.get("prompt_free_only", False)))
     state = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
     device = model.device
     missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)

@@ -40,6 +40,7 @@ def _run(args: argparse.Namespace) -> int:
     config = FinetuneConfig(model_name=args.model, checkpoint=args.checkpoint, device=args.device,
                             steps=args.steps, encoder=args.encoder, lora_rank=args.rank, lora_alpha=2.0 * args.rank,
                             embedding_adapter_channels=args.embedding_adapter,
+                            embedding_adapter_scope=args.embedding_adapter_scope,
                             label_value=args.label_value, seed=args.seed,
                             label_name=args.label_name or (f"label {args.label_value}" if args.label_value else "label"))
     model, metadata = finetune(cases, config, progress=_progress)
@@ -69,5 +70,8 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--embedding-adapter", type=int, default=None, metavar="CHANNELS",
                         help="width of the trainable block between image embedding and decoder; 0: none "
                              "(default: 64 with a frozen encoder, 0 with LoRA)")
+    parser.add_argument("--embedding-adapter-scope", default="automatic", choices=["automatic", "all"],
+                        help="automatic (default): the embedding adapter acts on prompt-free (automatic) "
+                             "segmentation only, box and click prompts see the raw embedding; all: every prompt")
     parser.add_argument("--overwrite", action="store_true")
     parser.set_defaults(handler=_run)

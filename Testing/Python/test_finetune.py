@@ -72,7 +72,7 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
     assert embedding_reports and embedding_reports[-1]["done"] == embedding_reports[-1]["total"] <= 10 + 8
     assert [r["step"] for r in reports if "step" in r] == list(range(1, 7))
     assert metadata["encoder"] == "frozen" and metadata["lora"] is None
-    assert metadata["embedding_adapter"] == {"channels": 64}
+    assert metadata["embedding_adapter"] == {"channels": 64, "prompt_free_only": True}  # the default scope
     assert model.embedding_adapter.up.weight.abs().max() > 0  # trained away from its zero start
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
@@ -121,6 +121,27 @@ def test_embedding_adapter_starts_as_the_identity():
         assert torch.equal(adapter(x), x)
         torch.nn.init.normal_(adapter.up.weight)
         assert not torch.equal(adapter(x), x)  # and it is in the path once it has weights
+
+
+def test_prompt_free_only_embedding_adapter_leaves_prompted_decoding_alone(tmp_path):
+    """An adapter trained for automatic mode only changes prompt-free decoding; box prompts see
+    the raw embedding. The setting survives saving and reloading."""
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    config = FinetuneConfig(model_name=TINY, steps=4, validate_every=2, device="cpu", embedding_budget=10,
+                            embedding_adapter_scope="automatic")
+    model, metadata = finetune(cases, config)
+    assert metadata["embedding_adapter"] == {"channels": 64, "prompt_free_only": True}
+    torch.nn.init.normal_(model.embedding_adapter.up.weight)  # make sure it is not the identity
+    reloaded, _ = load_adapted_model(save_adapter(model, tmp_path / "adapter", metadata), model_name=TINY)
+    embedding = torch.randn(1, 32, 4, 4)  # the tiny model's embedding: 32 channels, 4 x 4
+    box = torch.tensor([[4.0, 4.0, 40.0, 40.0]])
+    with torch.no_grad():
+        for adapted in (model, reloaded):
+            adapter, adapted.embedding_adapter = adapted.embedding_adapter, None
+            raw_box, raw_free = adapted.decode(embedding, boxes=box)[0], adapted.decode(embedding)[0]
+            adapted.embedding_adapter = adapter
+            assert torch.equal(adapted.decode(embedding, boxes=box)[0], raw_box)
+            assert not torch.equal(adapted.decode(embedding)[0], raw_free)
 
 
 def test_cancel_writes_nothing(tmp_path):

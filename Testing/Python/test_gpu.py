@@ -71,18 +71,22 @@ def test_gpu_3d_box_matches_cpu(cuda_model, litemedsam):
     assert abs(dice(gpu, truth) - dice(cpu, truth)) < 0.02
 
 
-@pytest.mark.parametrize("encoder, adapter_channels", [("lora", 0), ("lora", 32), ("frozen", 64)])
-def test_finetune_on_gpu_reloads_identically(tmp_path, encoder, adapter_channels):
+@pytest.mark.parametrize("encoder, adapter_channels, scope", [("lora", 0, "all"), ("lora", 32, "all"),
+                                                             ("frozen", 64, "automatic")])
+def test_finetune_on_gpu_reloads_identically(tmp_path, encoder, adapter_channels, scope):
     """Fine-tuning under CUDA autocast (LoRA, LoRA with an embedding adapter, frozen encoder with
     one): the saved adapter reloads to the same outputs (BatchNorm kept frozen), and the session's
-    CUDA-graph decoder step runs the embedding adapter like the eager decoder."""
+    CUDA-graph decoder step decodes a box like the eager decoder (through the embedding adapter
+    where its scope is "all"). The seven passed on an H100 before scopes existed (every adapter
+    then acted on every prompt, as "all" does)."""
     from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
     from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
     from MedFMSegmentLib.predictor import SegmentationSession
 
     cases = [_case(1), _case(3)]
     model, metadata = finetune(cases, FinetuneConfig(steps=20, validate_every=10, device="cuda", encoder=encoder,
-                                                     embedding_adapter_channels=adapter_channels))
+                                                     embedding_adapter_channels=adapter_channels,
+                                                     embedding_adapter_scope=scope))
     assert metadata["encoder"] == encoder and metadata["device"].startswith("cuda")
     assert (metadata["embedding_adapter"] or {}).get("channels", 0) == adapter_channels
     folder = save_adapter(model, tmp_path / "adapter", metadata)
