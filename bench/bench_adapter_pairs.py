@@ -21,11 +21,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import box_dice, hc18_split, hippocampus_split  # noqa: E402
+from bench_finetune import auto_dice, box_dice, hc18_split, hippocampus_split  # noqa: E402
 from common import machine  # noqa: E402
 
-from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
-from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
@@ -64,8 +62,7 @@ def main() -> None:
         for index, embedding in enumerate(case_embeddings):
             session.store_embedding(index, embedding.float())
         mask = label.array != 0
-        automatic = evaluate_masks(segment_automatic(session), mask, image.geometry.spacing)["dice"]
-        scores.append((automatic, box_dice(session, mask)))
+        scores.append((auto_dice(session, mask), box_dice(session, mask)))
     scores = np.array(scores)
     print(json.dumps({"tag": args.tag, "part": args.part, "config": config, "auto": round(float(scores[:, 0].mean()), 4),
                       "box": round(float(scores[:, 1].mean()), 4), "train_s": round(train_s, 1),

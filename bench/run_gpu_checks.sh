@@ -29,11 +29,11 @@ step() {  # step NAME CAP COMMAND...
 } 2>&1 | tee -a "$LOG"
 
 step tests 150 python3 -m pytest -q -p no:cacheprovider Testing/Python/test_gpu.py Testing/Python/test_fast_encoder.py
-# LoRA with and without the embedding adapter, same seed and splits (HC18 first: its automatic
-# Dice is the one short of its target on a GPU), then hippocampus with it.
-step finetune_hc18_adapter 180 python3 bench/bench_finetune.py --device cuda --encoder lora --embedding-adapter 64 --parts hc18 -o "$OUT/finetune_lora_adapter_hc18.json"
-step finetune_hippocampus_adapter 190 python3 bench/bench_finetune.py --device cuda --encoder lora --embedding-adapter 64 --parts hippocampus -o "$OUT/finetune_lora_adapter_hippocampus.json"
-step finetune_hc18_plain 180 python3 bench/bench_finetune.py --device cuda --encoder lora --embedding-adapter 0 --parts hc18 -o "$OUT/finetune_lora_hc18.json"
+# LoRA as the library does it by default (both parts), then with the embedding adapter (its
+# default scope: prompt-free decoding only), same seed and splits.
+step finetune_lora 360 python3 bench/bench_finetune.py --device cuda --encoder lora -o "$OUT/finetune_lora.json"
+step finetune_lora_adapter 360 python3 bench/bench_finetune.py --device cuda --encoder lora --embedding-adapter 64 -o "$OUT/finetune_lora_adapter.json"
 step gpu 150 python3 bench/bench_gpu.py --parts accuracy,prompts,propagation,ct --repeats 3 --profile-out "$OUT/profile_ct.txt" -o "$OUT/gpu.json"
 step gpu_encoder 60 python3 bench/bench_gpu.py --parts encoder --batch-sizes 32,64 --repeats 5 -o "$OUT/gpu_encoder.json"
+step encoder_variants 200 python3 bench/bench_encoder_gpu.py --batch-sizes 32,64,128 --repeats 10 --compile --profile-out "$OUT/profile_encoder.txt" -o "$OUT/encoder_variants.json"
 echo "== done at $(( $(date +%s) - START ))s" | tee -a "$LOG"

@@ -351,7 +351,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         return float(np.mean([np.mean(scores) for scores in (box_scores, auto_scores) if scores]))
 
     best_dice, best_state, best_step, bad_checks, val_dice, steps_done = -1.0, None, None, 0, float("nan"), 0
-    first_eligible = int(steps * config.select_after_fraction)
+    first_eligible = min(steps, int(steps * config.select_after_fraction))  # the last step always counts
     for step in range(1, steps + 1):
         if cancel is not None and cancel.is_set():
             raise CancelledError("fine-tuning cancelled")
@@ -374,7 +374,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         if val and (step % config.validate_every == 0 or step == steps):
             val_dice = validate()
             report["val_dice"] = val_dice
-            if step >= first_eligible or step == steps:
+            if step >= first_eligible:
                 if val_dice > best_dice:
                     best_dice, best_state, best_step, bad_checks = val_dice, trainable_state(model), step, 0
                 else:
