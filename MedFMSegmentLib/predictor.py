@@ -499,6 +499,14 @@ class SegmentationSession:
         with quiet_torch_threads(self.model):
             return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
 
+    @torch.inference_mode()
+    def prompt_free_logits(self, index: int) -> np.ndarray:
+        """``(rows, cols)`` float32 logits of one decoder call with no prompt on slice ``index`` (what
+        adapters trained for automatic mode take); ``decode_slice(index)`` is these ``> 0``."""
+        logits, _ = self.model.decode(self.embedding(index))
+        with quiet_torch_threads(self.model):
+            return self.transform.logits_to_slice(logits)[0].float().cpu().numpy()
+
     def decode_logits(self, index: int, box: Box2D) -> np.ndarray:
         """``(rows, cols)`` float32 logits of one decoder call on slice ``index`` with exactly this
         box (slice pixels, no margin, no refinement); :meth:`decode_slice` is ``logits > 0``."""

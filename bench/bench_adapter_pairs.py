@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_finetune import auto_dice, box_dice, hc18_split, hippocampus_split  # noqa: E402
 from common import machine  # noqa: E402
 
+from MedFMSegmentLib.finetune.adapters import save_adapter  # noqa: E402
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--tag", required=True)
     parser.add_argument("--config", default="{}", help="FinetuneConfig fields as JSON")
     parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
+    parser.add_argument("--save-adapter", default=None, help="also save the trained adapter in this folder")
     args = parser.parse_args()
     train, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     config = json.loads(args.config)
@@ -56,6 +58,8 @@ def main() -> None:
     model, metadata = finetune(train, FinetuneConfig(**config),
                                progress=lambda r: validation.append(r["val_dice"]) if r.get("val_dice") is not None else None)
     train_s = time.monotonic() - started
+    if args.save_adapter:
+        save_adapter(model, Path(args.save_adapter), metadata)
     scores = []
     for (image, label), case_embeddings in zip(test, embeddings):
         session = SegmentationSession(model, image, axis="axial")

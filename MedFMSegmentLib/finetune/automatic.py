@@ -7,6 +7,8 @@ import torch
 from ..errors import CancelledError
 from ..geometry import slice_into_volume
 
+BOX_THRESHOLD = 0.0
+
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage
@@ -19,8 +21,8 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1, progress=None,
-                      cancel=None) -> np.ndarray:
+def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1,
+                      box_threshold: float = BOX_THRESHOLD, progress=None, cancel=None) -> np.ndarray:
     """Segment every slice with no prompt, then keep the largest 3D component.
 
     Args:
@@ -30,6 +32,9 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1
             (largest 2D component plus the usual margin), starting from the prompt-free mask; 0
             keeps the prompt-free output. SAM-family decoders are far better with a box than
             without one, and a rough mask is enough to place the box.
+        box_threshold: Logit above which prompt-free output places the first box. Below 0 the box
+            also takes in pixels the decoder was unsure of: adapted prompt-free output is precise
+            but misses part of the structure, so its own box is too small.
         progress: Called with (slices done, slices in total).
         cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
 
@@ -44,15 +49,16 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1
     for index in range(n):
         if cancel is not None and cancel.is_set():
             raise CancelledError("automatic segmentation cancelled")
-        plane = session.decode_slice(index)
+        logits = session.prompt_free_logits(index)
+        plane, source = logits > 0, logits > box_threshold
         for _ in range(refine_iterations):
-            if not plane.any():
+            if not source.any():
                 break
-            box = expand_box(mask_bbox(keep_largest_component(plane)), session.box_margin(), plane.shape)
+            box = expand_box(mask_bbox(keep_largest_component(source)), session.box_margin(), plane.shape)
             refined = session.decode_slice(index, box)
             if not refined.any():
                 break
-            plane = refined
+            plane = source = refined
         slice_into_volume(result, session.voxel_axis, index, plane)
         if progress is not None:
             progress(index + 1, n)

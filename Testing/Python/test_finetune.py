@@ -237,3 +237,64 @@ def test_real_frozen_encoder_adapter_runs_on_the_base_accelerated_encoder(tmp_pa
         # The adapter's decoder runs in PyTorch, as trained: exactly the trained model's output.
         assert torch.equal(reloaded.decode(embedding, boxes=box)[0], model.decode(embedding, boxes=box)[0])
         assert not torch.equal(reloaded.decode(embedding, boxes=box)[0], litemedsam.decode(embedding, boxes=box)[0])
+
+
+def test_frozen_encoder_fills_its_embedding_budget_with_augmented_copies():
+    """Few slices (2D cases): originals, flipped copies, then augmented copies up to the budget.
+    Many slices: originals and flips only, so 3D training sees what it saw before."""
+    from MedFMSegmentLib.finetune.trainer import _embed, _plan_embeddings, _Slice
+
+    mask = np.zeros((32, 32), bool)
+    mask[8:20, 10:26] = True
+    few = [_Slice(np.random.default_rng(n).random((32, 32)).astype(np.float32), mask, (1.0, 1.0), n)
+           for n in range(3)]
+    plan = _plan_embeddings(few, [], 20, 0.8, True, np.random.default_rng(0))
+    assert len(plan) == 20
+    assert [(flip, seed) for _, flip, seed in plan[:6]] == [(False, None)] * 3 + [(True, None)] * 3
+    seeds = [seed for _, _, seed in plan[6:]]
+    assert None not in seeds and len(set(seeds)) == len(seeds)
+    assert {id(item) for item, _, _ in plan[6:]} == {id(item) for item in few}  # every original is used
+    assert len(_plan_embeddings(few, [], 20, 0.8, False, np.random.default_rng(0))) == 3  # no augmentation
+    many = [_Slice(np.zeros((32, 32), np.float32), mask, (1.0, 1.0), n) for n in range(30)]
+    plan = _plan_embeddings(many, [], 40, 0.8, True, np.random.default_rng(0))
+    assert len(plan) == 40 and all(seed is None for _, _, seed in plan)
+
+    model = tiny_random_model_for_tests()
+    plain = _embed(model, few[0], False)
+    first, again = (_embed(model, few[0], False, seeds[0]) for _ in range(2))
+    assert not torch.equal(plain.embedding, first.embedding)
+    assert torch.equal(first.embedding, again.embedding) and torch.equal(first.target, again.target)
+
+
+def test_augmented_copy_moves_image_and_mask_together():
+    from MedFMSegmentLib.finetune.trainer import _augment
+
+    mask = np.zeros((48, 64), bool)
+    mask[10:30, 20:50] = True
+    for seed in range(8):
+        image, moved = _augment(mask.astype(np.float32), mask, np.random.default_rng(seed))
+        bright = image > 0.5
+        assert 2 * (bright & moved).sum() / (bright.sum() + moved.sum()) > 0.95
+
+
+def test_automatic_box_threshold_places_the_first_box():
+    """Plumbing (tiny random model): the prompt-free logits are what ``decode_slice`` thresholds,
+    and ``box_threshold`` decides which of them place the first box."""
+    from MedFMSegmentLib.geometry import slice_from_volume
+    from MedFMSegmentLib.prompts import expand_box
+
+    session = SegmentationSession(tiny_random_model_for_tests(), _synthetic_case(0)[0])
+    for index in range(session.num_slices):
+        np.testing.assert_array_equal(session.prompt_free_logits(index) > 0, session.decode_slice(index))
+    unrefined = segment_automatic(session, refine_iterations=0, keep="all")
+    # A threshold no logit reaches places no box: every slice keeps its prompt-free mask.
+    np.testing.assert_array_equal(segment_automatic(session, box_threshold=np.inf, keep="all"), unrefined)
+    # One every logit reaches boxes the whole slice.
+    whole = segment_automatic(session, box_threshold=-np.inf, keep="all")
+    rows, cols = session.slice_shape
+    full = expand_box((0, 0, cols - 1, rows - 1), session.box_margin(), (rows, cols))
+    for index in range(session.num_slices):
+        expected = session.decode_slice(index, full)
+        if not expected.any():
+            expected = slice_from_volume(unrefined, session.voxel_axis, index)
+        np.testing.assert_array_equal(slice_from_volume(whole, session.voxel_axis, index), expected)

@@ -1,0 +1,66 @@
+"""Automatic-mode settings on a saved adapter: mean 3D Dice per box threshold and re-prompt count.
+
+Decoder-only: the test cases' embeddings come from the ``bench_adapter_pairs.py`` cache (the base
+encoder's, which frozen-encoder adapters decode), so one adapter is scored under many settings
+in minutes. Train and save the adapter first, e.g.
+``python bench/bench_adapter_pairs.py --part hc18 --tag T --save-adapter /tmp/adapter_hc18``.
+
+Usage: python bench/bench_automatic.py --part hc18|hippocampus --adapter DIR
+       [--thresholds 0,-1,-2,-3] [--refine 1,2,3] [-o results.json]
+Splits: ``bench_finetune.py``'s test cases (hippocampus: the 20 after the first 5; HC18: 30 images).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_adapter_pairs import test_embeddings  # noqa: E402
+from bench_finetune import hc18_split, hippocampus_split  # noqa: E402
+from common import emit, machine  # noqa: E402
+
+from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
+from MedFMSegmentLib.finetune.adapters import load_adapted_model  # noqa: E402
+from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
+from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["hippocampus", "hc18"], required=True)
+    parser.add_argument("--adapter", required=True)
+    parser.add_argument("--thresholds", default="0,-1,-2,-3")
+    parser.add_argument("--refine", default="1,2,3")
+    parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
+    parser.add_argument("-o", "--output", default=None)
+    args = parser.parse_args()
+    thresholds = [float(v) for v in args.thresholds.split(",")]
+    refines = [int(v) for v in args.refine.split(",")]
+    _, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
+    embeddings = test_embeddings(load_model(), test, Path(args.cache) / args.part)
+    model, info = load_adapted_model(Path(args.adapter), device="cpu")
+    scores: dict[str, list[float]] = {}
+    for (image, label), case_embeddings in zip(test, embeddings):
+        session = SegmentationSession(model, image, axis="axial")
+        for index, embedding in enumerate(case_embeddings):
+            session.store_embedding(index, embedding.float())
+        truth = label.array != 0
+        for threshold in thresholds:
+            for refine in refines:
+                pred = segment_automatic(session, refine_iterations=refine, box_threshold=threshold)
+                scores.setdefault(f"threshold {threshold:g}, refine {refine}", []).append(
+                    evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
+    result = {"benchmark": "automatic_settings", "part": args.part, "adapter": str(args.adapter),
+              "adapter_seed": info.metadata.get("seed"), "adapter_steps": info.metadata.get("steps"),
+              "mean_dice": {k: round(float(np.mean(v)), 4) for k, v in scores.items()},
+              "cases": {k: [round(float(x), 4) for x in v] for k, v in scores.items()},
+              "machine": machine()}
+    emit(result, args.output)
+
+
+if __name__ == "__main__":
+    main()
