@@ -30,12 +30,17 @@ from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
 
 
-def test_embeddings(base, test, cache: Path) -> list[list[torch.Tensor]]:
+def test_embeddings(test, cache: Path) -> list[list[torch.Tensor]]:
+    """Each test case's slice embeddings by the base model's encoder, read from ``cache`` or computed
+    (and saved there) with the base model, which is loaded only when a case is missing."""
     cache.mkdir(parents=True, exist_ok=True)
     out = []
+    base = None
     for image, _ in test:
         path = cache / (Path(image.source).name + ".pt")
         if not path.exists():
+            if base is None:
+                base = load_model()
             session = SegmentationSession(base, image, axis="axial")
             torch.save([session.embedding(i).half() for i in range(session.num_slices)], path)
         out.append(torch.load(path))
@@ -52,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
     train, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     config = json.loads(args.config)
-    embeddings = test_embeddings(load_model(), test, Path(args.cache) / args.part)
+    embeddings = test_embeddings(test, Path(args.cache) / args.part)
     validation = []
     started = time.monotonic()
     model, metadata = finetune(train, FinetuneConfig(**config),

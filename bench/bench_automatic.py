@@ -25,7 +25,6 @@ from common import emit, machine  # noqa: E402
 from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
 from MedFMSegmentLib.finetune.adapters import load_adapted_model  # noqa: E402
 from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
 
 
@@ -41,7 +40,7 @@ def main() -> None:
     thresholds = [float(v) for v in args.thresholds.split(",")]
     refines = [int(v) for v in args.refine.split(",")]
     _, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
-    embeddings = test_embeddings(load_model(), test, Path(args.cache) / args.part)
+    embeddings = test_embeddings(test, Path(args.cache) / args.part)
     model, info = load_adapted_model(Path(args.adapter), device="cpu")
     scores: dict[str, list[float]] = {}
     for (image, label), case_embeddings in zip(test, embeddings):

@@ -32,9 +32,10 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int = 1
             (largest 2D component plus the usual margin), starting from the prompt-free mask; 0
             keeps the prompt-free output. SAM-family decoders are far better with a box than
             without one, and a rough mask is enough to place the box.
-        box_threshold: Logit above which prompt-free output places the first box. Below 0 the box
-            also takes in pixels the decoder was unsure of: adapted prompt-free output is precise
-            but misses part of the structure, so its own box is too small.
+        box_threshold: Logit above which prompt-free output places the first box; below 0 the box
+            also takes in pixels the decoder was unsure of, for adapters whose prompt-free output
+            is precise but incomplete. On a seed-2 HC18 adapter trained with augmented copies,
+            -1 to -3 gained nothing over 0 (``bench/results/automatic_hc18_cpu_bf16_s11.json``).
         progress: Called with (slices done, slices in total).
         cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
 
