@@ -72,6 +72,11 @@ class PredictorSettings:
             hippocampus box on the CPU). One-off trial, bf16 on the 2-core EPYC: 3 rounds -> 6
             rounds moved the mean Dice from 0.690 to 0.697 on the 20 benchmark cases (better on
             13, worse on 7) and from 0.689 to 0.703 on 10 held-out ones (better on 4, worse on 5).
+        consensus_three_axis_rounds: Further rounds of the ``"consensus"`` strategy that also
+            re-box the box's middle axis (see :meth:`SegmentationSession._segment_box_consensus`).
+            Decoder calls only. One-off trials, bf16 on the 2-core EPYC, after the 6 rounds above:
+            0, 1, 2, 4, 6 rounds gave 0.697, 0.709, 0.715, 0.723, 0.727 on the 20 benchmark cases
+            and 0.710, 0.720, 0.722, 0.724, 0.726 on 20 others (``bench_core.py --offset 5``).
     """
 
     box_margin_px: float = 5.0
@@ -85,6 +90,7 @@ class PredictorSettings:
     embed_batch_size: int | None = None
     box3d_strategy: str = "propagate"
     consensus_rounds: int = 6
+    consensus_three_axis_rounds: int = 6
 
     def __post_init__(self) -> None:
         if self.box3d_strategy not in BOX3D_STRATEGIES:
@@ -92,6 +98,8 @@ class PredictorSettings:
                              f"got {self.box3d_strategy!r}")
         if self.consensus_rounds < 0:
             raise InputError(f"consensus rounds must be 0 or more, got {self.consensus_rounds}")
+        if self.consensus_three_axis_rounds < 0:
+            raise InputError(f"consensus three-axis rounds must be 0 or more, got {self.consensus_three_axis_rounds}")
 
     def batch_size_for(self, device: torch.device) -> int:
         """Slices embedded ahead per batch: 16 on a GPU, 0 (lazily, one by one) on a CPU, where
@@ -677,16 +685,23 @@ class SegmentationSession:
            the two propagations agree, smoothed along the slices (:func:`smooth_box_track`),
            decoded, and the logits added to the first propagation's.
         3. Step 2 is repeated from the combined mask (``consensus_rounds`` times in all).
+        4. Then ``consensus_three_axis_rounds`` more rounds: each slice across the middle side
+           is also decoded, with the combined mask's own box on that slice (unsmoothed), and
+           its logits join the sum. The propagation across the middle side placed its boxes from
+           its neighbours' masks and drifted (0.50 on its own on the benchmark cases); boxes
+           from the combined mask are far closer.
 
         Embeds the box's slices along all three axes (about 4x the ``propagate`` strategy's
-        encoder work on a hippocampus box). On the 20 benchmark hippocampus cases it raised the
-        mean 3D-box Dice from 0.580 to 0.699, and from 0.605 to 0.665 on 10 held-out cases, with
-        3 rounds in float32 (``bench/results/core_cpu_consensus*.json``); 6 rounds in bf16 gave
-        0.697 on the 20 (``core_cpu_bf16_consensus6_s7.json``).
+        encoder work on a hippocampus box). On the 20 benchmark hippocampus cases steps 1-3 raised
+        the mean 3D-box Dice from 0.580 to 0.699, and from 0.605 to 0.665 on 10 held-out cases,
+        with 3 rounds in float32 (``bench/results/core_cpu_consensus*.json``); 6 rounds in bf16
+        gave 0.697 on the 20 (``core_cpu_bf16_consensus6_s7.json``). For step 4 see
+        :attr:`PredictorSettings.consensus_three_axis_rounds`.
         """
         geometry = self.image.geometry
         shortest, middle, longest = axes_by_extent(box, geometry.spacing)
-        stages = 2 + self.settings.consensus_rounds
+        rounds = self.settings.consensus_rounds + self.settings.consensus_three_axis_rounds
+        stages = 2 + rounds
         short_logits = self.propagate_box_logits(box, shortest, cancel)
         if progress:
             progress(1, stages)
@@ -698,11 +713,15 @@ class SegmentationSession:
         targets = list(range(first, last + 1))
         self.prefetch(targets, cancel=cancel)
         result = short_logits > 0
-        for round_number in range(self.settings.consensus_rounds):
+        for round_number in range(rounds):
             seen = [(index, mask_bbox(slice_from_volume(source, longest, index))) for index in targets]
             seen = [(index, b) for index, b in seen if b is not None]
             if not seen:
                 break
+            fused = short_logits.copy()
+            if round_number >= self.settings.consensus_rounds:
+                fused += self._rebox_logits(source, box, middle, cancel)
+                self._use_voxel_axis(longest)
             boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], targets)
             long_logits = np.full(geometry.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
             for index, b in zip(targets, boxes):
@@ -711,10 +730,28 @@ class SegmentationSession:
                 if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:
                     continue  # the fitted track left the 3D box here
                 slice_into_volume(long_logits, longest, index, self.decode_logits(index, slice_box))
-            result = source = (long_logits + short_logits) > 0
+            result = source = (fused + long_logits) > 0
             if progress:
                 progress(3 + round_number, stages)
         return result
+
+    def _rebox_logits(self, mask: np.ndarray, box: Sequence[float], voxel_axis: int,
+                      cancel: threading.Event | None) -> np.ndarray:
+        """``(K, J, I)`` logits of every slice along ``voxel_axis`` within the 3D ``box`` where
+        ``mask`` has voxels, each decoded with the mask's own box on it (plus ``box_margin_px``,
+        clipped to the 3D box); :data:`NOT_SEGMENTED_LOGIT` elsewhere. Leaves the session on
+        ``voxel_axis``."""
+        self._use_voxel_axis(voxel_axis)
+        rect, first, last = box_on_axis(box, voxel_axis)
+        logits = np.full(mask.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
+        for index in range(first, last + 1):
+            _check(cancel)
+            tight = mask_bbox(slice_from_volume(mask, voxel_axis, index))
+            if tight is None:
+                continue
+            slice_box = expand_box(tight, self.box_margin(), self.slice_shape, rect)
+            slice_into_volume(logits, voxel_axis, index, self.decode_logits(index, slice_box))
+        return logits
 
     def decoder_step(self) -> DecoderStep:
         """The propagation decoder step for the current axis (one per axis: its buffers are sized
