@@ -83,7 +83,7 @@ class MedFMSegmentParameterNode:
     segmentation - segmentation the AI writes into.
     roiNode, positivePoints, negativePoints - prompts.
     axis - slicing orientation.
-    box3dStrategy - how a 3D box is segmented: propagate or consensus.
+    box3dStrategy - how a 3D box is segmented: auto, propagate or consensus.
     device - auto, cpu, cuda or mps.
     modelName - registry name of the model.
     adapterPath - adapter folder (written by adaptation, used by batch).
@@ -96,7 +96,7 @@ class MedFMSegmentParameterNode:
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
-    box3dStrategy: Annotated[str, Choice(["propagate", "consensus"])] = "propagate"
+    box3dStrategy: Annotated[str, Choice(["auto", "propagate", "consensus"])] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     modelName: Annotated[str, Choice(["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"])] = "litemedsam"
     adapterPath: Path
@@ -585,7 +585,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node, segmentation_node, roi_node=None, positive_node=None, negative_node=None,
-                axis: str = "auto", propagate=None, segment_id=None, box3d_strategy: str = "propagate") -> str:
+                axis: str = "auto", propagate=None, segment_id=None, box3d_strategy: str = "auto") -> str:
         """Segment from markups prompts and write the result into one segment.
 
         Args:
@@ -596,7 +596,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             axis: ``auto`` (from the prompts, see ``choose_axis``), ``axial``, ``coronal`` or ``sagittal``.
             propagate: Force 3D propagation on or off; None decides from the box.
             segment_id: Segment to replace; None replaces the segment the last call wrote, or creates one.
-            box3d_strategy: ``propagate`` or ``consensus`` (see ``PredictorSettings.box3d_strategy``).
+            box3d_strategy: ``auto``, ``propagate`` or ``consensus`` (see ``PredictorSettings.box3d_strategy``).
 
         Returns:
             The segment id written.

@@ -81,7 +81,7 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
                  adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
                  precision: str | None = None, axis: str = "auto",
                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
-                 keep_components: str | None = None, box3d_strategy: str = "propagate") -> SegmentResult:
+                 keep_components: str | None = None, box3d_strategy: str = "auto") -> SegmentResult:
     """Read an image, segment it and write the label map on the image's exact grid.
 
     Everything that can be checked is checked before the model runs, and the output is written

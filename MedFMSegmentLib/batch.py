@@ -76,7 +76,7 @@ class BatchSettings:
     output_format: str = "nii.gz"
     resume: bool = False
     axis: str = "auto"
-    box3d_strategy: str = "propagate"
+    box3d_strategy: str = "auto"
     prompts: dict[str, Prompts | list[str]] = field(default_factory=dict)
 
 

@@ -32,10 +32,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
     """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
-    parser.add_argument("--box3d-strategy", default="propagate", choices=["propagate", "consensus"],
-                        help="a 3D box: propagate slice by slice across its shortest side (default), or combine "
-                             "three axes (consensus: more accurate on the benchmark hippocampi, ~4x the encoder "
-                             "work; with --axis auto only)")
+    parser.add_argument("--box3d-strategy", default="auto", choices=["auto", "propagate", "consensus"],
+                        help="a 3D box: propagate slice by slice across its shortest side, or combine three "
+                             "axes (consensus: more accurate on the benchmark hippocampi, ~4x the encoder work; "
+                             "with --axis auto only); auto (default): consensus for a box whose three sides sum "
+                             "to at most 192 voxels, else propagate")
 
 
 def add_backend_option(parser: argparse.ArgumentParser) -> None:

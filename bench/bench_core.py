@@ -4,11 +4,12 @@ Prints one JSON object: the machine, then
 * HC18 fetal-head ultrasound (2D): Dice from the label's tight box, and from one click at the
   label's centroid (clicks -> box design), over N images;
 * MSD hippocampus MRI (3D, whole hippocampus = label > 0): Dice from one 3D box (the label's
-  bounding box, propagated slice to slice), and for reference a tight box on every slice;
+  bounding box, segmented with ``--box3d-strategy``, default ``auto`` as in the CLI), and for
+  reference a tight box on every slice;
 * encoder ms per slice, decoder ms per prompt with a cached embedding, peak RSS.
 
 Usage: python bench/bench_core.py [--hc18 30] [--hippocampus 20] [--device cpu] [-o results.json]
-       [--box3d-strategy propagate|consensus] [--offset N] [--no-reference]
+       [--box3d-strategy auto|propagate|consensus] [--offset N] [--no-reference]
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def main() -> None:
     parser.add_argument("--hippocampus", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--axis", default="auto", help="slicing axis for the 3D box (default auto)")
-    parser.add_argument("--box3d-strategy", default="propagate", choices=["propagate", "consensus"])
+    parser.add_argument("--box3d-strategy", default="auto", choices=["auto", "propagate", "consensus"])
     parser.add_argument("--offset", type=int, default=0,
                         help="start of the every-Nth hippocampus case selection (another offset = other cases)")
     parser.add_argument("--no-reference", action="store_true",

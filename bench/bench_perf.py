@@ -43,7 +43,7 @@ from common import DATA_DIR, emit, Timer, dice, machine, peak_gpu_mb, peak_rss_m
 from MedFMSegmentLib.background import BackgroundEmbedder  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import mask_bbox  # noqa: E402
 
 HC18 = DATA_DIR / "hc18_fetal_head_us"
@@ -188,7 +188,8 @@ def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
     rates = {"plain": [], "fast": []}
     for _ in range(repeats):
         for label, model in (("plain", plain), ("fast", fast)):
-            propagation = SegmentationSession(model, image)
+            # "propagate" pinned: this figure has timed slice-by-slice propagation since session 6.
+            propagation = SegmentationSession(model, image, settings=PredictorSettings(box3d_strategy="propagate"))
             with Timer() as t:
                 masks[label] = propagation.segment(prompts)
                 _sync(model.device)

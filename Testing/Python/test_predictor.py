@@ -67,7 +67,8 @@ def test_auto_axis_for_clicks_and_2d_images():
 
 def test_auto_axis_session_propagates_across_the_short_side():
     image, _ = _ellipsoid_volume()  # 72 x 64 x 14 voxels: K is the short side
-    session = SegmentationSession(tiny_random_model_for_tests(), image, axis="auto")
+    session = SegmentationSession(tiny_random_model_for_tests(), image, axis="auto",
+                                  settings=PredictorSettings(box3d_strategy="propagate"))
     session.segment(Prompts(box=(20, 16, 2, 56, 44, 12)))
     assert session.voxel_axis == 2 and session.auto_axis
     session.segment(Prompts(box=(30, 16, 2, 30, 44, 12)))
@@ -238,11 +239,14 @@ def test_litemedsam_negative_click_removes_component(litemedsam):
     assert dice(only_left, left) > 0.85 and not (only_left & right).any()
 
 
-def test_litemedsam_3d_box_propagates_and_stays_in_range(litemedsam):
+@pytest.mark.parametrize("strategy", ["propagate", "auto"])  # auto: consensus for this small box
+def test_litemedsam_3d_box_propagates_and_stays_in_range(litemedsam, strategy):
     image, truth = _ellipsoid_volume()
     k, j, i = np.nonzero(truth)
     box = (int(i.min()), int(j.min()), 2, int(i.max()), int(j.max()), 11)  # cuts the ellipsoid's ends
-    mask = SegmentationSession(litemedsam, image).segment(Prompts(box=box))
+    session = SegmentationSession(litemedsam, image, settings=PredictorSettings(box3d_strategy=strategy))
+    assert session.uses_consensus(box) == (strategy == "auto")
+    mask = session.segment(Prompts(box=box))
     assert not mask[:2].any() and not mask[12:].any()
     assert dice(mask[2:12], truth[2:12]) > 0.85
 
@@ -294,8 +298,32 @@ def test_box3d_strategy_is_checked():
         PredictorSettings(box3d_strategy="vote")
     with pytest.raises(InputError, match="consensus rounds"):
         PredictorSettings(box3d_strategy="consensus", consensus_rounds=-1)
+    with pytest.raises(InputError, match="max slices"):
+        PredictorSettings(consensus_max_slices=-1)
     with pytest.raises(InputError, match="three-axis rounds"):
         PredictorSettings(box3d_strategy="consensus", consensus_three_axis_rounds=-1)
+
+
+def test_auto_strategy_takes_consensus_for_small_boxes_only():
+    """The default ``auto``: consensus when the box's three sides sum to at most
+    ``consensus_max_slices`` voxels (then all three axes get embedded), else propagation on one axis."""
+    image, _ = _ellipsoid_volume()
+    box = (20, 16, 3, 56, 44, 11)  # 37 + 29 + 9 = 75 slices over its three sides
+    assert PredictorSettings().box3d_strategy == "auto"
+    session = SegmentationSession(tiny_random_model_for_tests(), image)
+    assert session.uses_consensus(box)
+    assert not SegmentationSession(tiny_random_model_for_tests(), image,
+                                   settings=PredictorSettings(consensus_max_slices=74)).uses_consensus(box)
+    assert SegmentationSession(tiny_random_model_for_tests(), image,
+                               settings=PredictorSettings(consensus_max_slices=75)).uses_consensus(box)
+    for strategy, expected in (("consensus", True), ("propagate", False)):
+        assert SegmentationSession(tiny_random_model_for_tests(), image,
+                                   settings=PredictorSettings(box3d_strategy=strategy)).uses_consensus(box) == expected
+    session.segment(Prompts(box=box))
+    assert {axis for axis, _ in session.cache.keys()} == {0, 1, 2}
+    large = SegmentationSession(tiny_random_model_for_tests(), image, settings=PredictorSettings(consensus_max_slices=74))
+    large.segment(Prompts(box=box))
+    assert {axis for axis, _ in large.cache.keys()} == {2}
 
 
 def test_decode_logits_threshold_to_decode_slice():
@@ -377,7 +405,8 @@ def test_consensus_beats_propagation_on_a_real_hippocampus(litemedsam, data_dir)
     truth = read_image(folder / "labelsTr" / "hippocampus_001.nii.gz").array > 0
     k, j, i = np.nonzero(truth)
     prompts = Prompts(box=(int(i.min()), int(j.min()), int(k.min()), int(i.max()), int(j.max()), int(k.max())))
-    propagated = SegmentationSession(litemedsam, image).segment(prompts)
+    propagated = SegmentationSession(litemedsam, image,
+                                     settings=PredictorSettings(box3d_strategy="propagate")).segment(prompts)
     consensus = SegmentationSession(litemedsam, image,
                                     settings=PredictorSettings(box3d_strategy="consensus")).segment(prompts)
     assert dice(consensus, truth) > dice(propagated, truth) + 0.05

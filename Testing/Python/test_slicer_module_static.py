@@ -185,3 +185,18 @@ def test_only_the_bridge_imports_slicer():
         gui = names & {"slicer", "qt", "ctk", "vtk", "vtkmodules"}
         if "bridge" not in path.name:
             assert not gui, f"{path.name} imports {sorted(gui)}; only *bridge*.py may"
+
+
+def test_3d_box_combo_offers_every_library_strategy_and_the_default_first(ui_root):
+    """The panel's "3D box" combo lists the library's strategies, its first item (what an unset
+    parameter shows) is the library default, and the parameter's Choice names the same ones."""
+    from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings
+
+    combo = next(w for w in ui_root.iter("widget") if w.get("name") == "box3dStrategyComboBox")
+    items = [item.findtext("property/string") for item in combo.findall("item")]
+    assert sorted(items) == sorted(BOX3D_STRATEGIES)
+    assert items[0] == PredictorSettings().box3d_strategy
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    choice = re.search(r"box3dStrategy: Annotated\[str, Choice\((\[.*?\])\)\] = \"(\w+)\"", source)
+    assert choice, "box3dStrategy parameter not found"
+    assert ast.literal_eval(choice.group(1)) == items and choice.group(2) == items[0]
