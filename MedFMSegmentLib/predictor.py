@@ -69,8 +69,8 @@ class PredictorSettings:
             combined, about 4x the encoder work: see :meth:`SegmentationSession.segment`), or
             ``"auto"`` (default): consensus for a box that spans at most
             ``consensus_max_slices`` slices over its three sides, else propagate. On the benchmark
-            hippocampi consensus gives 0.727 against 0.588 (their label boxes' sides sum to 73-98
-            voxels over all 200 MSD cases); on a 300 x 512 x 512 CT box it would embed 1324 slices
+            hippocampi consensus gives 0.725 against 0.588 (``bench_core.py``, bf16; their label
+            boxes' sides sum to 73-98 voxels over all 200 MSD cases); on a 300 x 512 x 512 CT box it would embed 1324 slices
             instead of 300.
         consensus_rounds: Box re-placement rounds of the ``"consensus"`` strategy. Each round
             costs only decoder calls on slices already embedded (well under a second for a
@@ -711,13 +711,16 @@ class SegmentationSession:
            is also decoded, with the combined mask's own box on that slice (unsmoothed), and
            its logits join the sum. The propagation across the middle side placed its boxes from
            its neighbours' masks and drifted (0.50 on its own on the benchmark cases); boxes
-           from the combined mask are far closer.
+           from the combined mask are far closer. A middle-side slice where the combined mask is
+           empty adds :data:`NOT_SEGMENTED_LOGIT`, so it stays empty.
 
         Embeds the box's slices along all three axes (about 4x the ``propagate`` strategy's
         encoder work on a hippocampus box). On the 20 benchmark hippocampus cases steps 1-3 raised
         the mean 3D-box Dice from 0.580 to 0.699, and from 0.605 to 0.665 on 10 held-out cases,
         with 3 rounds in float32 (``bench/results/core_cpu_consensus*.json``); 6 rounds in bf16
-        gave 0.697 on the 20 (``core_cpu_bf16_consensus6_s7.json``). For step 4 see
+        gave 0.697 on the 20 (``core_cpu_bf16_consensus6_s7.json``). Step 4 (6 rounds) raised it
+        to 0.725 on those 20 and to 0.725 on 20 others
+        (``core_cpu_bf16_consensus3ax*_s12.json``); its one-off trials are under
         :attr:`PredictorSettings.consensus_three_axis_rounds`.
         """
         geometry = self.image.geometry

@@ -61,7 +61,7 @@ def bench_hc18(model, count: int) -> dict:
 
 
 def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = True,
-                      strategy: str = "propagate", offset: int = 0) -> dict:
+                      strategy: str = "auto", offset: int = 0) -> dict:
     folder = DATA_DIR / "msd_hippocampus_mri"
     names = sorted(p.name for p in (folder / "imagesTr").glob("*.nii.gz"))
     step = max(1, len(names) // count)
@@ -81,12 +81,12 @@ def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = T
             print(f"  {name}: 3D box {box3d[-1]:.3f} (axis {session.voxel_axis})", file=sys.stderr, flush=True)
             continue
         session.set_axis("axial")
-        reference = np.zeros_like(truth)
+        every_slice_mask = np.zeros_like(truth)  # not `reference`: that flag is read again next case
         for kk in range(int(k.min()), int(k.max()) + 1):
             tight = mask_bbox(truth[kk])
             if tight is not None:
-                reference[kk] = session.predict_slice(kk, tight)
-        every_slice.append(dice(reference, truth))
+                every_slice_mask[kk] = session.predict_slice(kk, tight)
+        every_slice.append(dice(every_slice_mask, truth))
         print(f"  {name}: 3D box {box3d[-1]:.3f}, every-slice box {every_slice[-1]:.3f}", file=sys.stderr, flush=True)
     return {"cases": len(names), "case_names": names, "axis": axis, "box3d_strategy": strategy,
             "case_offset": offset, "box3d_dice_mean": float(np.mean(box3d)),
