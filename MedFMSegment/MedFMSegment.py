@@ -117,6 +117,7 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._observedPrompts = []
+        self._segmenting = False
         self._process = None
         self._tempDir = None
 
@@ -254,7 +255,21 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.ui.autoUpdateCheckBox.checked and self.ui.segmentButton.enabled:
             self.onSegment(propagate=None)
 
+    def onSegmentProgress(self, done: int, planned: int) -> None:
+        """Show how far a 3D run is and let Slicer repaint (a consensus 3D box takes ~40 s on a CPU)."""
+        self.ui.statusLabel.text = _("Segmenting: {done} of {planned}...").format(done=done, planned=planned)
+        slicer.app.processEvents()
+
     def onSegment(self, propagate=None) -> None:
+        if self._segmenting:  # processEvents in the progress callback can deliver another prompt event
+            return
+        self._segmenting = True
+        try:
+            self._segment(propagate)
+        finally:
+            self._segmenting = False
+
+    def _segment(self, propagate=None) -> None:
         p = self._parameterNode
         if missing_dependencies():
             self.ui.statusLabel.text = _("Install the dependencies first (Setup section).")
@@ -268,7 +283,8 @@ class MedFMSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.configure(model_name=p.modelName, device=p.device)
             segment_id = self.logic.segment(p.inputVolume, p.segmentation, roi_node=p.roiNode,
                                             positive_node=p.positivePoints, negative_node=p.negativePoints,
-                                            axis=p.axis, propagate=propagate, box3d_strategy=p.box3dStrategy)
+                                            axis=p.axis, propagate=propagate, box3d_strategy=p.box3dStrategy,
+                                            progress=self.onSegmentProgress)
             self.ui.statusLabel.text = _("Segmented into {segment}.").format(segment=segment_id)
             self.ui.deviceLabel.text = _("Device: {device}").format(device=self.logic.device_description())
         self.onParameterNodeModified()
@@ -585,7 +601,8 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     # ------------------------------------------------------------------ segmentation
     def segment(self, volume_node, segmentation_node, roi_node=None, positive_node=None, negative_node=None,
-                axis: str = "auto", propagate=None, segment_id=None, box3d_strategy: str = "auto") -> str:
+                axis: str = "auto", propagate=None, segment_id=None, box3d_strategy: str = "auto",
+                progress=None) -> str:
         """Segment from markups prompts and write the result into one segment.
 
         Args:
@@ -597,6 +614,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
             propagate: Force 3D propagation on or off; None decides from the box.
             segment_id: Segment to replace; None replaces the segment the last call wrote, or creates one.
             box3d_strategy: ``auto``, ``propagate`` or ``consensus`` (see ``PredictorSettings.box3d_strategy``).
+            progress: Optional ``(done, planned)`` callback, as ``SegmentationSession.segment`` takes it.
 
         Returns:
             The segment id written.
@@ -606,7 +624,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         prompts = markups_to_prompts(volume_node, roi_node, positive_node, negative_node)
         session = self.session_for(volume_node, axis)
         session.settings = dataclasses.replace(session.settings, box3d_strategy=box3d_strategy)  # validates it
-        mask = session.segment(prompts, propagate=propagate)
+        mask = session.segment(prompts, propagate=propagate, progress=progress)
         if segment_id is None:
             segment_id = self._last_segment_id(segmentation_node)
         self.undoStack.push(segmentation_node, segment_id, volume_node)

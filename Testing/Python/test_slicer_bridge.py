@@ -613,7 +613,10 @@ def test_logic_passes_the_3d_box_strategy(scene, module_file):
     logic = module_file.MedFMSegmentLogic()
     logic.set_model(model)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "consensus")
-    sid = logic.segment(volume, segmentation, roi_node=roi, box3d_strategy="consensus")
+    progress = []
+    sid = logic.segment(volume, segmentation, roi_node=roi, box3d_strategy="consensus",
+                        progress=lambda done, planned: progress.append((done, planned)))
+    assert progress and progress[-1] == (14, 14)  # 2 propagations + 6 + 6 rounds, as the panel shows them
     session = logic.session_for(volume)
     assert session.settings.box3d_strategy == "consensus"
     assert {axis for axis, _ in session.cache.keys()} == {0, 1, 2}  # embedded along all three axes
