@@ -32,11 +32,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
     """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
-    parser.add_argument("--box3d-strategy", default="auto", choices=["auto", "propagate", "consensus"],
+    from .predictor import BOX3D_STRATEGIES, PredictorSettings
+
+    defaults = PredictorSettings()
+    parser.add_argument("--box3d-strategy", default=defaults.box3d_strategy, choices=list(BOX3D_STRATEGIES),
                         help="a 3D box: propagate slice by slice across its shortest side, or combine three "
                              "axes (consensus: more accurate on the benchmark hippocampi, ~4x the encoder work; "
-                             "with --axis auto only); auto (default): consensus for a box whose three sides sum "
-                             "to at most 192 voxels, else propagate")
+                             f"with --axis auto only); auto (default): consensus for a box whose three sides sum "
+                             f"to at most {defaults.consensus_max_slices} voxels, else propagate")
 
 
 def add_backend_option(parser: argparse.ArgumentParser) -> None:

@@ -79,7 +79,7 @@ class PredictorSettings:
             13, worse on 7) and from 0.689 to 0.703 on 10 held-out ones (better on 4, worse on 5).
         consensus_max_slices: The ``"auto"`` strategy's limit: the box's sides in voxels, summed
             (the slices consensus embeds). 192 bounds consensus at about a minute of encoder
-            time on the 2-core CPU (0.3 s per slice).
+            time on the 2-core CPU (arithmetic: 192 x ``bench_core``'s 278 ms per slice).
         consensus_three_axis_rounds: Further rounds of the ``"consensus"`` strategy that also
             re-box the box's middle axis (see :meth:`SegmentationSession._segment_box_consensus`).
             Decoder calls only. One-off trials, bf16 on the 2-core EPYC, after the 6 rounds above:
@@ -743,9 +743,9 @@ class SegmentationSession:
             seen = [(index, b) for index, b in seen if b is not None]
             if not seen:
                 break
-            fused = short_logits.copy()
+            middle_logits = 0.0
             if round_number >= self.settings.consensus_rounds:
-                fused += self._rebox_logits(source, box, middle, cancel)
+                middle_logits = self._rebox_logits(source, box, middle, cancel)
                 self._use_voxel_axis(longest)
             boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], targets)
             long_logits = np.full(geometry.shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
@@ -755,7 +755,7 @@ class SegmentationSession:
                 if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:
                     continue  # the fitted track left the 3D box here
                 slice_into_volume(long_logits, longest, index, self.decode_logits(index, slice_box))
-            result = source = (fused + long_logits) > 0
+            result = source = (short_logits + middle_logits + long_logits) > 0
             if progress:
                 progress(3 + round_number, stages)
         return result

@@ -27,7 +27,7 @@ from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E4
 
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession  # noqa: E402
+from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, mask_bbox  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--hippocampus", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--axis", default="auto", help="slicing axis for the 3D box (default auto)")
-    parser.add_argument("--box3d-strategy", default="auto", choices=["auto", "propagate", "consensus"])
+    parser.add_argument("--box3d-strategy", default=PredictorSettings().box3d_strategy, choices=list(BOX3D_STRATEGIES))
     parser.add_argument("--offset", type=int, default=0,
                         help="start of the every-Nth hippocampus case selection (another offset = other cases)")
     parser.add_argument("--no-reference", action="store_true",
