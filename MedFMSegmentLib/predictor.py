@@ -526,6 +526,26 @@ class SegmentationSession:
         with quiet_torch_threads(self.model):
             return self.transform.logits_to_slice(logits)[0].float().cpu().numpy()
 
+    @torch.inference_mode()
+    def decode_best_box(self, index: int, boxes: Sequence[Box2D]) -> tuple[np.ndarray, int]:
+        """One decoder call on slice ``index`` with several candidate boxes (slice pixels, used as
+        given); the decoder's own predicted IoU picks one.
+
+        Returns:
+            ``(mask, position)``: the ``(rows, cols)`` boolean mask of the picked box and its
+            position in ``boxes``.
+        """
+        if not boxes:
+            raise InputError("decode_best_box needs at least one box")
+        if len(boxes) == 1:
+            return self.decode_slice(index, boxes[0]), 0
+        t = self.transform
+        inputs = torch.from_numpy(np.stack([t.box_to_input(b) for b in boxes])).to(self.model.device)
+        logits, iou = self.model.decode(self.embedding(index), boxes=inputs)
+        best = int(torch.argmax(iou[:, 0].float()))
+        with quiet_torch_threads(self.model):
+            return (t.logits_to_slice(logits[best:best + 1])[0] > 0).cpu().numpy(), best
+
     def decode_logits(self, index: int, box: Box2D) -> np.ndarray:
         """``(rows, cols)`` float32 logits of one decoder call on slice ``index`` with exactly this
         box (slice pixels, no margin, no refinement); :meth:`decode_slice` is ``logits > 0``."""

@@ -99,6 +99,13 @@ def expand_box(box: Box2D, margin: float | tuple[float, float], shape: tuple[int
     return (max(lo_c, c0 - mc), max(lo_r, r0 - mr), min(hi_c, c1 + mc), min(hi_r, r1 + mr))
 
 
+def scale_box(box: Box2D, factor: float, shape: tuple[int, int]) -> Box2D:
+    """Scale a box ``(col0, row0, col1, row1)`` about its centre by ``factor``, clipped to the slice."""
+    centre_c, centre_r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half_c, half_r = (box[2] - box[0]) / 2 * factor, (box[3] - box[1]) / 2 * factor
+    return expand_box((centre_c - half_c, centre_r - half_r, centre_c + half_c, centre_r + half_r), 0.0, shape)
+
+
 def box_iou(a: Box2D, b: Box2D) -> float:
     """Intersection over union of two inclusive pixel boxes."""
     ic = min(a[2], b[2]) - max(a[0], b[0]) + 1

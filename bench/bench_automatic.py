@@ -1,4 +1,4 @@
-"""Automatic-mode settings on a saved adapter: mean 3D Dice per box threshold and re-prompt count.
+"""Automatic-mode settings on a saved adapter: mean 3D Dice per box threshold, re-prompt count and box scales.
 
 Decoder-only: the test cases' embeddings come from the ``bench_adapter_pairs.py`` cache (the base
 encoder's, which frozen-encoder adapters decode), so one adapter is scored under many settings
@@ -6,13 +6,18 @@ in minutes. Train and save the adapter first, e.g.
 ``python bench/bench_adapter_pairs.py --part hc18 --tag T --save-adapter /tmp/adapter_hc18``.
 
 Usage: python bench/bench_automatic.py --part hc18|hippocampus --adapter DIR
-       [--thresholds 0,-1,-2,-3] [--refine 1,2,3] [-o results.json]
+       [--thresholds default,0,-1] [--refine 1,2] [--scales default,1] [-o results.json]
+``default`` is the library's value for the part's kind (``AUTOMATIC_DEFAULTS`` of a volume or a 2D
+image); a scale set is ``default`` or factors joined by ``/`` (``1``: the mask's own box only).
+Also prints the seconds each setting took over all cases (decoding only: embeddings are cached).
 Splits: ``bench_finetune.py``'s test cases (hippocampus: the 20 after the first 5; HC18: 30 images).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +29,7 @@ from common import emit, machine  # noqa: E402
 
 from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
 from MedFMSegmentLib.finetune.adapters import load_adapted_model  # noqa: E402
-from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
+from MedFMSegmentLib.finetune.automatic import AUTOMATIC_DEFAULTS, segment_automatic  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
 
 
@@ -32,17 +37,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["hippocampus", "hc18"], required=True)
     parser.add_argument("--adapter", required=True)
-    parser.add_argument("--thresholds", default="0,-1,-2,-3")
-    parser.add_argument("--refine", default="1,2,3")
+    parser.add_argument("--thresholds", default="default,0,-1")
+    parser.add_argument("--refine", default="default,1,2")
+    parser.add_argument("--scales", default="default,1")
     parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
-    thresholds = [float(v) for v in args.thresholds.split(",")]
-    refines = [int(v) for v in args.refine.split(",")]
+    thresholds = [None if v == "default" else float(v) for v in args.thresholds.split(",")]
+    refines = [None if v == "default" else int(v) for v in args.refine.split(",")]
+    scale_sets = [None if v == "default" else tuple(float(f) for f in v.split("/")) for v in args.scales.split(",")]
     _, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     embeddings = test_embeddings(test, Path(args.cache) / args.part)
     model, info = load_adapted_model(Path(args.adapter), device="cpu")
     scores: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
     for (image, label), case_embeddings in zip(test, embeddings):
         session = SegmentationSession(model, image, axis="axial")
         for index, embedding in enumerate(case_embeddings):
@@ -50,12 +58,20 @@ def main() -> None:
         truth = label.array != 0
         for threshold in thresholds:
             for refine in refines:
-                pred = segment_automatic(session, refine_iterations=refine, box_threshold=threshold)
-                scores.setdefault(f"threshold {threshold:g}, refine {refine}", []).append(
-                    evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
+                for scales in scale_sets:
+                    started = time.perf_counter()
+                    pred = segment_automatic(session, refine_iterations=refine, box_threshold=threshold,
+                                             box_scales=scales)
+                    name = (f"threshold {'default' if threshold is None else f'{threshold:g}'}, "
+                            f"refine {'default' if refine is None else refine}, "
+                            f"scales {'default' if scales is None else '/'.join(f'{f:g}' for f in scales)}")
+                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+                    scores.setdefault(name, []).append(evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
     result = {"benchmark": "automatic_settings", "part": args.part, "adapter": str(args.adapter),
               "adapter_seed": info.metadata.get("seed"), "adapter_steps": info.metadata.get("steps"),
+              "library_defaults": {kind: dataclasses.asdict(v) for kind, v in AUTOMATIC_DEFAULTS.items()},
               "mean_dice": {k: round(float(np.mean(v)), 4) for k, v in scores.items()},
+              "seconds_all_cases": {k: round(v, 1) for k, v in seconds.items()},
               "cases": {k: [round(float(x), 4) for x in v] for k, v in scores.items()},
               "machine": machine()}
     emit(result, args.output)

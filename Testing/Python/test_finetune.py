@@ -289,8 +289,8 @@ def test_automatic_box_threshold_places_the_first_box():
     unrefined = segment_automatic(session, refine_iterations=0, keep="all")
     # A threshold no logit reaches places no box: every slice keeps its prompt-free mask.
     np.testing.assert_array_equal(segment_automatic(session, box_threshold=np.inf, keep="all"), unrefined)
-    # One every logit reaches boxes the whole slice.
-    whole = segment_automatic(session, box_threshold=-np.inf, keep="all")
+    # One every logit reaches boxes the whole slice (every scale of it clips to the same box).
+    whole = segment_automatic(session, box_threshold=-np.inf, keep="all", refine_iterations=1)
     rows, cols = session.slice_shape
     full = expand_box((0, 0, cols - 1, rows - 1), session.box_margin(), (rows, cols))
     for index in range(session.num_slices):
@@ -298,3 +298,28 @@ def test_automatic_box_threshold_places_the_first_box():
         if not expected.any():
             expected = slice_from_volume(unrefined, session.voxel_axis, index)
         np.testing.assert_array_equal(slice_from_volume(whole, session.voxel_axis, index), expected)
+
+
+def test_automatic_defaults_differ_for_volumes_and_2d_images():
+    """Plumbing (tiny random model): arguments left out take AUTOMATIC_DEFAULTS of the image's kind,
+    and box scales reach the decoder (a scale search changes the result here)."""
+    from MedFMSegmentLib.finetune.automatic import AUTOMATIC_DEFAULTS, BOX_SCALES
+
+    model = tiny_random_model_for_tests()
+    volume = _synthetic_case(0)[0]
+    image_2d = MedicalImage.from_array(volume.array[2:3])
+    for image, kind in ((volume, "volume"), (image_2d, "image")):
+        session = SegmentationSession(model, image)
+        chosen = segment_automatic(session, keep="all")
+        own = AUTOMATIC_DEFAULTS[kind]
+        np.testing.assert_array_equal(chosen, segment_automatic(
+            session, keep="all", box_threshold=own.box_threshold, refine_iterations=own.refine_iterations,
+            box_scales=own.box_scales))
+        other = AUTOMATIC_DEFAULTS["image" if kind == "volume" else "volume"].box_threshold
+        assert not np.array_equal(chosen, segment_automatic(session, keep="all", box_threshold=other))
+    session = SegmentationSession(model, volume)
+    # at threshold 0 the first boxes are smaller than the slice, so their scales differ
+    assert not np.array_equal(segment_automatic(session, keep="all", box_threshold=0.0, box_scales=BOX_SCALES),
+                              segment_automatic(session, keep="all", box_threshold=0.0, box_scales=(1.0,)))
+    with pytest.raises(InputError):
+        segment_automatic(session, box_scales=())

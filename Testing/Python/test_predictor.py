@@ -216,6 +216,24 @@ def test_litemedsam_box_on_synthetic_disk(litemedsam):
     assert dice(mask[0], disk) > 0.95
 
 
+def test_litemedsam_decode_best_box_picks_the_box_that_fits(litemedsam):
+    """Real LiteMedSAM: of a box half the disk's size and the disk's own box, its predicted IoU
+    picks the disk's own box, whatever their order."""
+    from MedFMSegmentLib.prompts import scale_box
+
+    image, disk = _disk_image()
+    session = SegmentationSession(litemedsam, image)
+    tight = mask_bbox(disk)
+    small, fitting = (expand_box(scale_box(tight, f, disk.shape), session.box_margin(), disk.shape) for f in (0.5, 1.0))
+    assert dice(session.decode_slice(0, small), disk) < 0.5
+    mask, picked = session.decode_best_box(0, [small, fitting])
+    assert picked == 1 and dice(mask, disk) > 0.95
+    mask, picked = session.decode_best_box(0, [fitting, small])
+    assert picked == 0 and dice(mask, disk) > 0.95
+    with pytest.raises(InputError):
+        session.decode_best_box(0, [])
+
+
 def test_litemedsam_single_click_becomes_box(litemedsam):
     """LiteMedSAM was trained with boxes only: one click must still find the whole disk."""
     image, disk = _disk_image()

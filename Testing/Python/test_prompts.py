@@ -31,3 +31,12 @@ def test_smooth_box_track_with_few_slices_and_none():
     np.testing.assert_allclose(line, [(2.0, 0.0, 4.0, 2.0)], atol=1e-9)  # two slices: a straight line
     with pytest.raises(ValueError):
         smooth_box_track([], [], [1])
+
+
+def test_scale_box_about_its_centre_and_clipped_to_the_slice():
+    from MedFMSegmentLib.prompts import scale_box
+
+    assert scale_box((10, 20, 30, 60), 1.5, (100, 100)) == (5.0, 10.0, 35.0, 70.0)
+    assert scale_box((10, 20, 30, 60), 1.0, (100, 100)) == (10.0, 20.0, 30.0, 60.0)
+    # grown past the slice's edge: clipped there, not shifted
+    assert scale_box((0, 0, 40, 40), 2.0, (50, 60)) == (0.0, 0.0, 59.0, 49.0)
