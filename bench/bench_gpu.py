@@ -229,7 +229,7 @@ def bench_prompts(model, repeats: int) -> dict:
 
 
 # The figures have timed slice-by-slice propagation since the first GPU session.
-PropagateOnly = PredictorSettings(box3d_strategy="propagate")
+PROPAGATE_ONLY = PredictorSettings(box3d_strategy="propagate")
 
 
 def bench_propagation(model, repeats: int) -> dict:
@@ -242,7 +242,7 @@ def bench_propagation(model, repeats: int) -> dict:
     for _ in range(repeats):
         sync()
         with Timer() as t:
-            mask = SegmentationSession(model, image, settings=PropagateOnly).segment(prompts)
+            mask = SegmentationSession(model, image, settings=PROPAGATE_ONLY).segment(prompts)
         times.append(t.seconds)
     # The first run pays one-off costs (the float16 encoder copy, cuDNN searches, graph capture).
     return {"case": paths[0].name, "shape": list(image.array.shape), "seconds_first": times[0],
