@@ -312,6 +312,7 @@ class SegmentationSession:
         self.cache = SessionCache(store, (uuid.uuid4().hex, model.cache_token))
         self.voxel_axis = 2
         self.auto_axis = False
+        self._mirrors: dict[int, SegmentationSession] = {}
         self.set_axis(axis)
 
     # ------------------------------------------------------------------ slices
@@ -462,6 +463,26 @@ class SegmentationSession:
         batch_size = self.settings.batch_size_for(self.model.device)
         if batch_size > 0:
             self.embed_slices(indices, batch_size=batch_size, progress=progress, cancel=cancel)
+
+    def mirrored(self) -> "SegmentationSession":
+        """A session on this image flipped left-right within every slice of the current axis
+        (its columns reversed), same model, settings and slicing axis, sharing this session's
+        embedding store (made once per axis, then reused): slice ``index`` of both shows the same
+        anatomy, mirrored. Its image keeps this one's geometry, so its masks are mirrored too: flip
+        their columns back before use. Test-time flip augmentation reads both (see :func:`~MedFMSegmentLib.finetune.automatic.segment_automatic`)."""
+        import dataclasses
+
+        mirror = self._mirrors.get(self.voxel_axis)
+        if mirror is not None:
+            return mirror
+        _, column_axis = in_plane_axes(self.voxel_axis)
+        array = np.flip(np.asarray(self.image.array), axis=2 - column_axis)  # (K, J, I): voxel axis v is array axis 2 - v
+        image = dataclasses.replace(self.image, array=np.ascontiguousarray(array),
+                                    source=f"{self.image.source} (mirrored)")
+        mirror = SegmentationSession(self.model, image, self.voxel_axis, self.intensity, self.settings,
+                                     cache=self.cache.store)
+        self._mirrors[self.voxel_axis] = mirror  # later calls reuse its embeddings
+        return mirror
 
     # ------------------------------------------------------------------ 2D prediction
     @torch.inference_mode()

@@ -30,9 +30,11 @@ from MedFMSegmentLib.models import load_model  # noqa: E402
 from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
 
 
-def test_embeddings(test, cache: Path) -> list[list[torch.Tensor]]:
+def test_embeddings(test, cache: Path, mirrored: bool = False) -> list[list[torch.Tensor]]:
     """Each test case's slice embeddings by the base model's encoder, read from ``cache`` or computed
-    (and saved there) with the base model, which is loaded only when a case is missing."""
+    (and saved there) with the base model, which is loaded only when a case is missing.
+    ``mirrored``: of each slice flipped left-right (``SegmentationSession.mirrored``), cached apart."""
+    cache = cache.with_name(cache.name + "_mirrored") if mirrored else cache
     cache.mkdir(parents=True, exist_ok=True)
     out = []
     base = None
@@ -42,6 +44,7 @@ def test_embeddings(test, cache: Path) -> list[list[torch.Tensor]]:
             if base is None:
                 base = load_model()
             session = SegmentationSession(base, image, axis="axial")
+            session = session.mirrored() if mirrored else session
             torch.save([session.embedding(i).half() for i in range(session.num_slices)], path)
         out.append(torch.load(path))
     return out

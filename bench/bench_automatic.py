@@ -6,9 +6,10 @@ in minutes. Train and save the adapter first, e.g.
 ``python bench/bench_adapter_pairs.py --part hc18 --tag T --save-adapter /tmp/adapter_hc18``.
 
 Usage: python bench/bench_automatic.py --part hc18|hippocampus --adapter DIR
-       [--thresholds default,0,-1] [--refine 1,2] [--scales default,1] [-o results.json]
+       [--thresholds default,0,-1] [--refine 1,2] [--scales default,1] [--flips default,0,1] [-o results.json]
 ``default`` is the library's value for the part's kind (``AUTOMATIC_DEFAULTS`` of a volume or a 2D
-image); a scale set is ``default`` or factors joined by ``/`` (``1``: the mask's own box only).
+image); a scale set is ``default`` or factors joined by ``/`` (``1``: the mask's own box only);
+a flip is 0 or 1 (test-time flip; the mirrored slices' embeddings are cached as well).
 Also prints the seconds each setting took over all cases (decoding only: embeddings are cached).
 Splits: ``bench_finetune.py``'s test cases (hippocampus: the 20 after the first 5; HC18: 30 images).
 """
@@ -40,33 +41,43 @@ def main() -> None:
     parser.add_argument("--thresholds", default="default,0,-1")
     parser.add_argument("--refine", default="default,1,2")
     parser.add_argument("--scales", default="default,1")
+    parser.add_argument("--flips", default="default")
     parser.add_argument("--cache", default="/tmp/medfmsegment_bench_embeddings")
     parser.add_argument("-o", "--output", default=None)
     args = parser.parse_args()
     thresholds = [None if v == "default" else float(v) for v in args.thresholds.split(",")]
     refines = [None if v == "default" else int(v) for v in args.refine.split(",")]
+    flips = [None if v == "default" else bool(int(v)) for v in args.flips.split(",")]
     scale_sets = [None if v == "default" else tuple(float(f) for f in v.split("/")) for v in args.scales.split(",")]
     _, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     embeddings = test_embeddings(test, Path(args.cache) / args.part)
+    flip_default = any(AUTOMATIC_DEFAULTS[k].flip for k in AUTOMATIC_DEFAULTS)
+    mirrored = (test_embeddings(test, Path(args.cache) / args.part, mirrored=True)
+                if any(flips) or (None in flips and flip_default) else [None] * len(test))
     model, info = load_adapted_model(Path(args.adapter), device="cpu")
     scores: dict[str, list[float]] = {}
     seconds: dict[str, float] = {}
-    for (image, label), case_embeddings in zip(test, embeddings):
+    for (image, label), case_embeddings, mirrored_embeddings in zip(test, embeddings, mirrored):
         session = SegmentationSession(model, image, axis="axial")
         for index, embedding in enumerate(case_embeddings):
             session.store_embedding(index, embedding.float())
+        for index, embedding in enumerate(mirrored_embeddings or []):
+            session.mirrored().store_embedding(index, embedding.float())
         truth = label.array != 0
         for threshold in thresholds:
             for refine in refines:
                 for scales in scale_sets:
-                    started = time.perf_counter()
-                    pred = segment_automatic(session, refine_iterations=refine, box_threshold=threshold,
-                                             box_scales=scales)
-                    name = (f"threshold {'default' if threshold is None else f'{threshold:g}'}, "
-                            f"refine {'default' if refine is None else refine}, "
-                            f"scales {'default' if scales is None else '/'.join(f'{f:g}' for f in scales)}")
-                    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
-                    scores.setdefault(name, []).append(evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
+                    for flip in flips:
+                        started = time.perf_counter()
+                        pred = segment_automatic(session, refine_iterations=refine, box_threshold=threshold,
+                                                 box_scales=scales, flip=flip)
+                        name = (f"threshold {'default' if threshold is None else f'{threshold:g}'}, "
+                                f"refine {'default' if refine is None else refine}, "
+                                f"scales {'default' if scales is None else '/'.join(f'{f:g}' for f in scales)}, "
+                                f"flip {'default' if flip is None else int(flip)}")
+                        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+                        scores.setdefault(name, []).append(
+                            evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
     result = {"benchmark": "automatic_settings", "part": args.part, "adapter": str(args.adapter),
               "adapter_seed": info.metadata.get("seed"), "adapter_steps": info.metadata.get("steps"),
               "library_defaults": {kind: dataclasses.asdict(v) for kind, v in AUTOMATIC_DEFAULTS.items()},

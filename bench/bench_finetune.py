@@ -1,7 +1,7 @@
 """Few-shot fine-tuning benchmark: zero-shot box Dice vs adapted box / automatic Dice.
 
 Hippocampus MRI (train on N cases, test on others) and HC18 ultrasound (split by filename prefix).
-Usage: python bench/bench_finetune.py [--steps N] [--encoder auto|lora|frozen] [--hippo-train 5] [--hippo-test 20]
+Usage: python bench/bench_finetune.py [--steps N] [--encoder auto|lora|frozen|partial] [--hippo-train 5] [--hippo-test 20]
        [--hc-train 10] [--hc-test 30] [--parts hippocampus,hc18] [--embedding-adapter N] [--seed N]
        [-o bench/results/finetune_cpu.json]
 """
@@ -17,7 +17,7 @@ import numpy as np
 
 from MedFMSegmentLib.evaluation import evaluate_masks
 from MedFMSegmentLib.finetune.automatic import segment_automatic
-from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+from MedFMSegmentLib.finetune.trainer import ENCODER_MODES, FinetuneConfig, finetune
 from MedFMSegmentLib.io import read_image, read_label
 from MedFMSegmentLib.models import load_model
 from MedFMSegmentLib.predictor import SegmentationSession
@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--hc-test", type=int, default=30)
     parser.add_argument("--parts", default="hippocampus,hc18")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"])
+    parser.add_argument("--encoder", default="auto", choices=list(ENCODER_MODES))
     parser.add_argument("--embedding-adapter", type=int, default=None,
                         help="embedding adapter channels (default: the library's, 64 frozen / 0 LoRA; 0: none)")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,7 +22,8 @@ On CUDA the ``auto`` backend is plain PyTorch (OpenVINO targets the CPU), so bot
 same engine there.
 
 Usage: python bench/bench_perf.py [--device cpu] [--precision auto|f32|bf16|int8] [--repeats 5] [--hc18 10] [--hippocampus 3]
-       [--volume-repeats 3] [--batch-slices 8] [--frozen-steps 30] [--lora-steps 6] [-o out.json]
+       [--volume-repeats 3] [--batch-slices 8] [--frozen-steps 30] [--lora-steps 6] [--partial-steps 10]
+       [--finetune-only] [-o out.json]
 """
 
 from __future__ import annotations
@@ -213,11 +214,14 @@ def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
     return result
 
 
-def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int) -> dict:
+def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int, partial_steps: int = 0) -> dict:
     """Seconds per fine-tuning step (median of the intervals between steps) on two hippocampus
     cases: the frozen-encoder mode (the CPU default; its slices are embedded first, by the
-    accelerated encoder) and LoRA (the GPU default). Training is PyTorch in both modes, as it needs
-    autograd: the only accelerated part is the frozen mode's embedding stage."""
+    accelerated encoder), LoRA (the GPU default) and LoRA in the last encoder stage (``partial``,
+    its slices run through the stages before it first). Training is PyTorch in every mode, as it
+    needs autograd: the only accelerated part is the frozen mode's embedding stage. On a CPU with
+    native bfloat16, LoRA and partial steps are timed with and without bf16 autocast (the default
+    there: ``FinetuneConfig.cpu_bf16_autocast``), the latter as ``*_f32``."""
     import time
 
     from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
@@ -225,9 +229,15 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int) -> dic
     names = sorted(p.name for p in (HIPPOCAMPUS / "labelsTr").glob("*.nii.gz"))[:2]
     cases = [(read_image(HIPPOCAMPUS / "imagesTr" / n), read_image(HIPPOCAMPUS / "labelsTr" / n)) for n in names]
     result = {"cases": names}
-    for mode, steps in (("frozen", frozen_steps), ("lora", lora_steps)):
+    from MedFMSegmentLib.finetune.trainer import _cpu_bf16
+
+    runs = [("frozen", frozen_steps, None), ("lora", lora_steps, None), ("partial", partial_steps, None)]
+    if torch.device(device).type == "cpu" and _cpu_bf16():
+        runs += [("lora", lora_steps, False), ("partial", partial_steps, False)]
+    for mode, steps, autocast in runs:
         if steps < 2:
             continue
+        name = mode if autocast is None else f"{mode}_f32"
         stamps, embedded = {}, []
 
         def progress(report, stamps=stamps, embedded=embedded):
@@ -236,15 +246,16 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int) -> dic
             elif report.get("val_dice") is None:  # steps with a validation pass would skew the median
                 stamps[report["step"]] = time.perf_counter()
 
-        config = FinetuneConfig(steps=steps, device=device, encoder=mode, validate_every=10 ** 6, embedding_budget=40)
+        config = FinetuneConfig(steps=steps, device=device, encoder=mode, validate_every=10 ** 6, embedding_budget=40,
+                                cpu_bf16_autocast=autocast)
         with Timer() as t:
             finetune(cases, config, progress=progress)
         intervals = [stamps[n] - stamps[n - 1] for n in sorted(stamps) if n - 1 in stamps]
-        result[f"{mode}_step_s"] = _median(intervals)
-        result[f"{mode}_steps_timed"] = len(intervals)
-        result[f"{mode}_total_s"] = t.seconds
+        result[f"{name}_step_s"] = _median(intervals)
+        result[f"{name}_steps_timed"] = len(intervals)
+        result[f"{name}_total_s"] = t.seconds
         if len(embedded) > 1:
-            result[f"{mode}_embedding_ms_per_slice"] = 1000 * _median(list(np.diff(embedded)))
+            result[f"{name}_embedding_ms_per_slice"] = 1000 * _median(list(np.diff(embedded)))
     return result
 
 
@@ -306,6 +317,8 @@ def main() -> None:
     parser.add_argument("--batch-slices", type=int, default=8, help="slices embedded ahead per batch run")
     parser.add_argument("--frozen-steps", type=int, default=30, help="frozen-encoder fine-tuning steps timed")
     parser.add_argument("--lora-steps", type=int, default=6, help="LoRA fine-tuning steps timed")
+    parser.add_argument("--partial-steps", type=int, default=10, help="last-stage LoRA fine-tuning steps timed")
+    parser.add_argument("--finetune-only", action="store_true", help="time the fine-tuning steps only")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (also the OpenVINO thread count)")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("-o", "--output", help="also write the JSON here")
@@ -319,6 +332,11 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.finetune_only:
+        emit({"benchmark": "perf_finetune_steps", "machine": machine(), "device": args.device,
+              "finetune": bench_finetune_steps(args.device, args.frozen_steps, args.lora_steps, args.partial_steps)},
+             args.output)
+        return
     with Timer() as t_plain:
         plain = load_model("litemedsam", device=args.device, backend="torch")
     with Timer() as t_fast:
@@ -349,7 +367,7 @@ def main() -> None:
     result["volume"] = bench_volume(plain, fast, args.volume_repeats, args.batch_slices)
     print(json.dumps(result["volume"]), file=sys.stderr, flush=True)
     print("fine-tuning steps ...", file=sys.stderr, flush=True)
-    result["finetune"] = bench_finetune_steps(args.device, args.frozen_steps, args.lora_steps)
+    result["finetune"] = bench_finetune_steps(args.device, args.frozen_steps, args.lora_steps, args.partial_steps)
     print(json.dumps(result["finetune"]), file=sys.stderr, flush=True)
     result["peak_gpu_mb"] = peak_gpu_mb()
     child = subprocess.run([sys.executable, __file__, "--rss-child", "--device", args.device, "--backend",

@@ -66,14 +66,20 @@ def add_embedding_adapter(model: PromptableModel, channels: int, prompt_free_onl
 
 def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv", "proj"),
                 encoder_stages=None) -> list[str]:
-    """Add LoRA layers (peft) to the image encoder's attention Linear layers, in place."""
+    """Add LoRA layers (peft) to the image encoder's attention Linear layers, in place.
+
+    ``encoder_stages``: indices of TinyViT ``layers`` (or ViT ``blocks``) to adapt; None: all.
+    """
     from peft import LoraConfig, inject_adapter_in_model
 
+    from .encoder_split import stage_prefix
+
+    prefix = stage_prefix(model.image_encoder) if encoder_stages is not None else ""
     names = []
     for name, module in model.image_encoder.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in targets and isinstance(module, torch.nn.Linear) and "attn" in name:
-            if encoder_stages is None or any(f"layers.{s}." in name for s in encoder_stages):
+            if encoder_stages is None or any(name.startswith(f"{prefix}.{s}.") for s in encoder_stages):
                 names.append(name)
     if not names:
         raise InputError("no LoRA target layers found in the image encoder")

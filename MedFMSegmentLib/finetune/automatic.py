@@ -20,6 +20,7 @@ class AutomaticSettings:
     box_threshold: float
     refine_iterations: int
     box_scales: tuple = (1.0,)
+    flip: bool = False
 
 
 #: Defaults for a volume's slices and for a single 2D image, each measured on one dataset.
@@ -46,7 +47,7 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 @torch.inference_mode()
 def segment_automatic(session, keep: str = "largest", refine_iterations: int | None = None,
                       box_threshold: float | None = None, box_scales: Sequence[float] | None = None,
-                      progress=None, cancel=None) -> np.ndarray:
+                      flip: bool | None = None, progress=None, cancel=None) -> np.ndarray:
     """Segment every slice with no prompt, re-prompt it with a box, then keep the largest 3D component.
 
     Prompt-free output of a frozen-encoder adapter tends to be precise but incomplete, so a box
@@ -67,6 +68,9 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
             also takes in pixels the decoder was unsure of.
         box_scales: Scales of the re-prompt box (about its centre) tried on each re-prompt, the
             decoder's predicted IoU picking one; ``(1.0,)`` re-prompts with the mask's own box.
+        flip: Test-time flip: average each slice's prompt-free logits with those of the slice
+            mirrored left-right (:meth:`~MedFMSegmentLib.predictor.SegmentationSession.mirrored`),
+            at one more encoder call per slice.
         progress: Called with (slices done, slices in total).
         cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
 
@@ -80,14 +84,20 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
     box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
     refine_iterations = defaults.refine_iterations if refine_iterations is None else refine_iterations
     box_scales = defaults.box_scales if box_scales is None else tuple(box_scales)
+    flip = defaults.flip if flip is None else bool(flip)
     if not box_scales:
         raise InputError("automatic mode needs at least one box scale")
     result = np.zeros(session.image.array.shape, dtype=bool)
     session.prefetch(range(n), cancel=cancel)
+    mirror = session.mirrored() if flip else None
+    if mirror is not None:
+        mirror.prefetch(range(n), cancel=cancel)
     for index in range(n):
         if cancel is not None and cancel.is_set():
             raise CancelledError("automatic segmentation cancelled")
         logits = session.prompt_free_logits(index)
+        if mirror is not None:
+            logits = (logits + mirror.prompt_free_logits(index)[:, ::-1]) / 2
         plane, source = logits > 0, logits > box_threshold
         for _ in range(refine_iterations):
             if not source.any():

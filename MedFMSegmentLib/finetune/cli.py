@@ -63,9 +63,10 @@ def register_cli(subparsers) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rank", type=int, default=4)
-    parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen"],
+    parser.add_argument("--encoder", default="auto", choices=["auto", "lora", "frozen", "partial"],
                         help="lora: LoRA in the image encoder + decoder; frozen: decoder and an embedding "
-                             "adapter on cached embeddings (fast on a CPU); auto (default): lora on a GPU, "
+                             "adapter on cached embeddings (fast on a CPU); partial: LoRA in the encoder's "
+                             "last stage only, earlier stages cached; auto (default): lora on a GPU, "
                              "frozen otherwise")
     parser.add_argument("--embedding-adapter", type=int, default=None, metavar="CHANNELS",
                         help="width of the trainable block between image embedding and decoder; 0: none "

@@ -17,13 +17,17 @@ from ..io import MedicalImage
 from ..models import PromptableModel, load_model, resolve_device, tiny_random_model_for_tests
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
 from .adapters import add_embedding_adapter, inject_lora, is_trained, trainable_state
+from .encoder_split import check_first_stage, encode_head, encode_tail
 
 TEST_MODEL = "tiny_random_for_tests"
 # Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
 # step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
-DEFAULT_STEPS = {"lora": 800, "frozen": 2000}
-DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4}
-DEFAULT_EMBEDDING_ADAPTER = {"lora": 0, "frozen": 64}
+DEFAULT_STEPS = {"lora": 800, "frozen": 2000, "partial": 800}
+DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4, "partial": 1e-4}
+DEFAULT_EMBEDDING_ADAPTER = {"lora": 0, "frozen": 64, "partial": 64}
+ENCODER_MODES = ("auto", "lora", "frozen", "partial")
+# "partial": LoRA in these TinyViT stages only (the last: 2 of its 12 blocks), earlier ones cached
+PARTIAL_STAGES = (3,)
 
 
 @dataclass
@@ -33,20 +37,24 @@ class FinetuneConfig:
     device: str = "auto"
     steps: int | None = None  # None: DEFAULT_STEPS of the encoder mode
     batch_size: int = 1
-    encoder: str = "auto"  # "lora", "frozen" (decoder only, cached embeddings) or "auto" (see finetune)
+    # "lora", "frozen" (decoder only, cached embeddings), "partial" (LoRA in the last encoder
+    # stage, its input cached) or "auto" (see resolve_encoder_mode)
+    encoder: str = "auto"
     # frozen encoder: slice embeddings computed; flipped, then augmented copies fill what slices leave
     # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average; adapter_pairs_cpu_bf16_s11.jsonl)
     embedding_budget: int = 240
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: tuple = ("qkv", "proj")
-    encoder_stages: tuple | None = None  # None: every stage; e.g. (2, 3) for the last ones only
+    encoder_stages: tuple | None = None  # None: every stage ("partial": PARTIAL_STAGES); e.g. (2, 3)
     embedding_adapter_channels: int | None = None  # None: DEFAULT_EMBEDDING_ADAPTER of the mode; 0: none
     # "automatic": the embedding adapter acts on prompt-free decoding only, box prompts see the raw
     # embedding (seed 0: HC18 box 0.910 -> 0.927 and automatic 0.816 -> 0.806, hippocampus box
     # 0.850 -> 0.853 and automatic 0.766 -> 0.775; bench/results/adapter_pairs_cpu_bf16_s10.jsonl);
     # "all": every decoder call.
     embedding_adapter_scope: str = "automatic"
+    # bfloat16 autocast of LoRA steps ("lora", "partial") on a CPU; None: where it computes bf16 natively
+    cpu_bf16_autocast: bool | None = None
     lr: float = 3e-4  # LoRA and embedding-adapter weights
     decoder_lr: float | None = None  # None: DEFAULT_DECODER_LR of the encoder mode
     label_value: int | None = None
@@ -107,7 +115,7 @@ def _load_base(config: FinetuneConfig, mode: str) -> PromptableModel:
     # run on the accelerated backend, while the decoder, about to be trained, stays in PyTorch
     # (load_adapted_model later runs a frozen-encoder adapter on this same encoder graph).
     model = load_model(config.model_name, config.checkpoint, config.device, backend="torch")
-    if mode != "lora":
+    if mode == "frozen":
         from ..acceleration import accelerate, default_backend
 
         accelerate(model, default_backend(), parts=("encoder",))
@@ -178,18 +186,22 @@ def _forward(model: PromptableModel, item: _Slice, box: bool, rng, config, augme
 
 @dataclass
 class _Embedded:
-    """A slice already through the frozen image encoder, with its target at model-input resolution."""
+    """A slice already through the frozen image encoder (or its frozen head, see
+    :mod:`.encoder_split`), with its target at model-input resolution."""
 
-    embedding: torch.Tensor  # (1, C, 64, 64)
+    embedding: torch.Tensor  # (1, C, 64, 64), or the head's output when first_stage is set
     target: torch.Tensor  # (S, S) float, 1 = structure
     valid: tuple  # (rows, cols) of the image inside the padded input
     has_foreground: bool
+    first_stage: int | None = None  # "partial": the encoder stage that takes ``embedding``
 
 
 @torch.no_grad()
-def _embed(model: PromptableModel, item: _Slice, flip: bool, augment_seed: int | None = None) -> _Embedded:
+def _embed(model: PromptableModel, item: _Slice, flip: bool, augment_seed: int | None = None,
+           first_stage: int | None = None) -> _Embedded:
     """Embed one slice, horizontally flipped or not, or randomly augmented (``augment_seed``: the
-    MONAI transforms of :func:`_augment`, which flip on their own)."""
+    MONAI transforms of :func:`_augment`, which flip on their own). With ``first_stage``, keep
+    what that encoder stage receives instead of the embedding."""
     if augment_seed is not None:
         image, mask = _augment(item.image, item.mask, np.random.default_rng(augment_seed))
     else:
@@ -197,15 +209,21 @@ def _embed(model: PromptableModel, item: _Slice, flip: bool, augment_seed: int |
     t = SliceTransform.create(image.shape[0], image.shape[1], model.image_size, item.pixel_size)
     x = t.image_to_input(np.ascontiguousarray(image))[None].to(model.device)
     target = t.mask_to_input(np.ascontiguousarray(mask)).to(model.device)
-    return _Embedded(model.encode(x).detach(), target, (t.new_rows, t.new_cols), bool(mask.any()))
+    if first_stage is None:
+        return _Embedded(model.encode(x).detach(), target, (t.new_rows, t.new_cols), bool(mask.any()))
+    features = encode_head(model.image_encoder, model.normalize(x), first_stage).detach()
+    return _Embedded(features, target, (t.new_rows, t.new_cols), bool(mask.any()), first_stage)
 
 
 def _forward_embedded(model: PromptableModel, item: _Embedded, box: bool, rng, config, augment: bool):
-    """Decoder-only forward: the prompt (jittered box or none) is the only augmentation left."""
+    """Decoder (and, for "partial", encoder-tail) forward: the prompt (jittered box or none) is the
+    only augmentation left."""
     target = item.target
     boxes = _box(target, rng, config.box_jitter if augment else 0.0).to(model.device) \
         if (box and item.has_foreground) else None
-    logits, _ = model.decode(item.embedding, boxes=boxes)
+    embedding = (item.embedding if item.first_stage is None
+                 else encode_tail(model.image_encoder, item.embedding, item.first_stage))
+    logits, _ = model.decode(embedding, boxes=boxes)
     logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
     rows, cols = item.valid
     return logits[0, 0][:rows, :cols], target[:rows, :cols]
@@ -245,12 +263,25 @@ def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     0.484 and 0.869 after 200 steps (``bench/results/finetune_gpu_h200_lora800_*.json``,
     ``finetune_gpu_h200_lora.json``). On an H100, 800 LoRA steps (with an embedding adapter)
     took 130 s (``finetune_gpu_h100_lora_adapter_hippocampus_s10.json``).
+
+    ``partial`` (LoRA in the last TinyViT stage, the stages before it cached) is asked for by
+    name only: on hippocampus it gave automatic Dice 0.715 against the frozen mode's 0.779 on the
+    same 7 test cases, in 725 s of training
+    (``bench/results/finetune_cpu_partial_hippocampus_s14.log``).
     """
-    if config.encoder not in ("auto", "lora", "frozen"):
-        raise InputError(f"encoder mode must be auto, lora or frozen, got {config.encoder!r}")
+    if config.encoder not in ENCODER_MODES:
+        raise InputError(f"encoder mode must be one of {', '.join(ENCODER_MODES)}, got {config.encoder!r}")
     if config.encoder != "auto":
         return config.encoder
     return "lora" if device.type == "cuda" else "frozen"
+
+
+def _cpu_bf16() -> bool:
+    try:
+        from ..acceleration import cpu_has_native_bf16
+    except ImportError:
+        return False
+    return cpu_has_native_bf16()
 
 
 def _dice(pred: np.ndarray, target: np.ndarray) -> float:
@@ -298,8 +329,12 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         p.requires_grad_(False)
     steps = config.steps or DEFAULT_STEPS[mode]
     decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
-    targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, config.encoder_stages)
-               if mode == "lora" else [])
+    encoder_stages = config.encoder_stages
+    if mode == "partial":
+        encoder_stages = tuple(encoder_stages or PARTIAL_STAGES)
+        check_first_stage(model.image_encoder, min(encoder_stages))
+    targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, encoder_stages)
+               if mode in ("lora", "partial") else [])
     if adapter_channels > 0:
         add_embedding_adapter(model, adapter_channels, prompt_free_only)
     model.to(model.pixel_mean.device)
@@ -321,7 +356,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     train_fg = [s for s in train if s.has_foreground] or fg
     train_bg = [s for s in train if not s.has_foreground]
     forward = _forward
-    if mode == "frozen":
+    if mode in ("frozen", "partial"):
+        first_stage = min(encoder_stages) if mode == "partial" else None
         plan = [(s, False, None) for s in val] + _plan_embeddings(
             train_fg, train_bg, max(1, config.embedding_budget - len(val)), config.foreground_fraction,
             config.augment, rng)
@@ -329,7 +365,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         for n, (item, flip, augment_seed) in enumerate(plan):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("fine-tuning cancelled")
-            embedded.append(_embed(model, item, flip, augment_seed))
+            embedded.append(_embed(model, item, flip, augment_seed, first_stage))
             if progress is not None:
                 progress({"stage": "embedding", "done": n + 1, "total": len(plan)})
         val, rest = embedded[:len(val)], embedded[len(val):]
@@ -347,6 +383,12 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     use_amp = model.device.type == "cuda"
+    # bfloat16 autocast on a CPU that computes it natively: a LoRA step took 1.25 s against 2.36 s
+    # in float32, a last-stage ("partial") step 0.45 s against 0.70 s (bench_perf.py
+    # --finetune-only, bench/results/perf_finetune_steps_cpu_s14.json). The frozen mode's
+    # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
+    cpu_bf16 = (model.device.type == "cpu" and mode in ("lora", "partial")
+                and (_cpu_bf16() if config.cpu_bf16_autocast is None else config.cpu_bf16_autocast))
 
     def validate() -> float:
         """Mean of box-prompted Dice (slices with the structure) and, when trained for it,
@@ -376,7 +418,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
             pool = train_fg if use_fg else train_bg
             item = pool[int(rng.integers(len(pool)))]
             auto = rng.random() < config.automatic_fraction
-            with torch.autocast("cuda", enabled=use_amp):
+            with torch.autocast("cuda", enabled=use_amp), torch.autocast("cpu", torch.bfloat16, enabled=cpu_bf16):
                 logits, target = forward(model, item, not auto, rng, config, augment=config.augment)
             loss = loss_fn(logits.float()[None, None], target[None, None]) / config.batch_size
             loss.backward()
@@ -422,8 +464,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "encoder": mode,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
-                 "encoder_stages": list(config.encoder_stages) if config.encoder_stages is not None else None,
-                 "layers": len(targets)} if mode == "lora" else None,
+                 "encoder_stages": list(encoder_stages) if encoder_stages is not None else None,
+                 "layers": len(targets)} if mode in ("lora", "partial") else None,
         "embedding_adapter": {"channels": adapter_channels,
                               "prompt_free_only": prompt_free_only}
         if adapter_channels > 0 else None,
@@ -432,5 +474,6 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "seed": config.seed,
         "training_seconds": round(time.monotonic() - start, 1),
         "device": str(model.device),
+        "cpu_bfloat16_autocast": cpu_bf16,
     }
     return model, metadata

@@ -96,6 +96,51 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
         load_adapted_model(folder, model_name=TINY)
 
 
+def test_tiny_partial_encoder_trains_lora_in_the_last_stage_on_cached_inputs(tmp_path):
+    """"partial": LoRA in the chosen stage only, the stages before it run once per planned slice;
+    the adapter reloads to the trained outputs, through the whole encoder."""
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    reports = []
+    config = FinetuneConfig(model_name=TINY, steps=6, validate_every=3, device="cpu", encoder="partial",
+                            encoder_stages=(0,), embedding_budget=10)
+    base = tiny_random_model_for_tests()
+    model, metadata = finetune(cases, config, progress=reports.append)
+    embedding_reports = [r for r in reports if r.get("stage") == "embedding"]
+    assert embedding_reports and embedding_reports[-1]["done"] == embedding_reports[-1]["total"] <= 10 + 8
+    assert [r["step"] for r in reports if "step" in r] == list(range(1, 7))
+    assert metadata["encoder"] == "partial"
+    assert metadata["lora"]["encoder_stages"] == [0] and metadata["lora"]["layers"] == 2
+    assert metadata["embedding_adapter"] == {"channels": 64, "prompt_free_only": True}
+    lora_b = [p for n, p in model.image_encoder.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # trained away from their zero start
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert not torch.equal(model.encode(x), base.encode(x))
+    reloaded, _ = load_adapted_model(save_adapter(model, tmp_path / "adapter", metadata), model_name=TINY)
+    with torch.no_grad():
+        assert torch.equal(model.encode(x), reloaded.encode(x))
+    np.testing.assert_array_equal(segment_automatic(SegmentationSession(model, cases[0][0])),
+                                  segment_automatic(SegmentationSession(reloaded, cases[0][0])))
+
+
+def test_partial_encoder_stage_out_of_range_is_one_clear_error():
+    with pytest.raises(InputError, match="first trained encoder stage"):
+        finetune([_synthetic_case(0)], FinetuneConfig(model_name=TINY, steps=1, device="cpu", encoder="partial",
+                                                      encoder_stages=(3,)))
+
+
+def test_finetune_cli_offers_the_trainer_encoder_modes():
+    import argparse
+
+    from MedFMSegmentLib.finetune.cli import register_cli
+    from MedFMSegmentLib.finetune.trainer import ENCODER_MODES
+
+    subparsers = argparse.ArgumentParser().add_subparsers()
+    register_cli(subparsers)
+    action = next(a for a in subparsers.choices["finetune"]._actions if "--encoder" in a.option_strings)
+    assert tuple(action.choices) == ENCODER_MODES and action.default == "auto"
+
+
 def test_saved_state_comes_from_the_second_half_of_training():
     """Validation checks in the first half neither become the saved state nor stop training
     (a 2-image validation set once rated step 100 of 800 best); the metadata names the step kept."""
@@ -314,7 +359,7 @@ def test_automatic_defaults_differ_for_volumes_and_2d_images():
         own = AUTOMATIC_DEFAULTS[kind]
         np.testing.assert_array_equal(chosen, segment_automatic(
             session, keep="all", box_threshold=own.box_threshold, refine_iterations=own.refine_iterations,
-            box_scales=own.box_scales))
+            box_scales=own.box_scales, flip=own.flip))
         other = AUTOMATIC_DEFAULTS["image" if kind == "volume" else "volume"].box_threshold
         assert not np.array_equal(chosen, segment_automatic(session, keep="all", box_threshold=other))
     session = SegmentationSession(model, volume)
@@ -323,3 +368,22 @@ def test_automatic_defaults_differ_for_volumes_and_2d_images():
                               segment_automatic(session, keep="all", box_threshold=0.0, box_scales=(1.0,)))
     with pytest.raises(InputError):
         segment_automatic(session, box_scales=())
+
+
+def test_automatic_flip_makes_prompt_free_output_mirror_equivariant():
+    """Plumbing (tiny random model): with test-time flip, segmenting the mirrored image gives the
+    mirror of the result, exactly; without it a random model does not (so this test can fail)."""
+    model = tiny_random_model_for_tests()
+    image = _synthetic_case(3)[0]
+    session = SegmentationSession(model, image, axis="axial")
+    mirror = session.mirrored()
+
+    def both(flip):
+        kwargs = {"refine_iterations": 0, "keep": "all", "flip": flip}
+        return segment_automatic(session, **kwargs), segment_automatic(mirror, **kwargs)
+
+    plain, plain_mirrored = both(False)
+    assert not np.array_equal(plain_mirrored, plain[:, :, ::-1])
+    flipped, flipped_mirrored = both(True)
+    assert flipped.any()
+    np.testing.assert_array_equal(flipped_mirrored, flipped[:, :, ::-1])

@@ -439,3 +439,22 @@ def test_cuda_batch_bucket_bounds_the_shapes():
     assert cuda_batch_bucket(12, 10) == 12  # a limit below the count never drops slices
     with pytest.raises(ValueError):
         cuda_batch_bucket(0, 16)
+
+
+def test_mirrored_session_flips_the_columns_of_every_slice():
+    """``mirrored()`` reverses each slice's columns along the current axis (I for axial and
+    coronal slices, J for sagittal ones), keeps the grid, and is made once per axis."""
+    array = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    image = MedicalImage.from_array(array, spacing=(0.5, 0.8, 2.0))
+    session = SegmentationSession(tiny_random_model_for_tests(), image, axis="axial")
+    for axis in (2, 1, 0):
+        session.set_axis(axis)
+        mirror = session.mirrored()
+        assert session.mirrored() is mirror and mirror.voxel_axis == axis
+        assert mirror.image.geometry is image.geometry
+        for index in range(session.num_slices):
+            np.testing.assert_array_equal(slice_from_volume(mirror.image.array, axis, index),
+                                          slice_from_volume(array, axis, index)[:, ::-1])
+    image_2d = MedicalImage.from_array(array[0])
+    np.testing.assert_array_equal(SegmentationSession(tiny_random_model_for_tests(), image_2d).mirrored().image.array,
+                                  array[:1, :, ::-1])
