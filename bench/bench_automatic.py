@@ -51,7 +51,7 @@ def main() -> None:
     scale_sets = [None if v == "default" else tuple(float(f) for f in v.split("/")) for v in args.scales.split(",")]
     _, test = hippocampus_split(5, 20) if args.part == "hippocampus" else hc18_split(10, 30)
     embeddings = test_embeddings(test, Path(args.cache) / args.part)
-    flip_default = any(AUTOMATIC_DEFAULTS[k].flip for k in AUTOMATIC_DEFAULTS)
+    flip_default = AUTOMATIC_DEFAULTS["volume" if args.part == "hippocampus" else "image"].flip
     mirrored = (test_embeddings(test, Path(args.cache) / args.part, mirrored=True)
                 if any(flips) or (None in flips and flip_default) else [None] * len(test))
     model, info = load_adapted_model(Path(args.adapter), device="cpu")

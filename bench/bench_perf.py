@@ -229,10 +229,10 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int, partia
     names = sorted(p.name for p in (HIPPOCAMPUS / "labelsTr").glob("*.nii.gz"))[:2]
     cases = [(read_image(HIPPOCAMPUS / "imagesTr" / n), read_image(HIPPOCAMPUS / "labelsTr" / n)) for n in names]
     result = {"cases": names}
-    from MedFMSegmentLib.finetune.trainer import _cpu_bf16
+    from MedFMSegmentLib.acceleration import cpu_has_native_bf16
 
     runs = [("frozen", frozen_steps, None), ("lora", lora_steps, None), ("partial", partial_steps, None)]
-    if torch.device(device).type == "cpu" and _cpu_bf16():
+    if torch.device(device).type == "cpu" and cpu_has_native_bf16():
         runs += [("lora", lora_steps, False), ("partial", partial_steps, False)]
     for mode, steps, autocast in runs:
         if steps < 2:

@@ -276,14 +276,6 @@ def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     return "lora" if device.type == "cuda" else "frozen"
 
 
-def _cpu_bf16() -> bool:
-    try:
-        from ..acceleration import cpu_has_native_bf16
-    except ImportError:
-        return False
-    return cpu_has_native_bf16()
-
-
 def _dice(pred: np.ndarray, target: np.ndarray) -> float:
     total = pred.sum() + target.sum()
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
@@ -387,8 +379,12 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     # in float32, a last-stage ("partial") step 0.45 s against 0.70 s (bench_perf.py
     # --finetune-only, bench/results/perf_finetune_steps_cpu_s14.json). The frozen mode's
     # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
-    cpu_bf16 = (model.device.type == "cpu" and mode in ("lora", "partial")
-                and (_cpu_bf16() if config.cpu_bf16_autocast is None else config.cpu_bf16_autocast))
+    if model.device.type == "cpu" and mode in ("lora", "partial"):
+        from ..acceleration import cpu_has_native_bf16
+
+        cpu_bf16 = cpu_has_native_bf16() if config.cpu_bf16_autocast is None else config.cpu_bf16_autocast
+    else:
+        cpu_bf16 = False
 
     def validate() -> float:
         """Mean of box-prompted Dice (slices with the structure) and, when trained for it,
