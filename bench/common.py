@@ -1,4 +1,8 @@
-"""Helpers shared by the benchmarks: machine description, peak memory, timing."""
+"""Helpers shared by the benchmarks: machine description, versions, peak memory, timing, saving results.
+
+Every suite saves one JSON object to ``bench/results/<suite>.json`` with :func:`save`: its figures plus
+``machine`` (commit, CPU, load average), ``versions`` and ``settings`` (the options it ran with).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-DATA_DIR = Path(os.environ.get("MEDFMSEGMENT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+__all__ = ["RESULTS_DIR", "machine", "versions", "peak_gpu_mb", "peak_rss_mb", "dice", "Timer", "save", "add_output_option"]
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
@@ -72,12 +78,55 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def emit(result: dict, output: str | None) -> None:
-    """Print the benchmark's JSON and also write it to ``output`` when given."""
-    import json
-    from pathlib import Path
+def versions() -> dict:
+    """Versions of the packages the figures depend on (None where one is not installed)."""
+    from importlib import metadata
 
+    out = {}
+    for name in ("medfmsegment", "torch", "openvino", "numpy", "SimpleITK", "monai", "peft"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    if out["medfmsegment"] is None:  # a source checkout that is not installed
+        from MedFMSegmentLib import __version__
+
+        out["medfmsegment"] = __version__
+    return out
+
+
+def add_output_option(parser) -> None:
+    """``-o/--output``: where :func:`save` writes (default ``bench/results/<suite>.json``; ``-``: print only)."""
+    parser.add_argument("-o", "--output", default=None,
+                        help="result file (default bench/results/<suite>.json, keeping its history; - prints only)")
+
+
+def save(suite: str, result: dict, settings: dict, output: str | None = None) -> Path | None:
+    """Print ``result`` as JSON and write it as ``bench/results/<suite>.json`` (or ``output``).
+
+    Adds ``suite``, ``machine`` (unless the suite measured it elsewhere, e.g. on a GPU host),
+    ``versions`` and ``settings``. Runs kept in the old file's ``history`` list stay in the new one,
+    so rerunning a suite replaces its latest figures without dropping what the docs cite.
+    """
+    import json
+
+    result = {"suite": suite, **result}
+    result.setdefault("machine", machine())
+    result.setdefault("versions", versions())
+    result["settings"] = {k: v for k, v in settings.items() if k != "output"}
+    path = None if output == "-" else Path(output) if output else RESULTS_DIR / f"{suite}.json"
+    if path is not None and path.is_file():
+        try:
+            history = json.loads(path.read_text()).get("history")
+        except (ValueError, AttributeError):
+            history = None
+        if history:
+            result["history"] = history
     text = json.dumps(result, indent=2)
     print(text)
-    if output:
-        Path(output).write_text(text + "\n")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(text + "\n")
+        partial.replace(path)
+    return path

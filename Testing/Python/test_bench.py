@@ -1,0 +1,103 @@
+"""The benchmark package: one entry point, suites found by name, results that rebuild the docs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # bench/ is a top-level package of the checkout, not installed
+
+from bench import __main__ as dispatcher  # noqa: E402
+from bench import common, data, report  # noqa: E402
+
+
+def test_help_lists_the_suites():
+    out = subprocess.run([sys.executable, "-m", "bench", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.split("suites:")[1].splitlines() if line.startswith("  ")}
+    assert {"core", "perf", "finetune", "batch", "gpu"} <= listed
+    assert "report" in out.stdout and "common" not in listed and "data" not in listed
+
+
+def test_unknown_suite_is_one_line_and_exit_2():
+    out = subprocess.run([sys.executable, "-m", "bench", "nosuch"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "unknown suite" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_new_module_with_main_is_a_suite(tmp_path, monkeypatch):
+    (tmp_path / "service.py").write_text('"""Round trip through the server."""\n\ndef main(argv=None):\n    return 0\n')
+    (tmp_path / "helpers.py").write_text('"""No main here."""\n\nX = 1\n')
+    (tmp_path / "data.py").write_text('def main(argv=None):\n    return 0\n')
+    monkeypatch.setattr(dispatcher, "HERE", tmp_path)
+    assert dispatcher.suites() == {"service": "Round trip through the server."}
+
+
+def test_report_reproduces_the_committed_docs():
+    """``python -m bench report`` on the committed results gives docs/benchmarks.md and README's table exactly."""
+    results = report.load_results()
+    assert (ROOT / "docs" / "benchmarks.md").read_text() == report.render(results)
+    readme = (ROOT / "README.md").read_text()
+    assert report.HEADLINE_START in readme
+    assert report._readme_with_table(readme, report.headline_table(results)) == readme
+    out = subprocess.run([sys.executable, "-m", "bench", "report", "--check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_every_headline_figure_names_its_hardware():
+    rows = report.headline_rows(report.load_results())
+    assert len(rows) >= 8
+    for what, value, hardware, suite in rows:
+        assert hardware and hardware != "unknown", what
+        assert (ROOT / "bench" / "results" / f"{suite}.json").is_file()
+
+
+def test_results_record_machine_versions_and_settings():
+    for path in sorted((ROOT / "bench" / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        assert result["suite"] == path.stem
+        assert "versions" in result and "settings" in result, path.name
+        for run in [result] + result.get("history", []) + result.get("runs", []):
+            assert run.get("machine") or run.get("device"), path.name
+
+
+def test_save_keeps_history_and_writes_atomically(tmp_path, monkeypatch):
+    monkeypatch.setattr(common, "machine", lambda: {"commit": "x"})
+    target = tmp_path / "core.json"
+    target.write_text(json.dumps({"suite": "core", "figure": 1, "history": [{"label": "old", "figure": 0}]}))
+    common.save("core", {"figure": 2}, {"hc18": 3, "output": str(target)}, str(target))
+    saved = json.loads(target.read_text())
+    assert saved["figure"] == 2 and saved["history"] == [{"label": "old", "figure": 0}]
+    assert saved["settings"] == {"hc18": 3} and saved["machine"] == {"commit": "x"}
+    assert saved["versions"]["medfmsegment"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["core.json"]
+
+
+def test_case_rules_match_the_committed_results(data_dir):
+    core = json.loads((ROOT / "bench" / "results" / "core.json").read_text())
+    assert data.hippocampus_names(20) == core["hippocampus"]["case_names"]
+    offset = next(h for h in core["history"] if h["settings"].get("offset") == 5)
+    assert data.hippocampus_names(20, 5) == offset["hippocampus"]["case_names"]
+
+
+def test_hc18_split_keeps_subjects_apart(data_dir):
+    names = data.hc18_names(1000)
+    train_prefixes = set(sorted({n.split("_")[0] for n in names})[:10])
+    train, test = data.hc18_split(10, 30)
+    assert len(train) == 10 and len(test) == 30
+    assert {Path(img.source).name.split("_")[0] for img, _ in train} <= train_prefixes
+    assert not {Path(img.source).name.split("_")[0] for img, _ in test} & train_prefixes
+
+
+@pytest.mark.parametrize("suite", ["core", "perf", "finetune", "batch", "gpu", "adapter_pairs", "automatic"])
+def test_suite_options_parse(suite):
+    out = subprocess.run([sys.executable, "-m", "bench", suite, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and f"python -m bench {suite}" in out.stdout, out.stderr
