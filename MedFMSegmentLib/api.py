@@ -81,12 +81,12 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
                  adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
                  precision: str | None = None, axis: str = "auto",
                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
-                 keep_components: str | None = None, box3d_strategy: str = "auto") -> SegmentResult:
+                 keep_components: str | None = None, box3d_strategy: str = "auto", progress=None) -> SegmentResult:
     """Read an image, segment it and write the label map on the image's exact grid.
 
     Everything that can be checked is checked before the model runs, and the output is written
     atomically, so a failure never leaves a partial file. ``box3d_strategy`` is
-    :attr:`PredictorSettings.box3d_strategy`.
+    :attr:`PredictorSettings.box3d_strategy`; ``progress(done, planned)`` is called as slices finish.
     """
     settings = PredictorSettings(box3d_strategy=box3d_strategy)
     output_path = Path(output_path)
@@ -101,7 +101,8 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
     model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device, backend, precision)
     mask = segment_image(model, image, prompts, axis=axis, intensity=intensity, propagate=propagate,
-                         adapter_info=adapter_info, keep_components=keep_components, settings=settings)
+                         adapter_info=adapter_info, keep_components=keep_components, settings=settings,
+                         progress=progress)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
     write_label(mask, image.geometry, output_path, is_2d=image.is_2d, segment_name=name)
     return SegmentResult(output_path, mask, int(mask.sum()), str(model.device), model.backend)

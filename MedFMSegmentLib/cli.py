@@ -133,12 +133,16 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         positives=[tuple(p) for p in args.point],
         negatives=[tuple(p) for p in args.negative],
     )
+    from .progress import slice_progress
+
     started = time.perf_counter()
-    result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
-                          adapter=args.adapter, device=args.device, backend=args.backend,
-                          precision=args.precision, axis=args.axis,
-                          intensity=intensity_from_args(args), propagate=True if args.propagate else None,
-                          keep_components=args.keep_components, box3d_strategy=args.box3d_strategy)
+    with slice_progress() as progress:
+        result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
+                              adapter=args.adapter, device=args.device, backend=args.backend,
+                              precision=args.precision, axis=args.axis,
+                              intensity=intensity_from_args(args), propagate=True if args.propagate else None,
+                              keep_components=args.keep_components, box3d_strategy=args.box3d_strategy,
+                              progress=progress)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
           f"{time.perf_counter() - started:.1f} s on {result.device}, backend {result.backend})")
     return EXIT_OK
