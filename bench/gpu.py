@@ -238,7 +238,7 @@ def bench_propagation(model, repeats: int) -> dict:
         with Timer() as t:
             mask = SegmentationSession(model, image, settings=PROPAGATE_ONLY).segment(prompts)
         times.append(t.seconds)
-    # The first run pays one-off costs (the float16 encoder copy, cuDNN searches, graph capture).
+    # The first run pays start-up costs (the float16 encoder copy, cuDNN searches, graph capture).
     return {"case": name, "shape": list(image.array.shape), "seconds_first": times[0],
             "seconds": float(np.median(times[1:] if len(times) > 1 else times)), "seconds_each": times,
             "dice": dice(mask, truth)}

@@ -186,7 +186,7 @@ def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
     rates = {"plain": [], "fast": []}
     for _ in range(repeats):
         for label, model in (("plain", plain), ("fast", fast)):
-            # "propagate" pinned: this figure has timed slice-by-slice propagation since session 6.
+            # "propagate" pinned: this figure times slice-by-slice propagation, comparable across runs.
             propagation = SegmentationSession(model, image, settings=PredictorSettings(box3d_strategy="propagate"))
             with Timer() as t:
                 masks[label] = propagation.segment(prompts)

@@ -197,9 +197,12 @@ def _section_perf(results: dict) -> list[str]:
                      _f(_get(alone, "first_prompt_ms"), 0) if alone else _f(_get(lat, "first_prompt_ms_accelerated"), 0),
                      _f(_get(alone, "later_prompt_ms"), 1) if alone else _f(_get(lat, "later_prompt_ms_accelerated"), 1),
                      _f(_get(run, "dice_hc18.dice_change"), 4), _f(_get(run, "dice_hippocampus.dice_change"), 4),
+                     f"{_f(_get(run, 'dice_hc18.max_abs_dice_change_per_case'))} / "
+                     f"{_f(_get(run, 'dice_hippocampus.max_abs_dice_change_per_case'))}",
                      _f(_get(alone, "peak_rss_mb"), 0), hardware(run)])
     out += _table(["run", "encoder ms (PyTorch → accelerated)", "decoder ms per box", "first prompt ms",
-                   "later prompt ms", "Dice change HC18", "Dice change hippocampus slices", "peak RSS MB", "hardware"],
+                   "later prompt ms", "Dice change HC18", "Dice change hippocampus slices",
+                   "largest change on one image (HC18 / hippocampus)", "peak RSS MB", "hardware"],
                   rows)
     out += ["", "First and later prompts are timed in a process holding only the accelerated model, as a user's "
             "process does (where the run has one). Dice change: accelerated minus PyTorch, tight boxes.", ""]

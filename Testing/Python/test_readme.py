@@ -1,0 +1,130 @@
+"""README and docs stay true: commands parse with the real parser, snippets import, links resolve,
+generated pages match their generators, README stays short and CI runs README's test command."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
+# Pages other parts of the project write; README and the index link to them before they land.
+PAGES_WRITTEN_ELSEWHERE = {"service.md", "slicer.md", "reliability.md", "cohort.md", "adaptation.md"}
+# Subcommands documented in README that another part of the project registers.
+SUBCOMMANDS_ADDED_ELSEWHERE = {"serve"}
+
+
+def _blocks(text: str, language: str = "") -> list[str]:
+    return re.findall(r"^```" + language + r"\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def _marked(name: str) -> str:
+    text = README.read_text()
+    match = re.search(rf"^<!-- {name} -->\n```\n(.*?)\n```\n<!-- end {name} -->$", text, flags=re.S | re.M)
+    assert match, f"README has no single code block between its '{name}' markers"
+    return match.group(1)
+
+
+def _readme_commands() -> list[list[str]]:
+    commands = []
+    for block in _blocks(README.read_text()):
+        for line in block.splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part.strip())
+                if words and words[0] == "medfmsegment":
+                    commands.append(words[1:])
+    return commands
+
+
+def test_readme_is_short_and_speaks_of_the_project_only():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 200
+    owned = [README, ROOT / "CHANGELOG.md", *DOCS, *(ROOT / "bench").glob("*.py"),
+             ROOT / "MedFMSegmentLib" / "demo.py", ROOT / "MedFMSegmentLib" / "progress.py"]
+    pattern = re.compile(r"session [0-9]|sessions [0-9]|one-off|_s[0-9]+\b", re.I)
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in owned for m in pattern.finditer(p.read_text())]
+    assert not hits
+
+
+def test_every_command_readme_shows_parses():
+    from MedFMSegmentLib.cli import build_parser
+
+    parser = build_parser()
+    commands = _readme_commands()
+    assert {c[0] for c in commands} >= {"segment", "batch", "finetune", "evaluate", "info", "demo"}
+    known = set(next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices)
+    for argv in commands:
+        if argv[0] not in known:
+            assert argv[0] in SUBCOMMANDS_ADDED_ELSEWHERE, f"README shows unknown command {argv[0]!r}"
+            continue
+        parser.parse_args(argv)  # exits (fails the test) on a flag the parser does not accept
+        with pytest.raises(SystemExit) as done:
+            parser.parse_args([argv[0], "--help"])
+        assert done.value.code == 0
+
+
+def test_ci_runs_readme_test_command_and_demo_installs_no_test_tools():
+    test_command = _marked("test command")
+    assert test_command.endswith("python -m pytest") and "requirements-test-lock.txt" in test_command
+    extracted = subprocess.run(["bash", "-c", "sed -n '/^<!-- test command -->$/,/^<!-- end test command -->$/p' "
+                                "README.md | grep -v '^<!--' | grep -v '^```'"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert extracted == test_command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "sed -n '/^<!-- test command -->$/,/^<!-- end test command -->$/p' README.md" in ci and 'eval "$command"' in ci
+    demo = _marked("demo command")
+    assert demo.endswith("medfmsegment demo") and "requirements-lock.txt ." in demo
+    assert not re.search(r"pytest|\[test\]|requirements-test|slicer-core|nncf", demo)
+    user = {line.split("==")[0].lower() for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
+            if line and not line.startswith("#")}
+    assert not user & {"pytest", "slicer-core", "vtk", "nncf", "hypothesis", "scikit-learn", "matplotlib"}
+    assert "-r requirements-lock.txt" in (ROOT / "requirements-test-lock.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize("page", [README, ROOT / "docs" / "python-api.md"], ids=lambda p: p.name)
+def test_python_snippets_import_what_they_use(page):
+    blocks = _blocks(page.read_text(), "python")
+    assert blocks
+    for block in blocks:
+        tree = ast.parse(block)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    assert hasattr(module, alias.name), f"{page.name}: {node.module}.{alias.name} does not exist"
+
+
+def test_local_links_resolve():
+    missing = []
+    for page in [README, ROOT / "CHANGELOG.md", *DOCS]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path = (page.parent / target).resolve()
+            if not path.exists() and path.name not in PAGES_WRITTEN_ELSEWHERE:
+                missing.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not missing
+
+
+def test_cli_reference_is_generated_from_the_parser():
+    out = subprocess.run([sys.executable, str(ROOT / "docs" / "tools" / "cli_reference.py"), "--check"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_limitations_quote_only_benchmark_figures():
+    """Every Dice-like figure (0.ddd) and millisecond figure on the limitations page is in the generated
+    benchmarks page, so it comes from a committed result."""
+    limitations = (ROOT / "docs" / "limitations.md").read_text()
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    figures = set(re.findall(r"\b0\.\d{3}\b", limitations)) | set(re.findall(r"\b(\d+(?:\.\d+)?) ms\b", limitations))
+    assert figures
+    assert sorted(f for f in figures if f not in benchmarks) == []
