@@ -1,7 +1,10 @@
 """``python -m bench report``: turn ``bench/results/*.json`` into ``docs/benchmarks.md``, plots and README's table.
 
 The page is a pure function of the committed results, so rerunning a suite and then this command
-gives the tables back; ``--check`` exits 1 when ``docs/benchmarks.md`` or README's headline table
+gives the tables back. A suite module may add its own part: ``report_section(result) -> list[str]``
+(Markdown lines, a ``## <suite>`` heading first) and ``headline_rows(result) -> list[tuple[str, str,
+str]]`` (what, value, hardware) for the headline table; suites without them get a short pointer
+to their JSON. ``--check`` exits 1 when ``docs/benchmarks.md`` or README's headline table
 differ from what the results give (the plots, PNGs under ``docs/images/``, are not compared).
 Every figure is printed with the machine that measured it.
 """
@@ -9,6 +12,7 @@ Every figure is printed with the machine that measured it.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from pathlib import Path
@@ -28,6 +32,17 @@ HEADLINE_END = "<!-- end of headline results -->"
 def load_results(folder: Path = RESULTS_DIR) -> dict[str, dict]:
     """``{suite: result}`` for every ``<suite>.json`` in ``folder``."""
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+
+
+KNOWN = ("core", "perf", "adapter_pairs", "finetune", "automatic", "gpu", "encoder_gpu", "batch", "box3d_ceiling",
+         "model_cost")
+
+
+def _suite_hook(suite: str, name: str):
+    """``bench.<suite>.<name>`` for a suite this module does not render itself, or None."""
+    if suite in KNOWN or not (Path(__file__).parent / f"{suite}.py").exists():
+        return None
+    return getattr(importlib.import_module(f"bench.{suite}"), name, None)
 
 
 def _run(result: dict | None, label: str | None = None) -> dict | None:
@@ -134,6 +149,10 @@ def headline_rows(results: dict) -> list[tuple[str, str, str, str]]:
     if batch and gpu_batch:
         rows.append(("Batch, 60 hippocampus volumes + a CT series (3D boxes, `propagate`)", f"{batch['cases_per_minute']:.1f} cases/min "
                      f"(H200: {gpu_batch['cases_per_minute']:.0f})", hardware(batch), "batch"))
+    for suite in sorted(results):
+        hook = _suite_hook(suite, "headline_rows")
+        if hook is not None:
+            rows += [(what, value, hw, suite) for what, value, hw in hook(results[suite])]
     return rows
 
 
@@ -316,11 +335,13 @@ def _section_other(results: dict) -> list[str]:
                 f"encoder {cost['encoder_gflop_per_slice']:.1f} GFLOP, decoder {cost['decoder_gflop_per_box_prompt']:.2f} "
                 f"GFLOP per box prompt, {cost['encoder_values_written_per_slice_millions']:.0f} million values written "
                 "by the encoder per slice.", ""]
-    known = {"core", "perf", "adapter_pairs", "finetune", "automatic", "gpu", "encoder_gpu", "batch", "box3d_ceiling",
-             "model_cost"}
-    for suite in sorted(set(results) - known):
-        out += [f"## {suite}", "", f"Results of `python -m bench {suite}` ({_machine_line(results[suite])}); the "
-                f"figures are in `bench/results/{suite}.json`.", ""]
+    for suite in sorted(set(results) - set(KNOWN)):
+        hook = _suite_hook(suite, "report_section")
+        if hook is not None:
+            out += list(hook(results[suite])) + [""]
+        else:
+            out += [f"## {suite}", "", f"Results of `python -m bench {suite}` ({_machine_line(results[suite])}); "
+                    f"the figures are in `bench/results/{suite}.json`.", ""]
     return out
 
 

@@ -101,3 +101,18 @@ def test_suite_options_parse(suite):
     out = subprocess.run([sys.executable, "-m", "bench", suite, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and f"python -m bench {suite}" in out.stdout, out.stderr
+
+
+def test_a_new_suite_adds_its_own_section_and_headline_rows(monkeypatch):
+    """A suite that lands later (``bench/<name>.py``) renders its own part without edits to the report."""
+    import types
+
+    module = types.ModuleType("bench.roundtrip")
+    module.report_section = lambda result: ["## roundtrip", "", f"added latency {result['added_ms']} ms"]
+    module.headline_rows = lambda result: [("Prompt through the service", f"+{result['added_ms']} ms", "2-core CPU")]
+    monkeypatch.setitem(sys.modules, "bench.roundtrip", module)
+    monkeypatch.setattr(report, "_suite_hook", lambda suite, name: getattr(module, name) if suite == "roundtrip" else None)
+    results = {**report.load_results(), "roundtrip": {"suite": "roundtrip", "added_ms": 1.5}}
+    page = report.render(results)
+    assert "## roundtrip\n\nadded latency 1.5 ms" in page
+    assert "| Prompt through the service | +1.5 ms | 2-core CPU | [`roundtrip`](benchmarks.md#roundtrip) |" in page
