@@ -22,16 +22,16 @@ __all__ = ["make_demo_volume", "write_overlay_png", "run_demo", "register_cli"]
 
 
 def make_demo_volume(seed: int = 0):
-    """A ``MedicalImage`` (K, J, I) = (9, 120, 128), 0.9 x 0.9 x 2.5 mm, rotated 20 degrees in plane,
+    """A ``MedicalImage`` (K, J, I) = (7, 120, 128), 0.9 x 0.9 x 2.5 mm, rotated 20 degrees in plane,
     with a bright ellipsoid organ and a distractor blob inside the organ's box; plus the organ's
     (K, J, I) bool mask."""
     from .geometry import VolumeGeometry
     from .io import MedicalImage
 
-    shape = (9, 120, 128)  # (K, J, I)
+    shape = (7, 120, 128)  # (K, J, I)
     grid = np.ogrid[:shape[0], :shape[1], :shape[2]]
-    organ = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, (4, 60, 58), (3.6, 48, 54))) <= 1
-    blob = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, (4, 100, 104), (2.5, 7, 7))) <= 1
+    organ = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, (3, 60, 58), (2.8, 48, 54))) <= 1
+    blob = sum(((g - c) / r) ** 2 for g, c, r in zip(grid, (3, 100, 104), (2.5, 7, 7))) <= 1
     rng = np.random.default_rng(seed)
     volume = 60 + 300 * organ + 180 * (blob & ~organ) + 12 * rng.standard_normal(shape)
     angle = np.deg2rad(20.0)
