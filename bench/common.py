@@ -14,13 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RESULTS_DIR", "machine", "versions", "peak_gpu_mb", "peak_rss_mb", "dice", "Timer", "save", "add_output_option"]
+__all__ = ["DATA_DIR", "RESULTS_DIR", "machine", "versions", "peak_gpu_mb", "peak_rss_mb", "dice", "Timer", "save", "add_output_option"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
+# Suites written before bench/data.py take the data folder from here.
+try:
+    from .data import DATA_DIR
+except ImportError:  # imported as a top-level module by a script that put bench/ on sys.path
+    from data import DATA_DIR  # type: ignore[no-redef]
+
 
 def machine() -> dict:
-    """Where the figures came from."""
+    """Where the figures came from: commit, CPU and its vector extensions, load average, torch
+    threads, GPU, and the package versions (:func:`versions`)."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -49,7 +56,7 @@ def machine() -> dict:
             "cpu_vector_flags": vector_flags, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "cuda": torch.version.cuda if torch.cuda.is_available() else None}
+            "cuda": torch.version.cuda if torch.cuda.is_available() else None, "versions": versions()}
 
 
 def peak_gpu_mb() -> float | None:
