@@ -185,7 +185,7 @@ def _section_core(results: dict) -> list[str]:
     out += _table(["run", "HC18 box Dice", "HC18 click Dice", "hippocampus 3D box Dice",
                    "tight box on every axial slice", "s per 3D box (median)", "hardware"], rows)
     out += ["", "A 3D box is the label's bounding box; HC18 boxes are the mask's tight box and clicks sit at its "
-            "centroid. Hippocampus cases: every N-th of the 260 MSD volumes by name (`bench/data.py`).", ""]
+            "centroid. Hippocampus cases: every N-th MSD volume by name, from an offset (`bench/data.py`).", ""]
     if _get(core, "hippocampus.box3d_dice_per_case"):
         out += ["![Per-case Dice of the 3D box](images/core_hippocampus_dice.png)", ""]
     latency = next((r for r in runs if _get(r, "hc18.encoder_ms_each")), None)
