@@ -24,7 +24,9 @@ Conventions shared by every command:
 
 - **Coordinates** are 0-based voxel indices in ITK order: `I` = column, `J` = row, `K` = slice
   (`K = 0` for a 2D image). Box corners are inclusive. Arrays in Python are `(K, J, I)`.
-- **Images**: NIfTI, NRRD, MHA, PNG/JPEG (a one-slice volume) or a folder holding a DICOM series.
+- **Images**: NIfTI, NRRD, MHA, PNG/JPEG (a one-slice volume) or a folder holding a DICOM series
+  (JPEG 2000 compressed series included; GDCM orders the slices along the slice normal, not by
+  file name).
 - **Outputs** lie on exactly the input's grid (size, spacing, origin, direction); voxels of the
   structure are 1, others 0. They are written to a temporary name and renamed, so a failed run
   never leaves a partial file, and an input is never overwritten.
