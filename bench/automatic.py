@@ -6,7 +6,7 @@ in minutes. Train and save the adapter first, e.g.
 ``python -m bench adapter_pairs --part hc18 --tag T --save-adapter /tmp/adapter_hc18``.
 
 Usage: python -m bench automatic --part hc18|hippocampus --adapter DIR
-       [--thresholds default,0,-1] [--refine 1,2] [--scales default,1] [--flips default,0,1] [-o results.json]
+       [--thresholds default,0,-1] [--refine 1,2] [--scales default,1] [--flips default,0,1] [-o FILE]
 ``default`` is the library's value for the part's kind (``AUTOMATIC_DEFAULTS`` of a volume or a 2D
 image); a scale set is ``default`` or factors joined by ``/`` (``1``: the mask's own box only);
 a flip is 0 or 1 (test-time flip; the mirrored slices' embeddings are cached as well).

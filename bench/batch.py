@@ -4,7 +4,7 @@ Cases: the N largest ``../shared/data`` hippocampus volumes, each prompted with 
 bounding box (a prompts JSON, as ``medfmsegment batch --prompts`` takes it), plus the real CT
 DICOM series prompted with the bounding box of the largest class in TotalSegmentator's output.
 
-Usage: python -m bench batch [--cases 60] [--device auto] [-o results.json]
+Usage: python -m bench batch [--cases 60] [--device auto] [-o FILE]
 """
 
 from __future__ import annotations

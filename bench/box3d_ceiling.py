@@ -1,7 +1,7 @@
 """Where the 3D-box path loses Dice: ceilings and a centre/size decomposition on hippocampus MRI.
 
 For N MSD hippocampus cases (whole hippocampus, label > 0; box = the label's bounding box) it
-prints one JSON object with, per case and as means:
+saves one JSON object (``bench/results/box3d_ceiling.json``) with, per case and as means:
 
 * ``consensus``: the default 3D-box strategy (what ``medfmsegment segment --box`` runs);
 * ``every_slice_tight_axis{0,1,2}``: a tight box from the label on every slice along voxel axis
@@ -17,7 +17,7 @@ prints one JSON object with, per case and as means:
 The two mixed figures tell whether the box track loses more by where it puts boxes or by how
 large they are. Labels are used only to build these reference boxes, never by ``consensus``.
 
-Usage: python -m bench box3d_ceiling [--hippocampus 20] [--offset 0] [-o results.json]
+Usage: python -m bench box3d_ceiling [--hippocampus 20] [--offset 0] [-o FILE]
 """
 
 from __future__ import annotations

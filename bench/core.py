@@ -1,6 +1,6 @@
 """Accuracy and speed of prompted segmentation with the embedded LiteMedSAM, on real data.
 
-Prints one JSON object: the machine, then
+Saves one JSON object (``bench/results/core.json``): the machine, versions and settings, then
 * HC18 fetal-head ultrasound (2D): Dice from the label's tight box, and from one click at the
   label's centroid (clicks -> box design), over N images;
 * MSD hippocampus MRI (3D, whole hippocampus = label > 0): Dice from one 3D box (the label's
@@ -8,7 +8,7 @@ Prints one JSON object: the machine, then
   reference a tight box on every slice;
 * encoder ms per slice, decoder ms per prompt with a cached embedding, peak RSS.
 
-Usage: python -m bench core [--hc18 30] [--hippocampus 20] [--device cpu] [-o results.json]
+Usage: python -m bench core [--hc18 30] [--hippocampus 20] [--device cpu] [-o FILE]
        [--box3d-strategy auto|propagate|consensus] [--offset N] [--no-reference]
 """
 

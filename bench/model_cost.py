@@ -1,6 +1,6 @@
 """What LiteMedSAM costs per slice, whatever it runs on: the floors under the speed figures.
 
-Prints one JSON object:
+Saves one JSON object to ``bench/results/model_cost.json``:
 
 * encoder GFLOP per 256 x 256 slice and decoder GFLOP per box prompt (``torch.utils.flop_counter``);
 * values the encoder's leaf modules write per slice (no-op layers such as Dropout and Identity
@@ -8,7 +8,7 @@ Prints one JSON object:
 * this CPU's float32 peak from its clock and vector flags (cores x GHz x FMA units x lanes x 2),
   and the time each part would take at that peak.
 
-Usage: python -m bench model_cost [-o results.json]
+Usage: python -m bench model_cost [-o FILE]
 """
 
 from __future__ import annotations

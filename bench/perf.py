@@ -23,7 +23,7 @@ same engine there.
 
 Usage: python -m bench perf [--device cpu] [--precision auto|f32|bf16|int8] [--repeats 5] [--hc18 10] [--hippocampus 3]
        [--volume-repeats 3] [--batch-slices 8] [--frozen-steps 30] [--lora-steps 6] [--partial-steps 10]
-       [--finetune-only] [-o out.json]
+       [--finetune-only] [-o FILE]
 """
 
 from __future__ import annotations
