@@ -34,7 +34,7 @@ def load_results(folder: Path = RESULTS_DIR) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-KNOWN = ("core", "perf", "adapter_pairs", "finetune", "automatic", "gpu", "encoder_gpu", "batch", "box3d_ceiling",
+KNOWN = ("demo", "core", "perf", "adapter_pairs", "finetune", "automatic", "gpu", "encoder_gpu", "batch", "box3d_ceiling",
          "model_cost")
 
 
@@ -101,6 +101,12 @@ def _pairs_run(results: dict, tag: str, part: str) -> dict | None:
 def headline_rows(results: dict) -> list[tuple[str, str, str, str]]:
     """``(what, result, hardware, suite)`` rows of the headline table, from the results present."""
     rows = []
+    demo = results.get("demo")
+    if demo and demo.get("repeats"):
+        best = min(demo["repeats"], key=lambda r: r["cpu_s"])
+        rows.append(("`medfmsegment demo`: a generated CT-like volume, one 3D box, end to end",
+                     f"{best['cpu_s']:.1f} s of CPU time ({best['wall_s']:.1f} s wall at load "
+                     f"{best['load_average_before']:.1f}), Dice {demo['dice_vs_truth']:.3f}", hardware(demo), "demo"))
     core = results.get("core")
     propagate = _run(core, "box3d-strategy propagate")
     if _get(core, "hc18.box_dice_mean") is not None:
@@ -166,6 +172,19 @@ def headline_table(results: dict, link_prefix: str = "docs/") -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _section_demo(results: dict) -> list[str]:
+    demo = results.get("demo")
+    if not demo or not demo.get("repeats"):
+        return []
+    out = ["## demo", "", "`medfmsegment demo` in a fresh process per run, as a user starts it (`python -m bench demo`). "
+           "CPU time (user + system) is the better figure on a shared machine: the wall time grows with the "
+           "other jobs' load.", ""]
+    out += _table(["run", "wall s", "CPU s", "load average before", "segmentation s (in the demo)", "Dice", "backend"],
+                  [[str(n + 1), _f(r["wall_s"], 1), _f(r["cpu_s"], 1), _f(r["load_average_before"], 1),
+                    _f(r["segment_s"], 1), _f(r["dice_vs_truth"]), r["backend"]] for n, r in enumerate(demo["repeats"])])
+    return out + ["", f"Machine: {_machine_line(demo)}.", ""]
 
 
 def _section_core(results: dict) -> list[str]:
@@ -353,7 +372,7 @@ def render(results: dict) -> str:
            "commit, versions and settings. Figures from different machines are not compared with each other. "
            "CPU timings come from a 2-core machine shared with other jobs, so they are upper bounds.", "",
            "## Headline results", "", headline_table(results, link_prefix=""), ""]
-    for section in (_section_core, _section_perf, _section_finetune, _section_gpu, _section_other):
+    for section in (_section_demo, _section_core, _section_perf, _section_finetune, _section_gpu, _section_other):
         out += section(results)
     return "\n".join(out).rstrip() + "\n"
 
