@@ -101,7 +101,7 @@ def test_hc18_split_keeps_subjects_apart(data_dir):
 
 
 @pytest.mark.parametrize("suite", ["core", "perf", "finetune", "batch", "gpu", "adapter_pairs", "automatic",
-                                   "box3d_ceiling", "encoder_gpu", "model_cost"])
+                                   "box3d_ceiling", "encoder_gpu", "model_cost", "demo"])
 def test_suite_imports_as_a_package_module_and_parses_its_options(suite, capsys):
     with pytest.raises(SystemExit) as done:
         dispatcher.main([suite, "--help"])
