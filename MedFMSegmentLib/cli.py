@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "voxel indices (I = column, J = row, K = slice; K = 0 in 2D); box "
                                           "corners are inclusive.")
     seg.add_argument("image", help="image file (NIfTI, NRRD, MHA, PNG, JPEG) or DICOM series folder")
+    seg.add_argument("--series", help="DICOM series instance UID (or its unique ending) in a folder holding several")
     seg.add_argument("-o", "--output", required=True,
                      help="output label file: .nii.gz, .nii, .nrrd, .seg.nrrd, .mha or .png (2D)")
     seg.add_argument("--box", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
@@ -128,6 +130,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .api import segment_file
     from .prompts import Prompts
 
+    for flag, values in (("--box", [args.box or []]), ("--point", args.point), ("--negative", args.negative)):
+        if not all(math.isfinite(v) for group in values for v in group):
+            raise InputError(f"{flag} needs finite numbers, got {' '.join(str(v) for group in values for v in group)}")
     prompts = Prompts(
         box=tuple(int(round(v)) for v in args.box) if args.box else None,
         positives=[tuple(p) for p in args.point],
@@ -138,7 +143,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                           adapter=args.adapter, device=args.device, backend=args.backend,
                           precision=args.precision, axis=args.axis,
                           intensity=intensity_from_args(args), propagate=True if args.propagate else None,
-                          keep_components=args.keep_components, box3d_strategy=args.box3d_strategy)
+                          keep_components=args.keep_components, box3d_strategy=args.box3d_strategy,
+                          series=args.series)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
           f"{time.perf_counter() - started:.1f} s on {result.device}, backend {result.backend})")
     return EXIT_OK
