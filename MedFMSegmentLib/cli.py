@@ -187,6 +187,10 @@ def run_guarded(function: Callable[[], int]) -> int:
     except (KeyboardInterrupt, CancelledError):
         print("medfmsegment: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a full disk, a permission taken away mid-run: the user's to fix
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"medfmsegment: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except MemoryError:
         print("medfmsegment: error: out of memory (try --device cpu or a smaller image)", file=sys.stderr)
         return EXIT_FAILURE

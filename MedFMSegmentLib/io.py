@@ -104,15 +104,24 @@ def read_image(path: str | os.PathLike, series: str | None = None) -> MedicalIma
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
-            bytes_per_voxel = reader.GetNumberOfComponents() * np.dtype(
-                sitk.GetArrayViewFromImage(sitk.Image([1] * 2, reader.GetPixelID())).dtype).itemsize
-            check_voxel_count(reader.GetSize(), bytes_per_voxel, str(path))
+            check_voxel_count(reader.GetSize(), _bytes_per_voxel(reader), str(path))
             image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
     except OSError as exc:
         raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
     return _from_sitk(image, str(path))
+
+
+def _bytes_per_voxel(reader) -> int:
+    """Bytes one voxel of the file's pixel type takes (all components)."""
+    import SimpleITK as sitk
+
+    try:
+        probe = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID()))
+        return int(probe.dtype.itemsize * max(1, reader.GetNumberOfComponents()))
+    except RuntimeError:
+        return 8
 
 
 def choose_series(folder: Path, series: str | None = None) -> list[str]:

@@ -19,7 +19,7 @@ __all__ = ["MODULES", "collect_ids", "table", "rewrite", "main"]
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "Testing" / "Python"
 DOC = ROOT / "docs" / "reliability.md"
-MODULES = ("test_reliability_matrix.py", "test_properties.py", "test_kill.py")
+MODULES = ("test_reliability_matrix.py", "test_reliability_files.py", "test_properties.py", "test_kill.py")
 START, END = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
 
 
