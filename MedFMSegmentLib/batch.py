@@ -147,7 +147,7 @@ def load_prompts_file(path: str | os.PathLike) -> dict[str, Prompts | list[str] 
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read prompts file {path}: {exc}") from None
     if not isinstance(data, dict):
@@ -198,7 +198,7 @@ def prompts_from_markups(files: list[str], geometry: VolumeGeometry) -> Prompts:
     prompts = Prompts()
     for file in files:
         try:
-            document = json.loads(Path(file).read_text())
+            document = json.loads(Path(file).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read markups file {file}: {exc}") from None
         try:
@@ -371,11 +371,16 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
 
 def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dict, settings: BatchSettings,
                   model, adapter_info, predictor_settings, cancel) -> np.ndarray:
-    """Segment one case and write its label map, then its resume record (in that order)."""
+    """Segment one case and write its label map between a pending and a final resume record.
+
+    An existing file without a record is not this tool's output: it is never replaced.
+    """
     from .api import segment_image
     from .io import write_label
 
-    record_path(output).unlink(missing_ok=True)
+    if output.exists() and not record_path(output).exists():
+        raise InputError(f"{output.name} exists and was not written by a batch run (no record beside it): "
+                         "move it away or choose another output folder")
     prompts = _prompts_for(case, settings.prompts, image.geometry) or Prompts()
     if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
         raise InputError("no prompts for this case and no automatic adapter")
@@ -383,6 +388,7 @@ def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dic
     mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
                          settings=predictor_settings, cancel=cancel)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
+    write_record(output, provenance, pending=True)
     write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
     write_record(output, provenance)
     return mask

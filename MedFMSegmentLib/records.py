@@ -64,16 +64,20 @@ def output_checksum(path: str | os.PathLike) -> dict[str, Any] | None:
         return None
 
 
-def write_record(output: str | os.PathLike, provenance: dict[str, Any]) -> Path:
-    """Write the record of a just-written ``output`` (``provenance`` plus the output's checksum)."""
-    record = {"provenance": provenance, "output": output_checksum(output)}
+def write_record(output: str | os.PathLike, provenance: dict[str, Any], pending: bool = False) -> Path:
+    """Write the record of a just-written ``output`` (``provenance`` plus the output's checksum).
+
+    ``pending=True`` writes it before the output, without a checksum: it claims the path as this
+    tool's (so a rerun after a kill may replace it) but never counts as done.
+    """
+    record = {"provenance": provenance, "output": None if pending else output_checksum(output)}
     return atomic_write_text(record_path(output), json.dumps(record, indent=1, sort_keys=True))
 
 
 def record_matches(output: str | os.PathLike, provenance: dict[str, Any]) -> bool:
     """Whether ``output`` exists, is intact and was produced from exactly ``provenance``."""
     try:
-        record = json.loads(record_path(output).read_text())
+        record = json.loads(record_path(output).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     if not isinstance(record, dict):

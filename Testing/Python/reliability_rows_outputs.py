@@ -149,7 +149,7 @@ def _(tmp: Path) -> Expect:
 
 
 @row("resume_changed_prompts_or_damaged_output_rerun", "7",
-     "--resume re-runs a case whose prompts changed, whose output was truncated or whose record is gone")
+     "--resume re-runs a case whose prompts changed or whose output was truncated; without its record it is left alone")
 def _(tmp: Path) -> Expect:
     image = write_volume(tmp / "a.nii.gz")
     other = [BOX[0] + 2, *BOX[1:]]
@@ -161,15 +161,17 @@ def _(tmp: Path) -> Expect:
         assert tiny_batch([image], out, {image: {"box": other}}) == ["skipped"]
         truncate(out / "a.nii.gz")
         assert tiny_batch([image], out, {image: {"box": other}}) == ["ok"]
-        (out / RECORD.format("a.nii.gz")).unlink()
-        assert tiny_batch([image], out, {image: {"box": other}}) == ["ok"]
         assert tiny_batch([image], out, {image: {"box": other}}) == ["skipped"]
         from MedFMSegmentLib.io import read_label
 
         assert read_label(out / "a.nii.gz").array.shape == (3, 40, 48)
+        before = (out / "a.nii.gz").read_bytes()
+        (out / RECORD.format("a.nii.gz")).unlink()  # now nothing says this file is the tool's
+        assert tiny_batch([image], out, {image: {"box": other}}) == ["failed"]
+        assert (out / "a.nii.gz").read_bytes() == before
         return 0
 
-    return Expect(call=call, code=0, creates=outputs("out", ["a.nii.gz"]))
+    return Expect(call=call, code=0, creates=outputs("out", ["a.nii.gz"]) - {f"out/{RECORD.format('a.nii.gz')}"})
 
 
 # ---------------------------------------------------------------------------- 10: output checks first
@@ -239,3 +241,31 @@ def _(tmp: Path) -> Expect:
 
     return Expect(call=call, code=0, changes=swept, check=check,
                   creates=outputs("out", ["a.nii.gz"]) - {"out"})
+
+
+@row("output_folder_not_writable", "10", "an output folder nobody may write in (even root: /sys) is refused first")
+def _(tmp: Path) -> Expect:
+    target = Path("/sys") if os.path.isdir("/sys") else Path("/proc")
+    return Expect(seg(write_volume(tmp / "in.nii.gz"), target / "out.nii.gz", "--model", "sam_vit_b"),
+                  message="cannot write in output folder")
+
+
+@row("batch_never_replaces_a_file_it_did_not_write", "principle",
+     "a file in the output folder that no batch run wrote (no record) is never replaced; only its case fails")
+def _(tmp: Path) -> Expect:
+    image = write_volume(tmp / "in" / "a.nii.gz")
+    second = write_volume(tmp / "in" / "b.nii.gz", seed=3)
+    (tmp / "out").mkdir()
+    (tmp / "out" / "a.nii.gz").write_bytes(b"the user's own a.nii.gz")
+    results: list[str] = []
+
+    def call() -> int:
+        results.extend(tiny_batch([image, second], tmp / "out", {image: {"box": BOX}, second: {"box": BOX}},
+                                  resume=False))
+        return 0
+
+    def check(tmp: Path, out: str) -> None:
+        assert results == ["failed", "ok"]
+        assert "not written by a batch run" in summary(tmp)[0]["error"]
+
+    return Expect(call=call, code=0, check=check, creates=outputs("out", ["b.nii.gz"]) - {"out"})

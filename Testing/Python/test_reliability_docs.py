@@ -14,5 +14,5 @@ def test_reliability_table_matches_the_tests():
     spec.loader.exec_module(module)
     ids = module.collect_ids()
     assert any("test_matrix[" in i for i in ids) and any("test_kill.py" in i for i in ids)
-    committed = (ROOT / "docs" / "reliability.md").read_text().split(module.START)[1].split(module.END)[0]
+    committed = (ROOT / "docs" / "reliability.md").read_text(encoding="utf-8").split(module.START)[1].split(module.END)[0]
     assert committed.strip() == module.table(ids).strip(), "run: python docs/tools/reliability_table.py"

@@ -165,4 +165,17 @@ def test_written_label_geometry_equals_the_image_exactly(tmp_path):
         np.testing.assert_allclose(back.origin, read.geometry.origin, atol=1e-5)
 
 
-__all__ = ["row"]
+@pytest.mark.parametrize("row_id", ["segment_output_is_input", "truncated_nii_gz", "dicom_missing_slice"])
+def test_refusals_in_a_real_process(row_id, tmp_path):
+    """The installed command in its own process: exit 2, one stderr line (ITK's C++ warnings too)."""
+    import subprocess
+    import sys
+
+    expect = next(r for r in ROWS if r.id == row_id).build(tmp_path)
+    before = snapshot(tmp_path)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "MedFMSegmentLib.cli", *expect.argv], capture_output=True,
+                          text=True, env=env, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and expect.message in lines[0], done.stderr
+    assert snapshot(tmp_path) == before

@@ -34,7 +34,7 @@ def collect_ids() -> list[str]:
 
 
 def _docstrings(module: str) -> dict[str, str]:
-    tree = ast.parse((TESTS / module).read_text())
+    tree = ast.parse((TESTS / module).read_text(encoding="utf-8"))
     found = {}
     for node in tree.body:
         if isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
@@ -74,11 +74,11 @@ def table(ids: list[str] | None = None) -> str:
 
 def rewrite(path: Path = DOC) -> bool:
     """Replace the table between the markers of ``path``; True when it changed."""
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8")
     head, rest = text.split(START, 1)
     _, tail = rest.split(END, 1)
     new = f"{head}{START}\n{table()}{END}{tail}"
-    path.write_text(new)
+    path.write_text(new, encoding="utf-8")
     return new != text
 
 
