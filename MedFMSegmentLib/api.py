@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
+from .files import check_output_file, refuse_overlap, sweep_leftovers
+from .integrity import check_finite
 from .io import MedicalImage, label_format, read_image, write_label
 from .models import DEFAULT_MODEL, PromptableModel, load_model
 from .predictor import PredictorSettings, SegmentationSession
@@ -60,6 +62,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
     Returns:
         ``(K, J, I)`` boolean mask on the image's grid.
     """
+    check_finite(image.array, image.source or "the image")
     if adapter_info is not None and intensity is None:
         intensity = adapter_info.intensity
     if adapter_info is not None and axis == "auto":
@@ -81,19 +84,25 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
                  adapter: str | os.PathLike | None = None, device: str = "auto", backend: str | None = None,
                  precision: str | None = None, axis: str = "auto",
                  intensity: IntensitySettings | None = None, propagate: bool | None = None,
-                 keep_components: str | None = None, box3d_strategy: str = "auto", progress=None) -> SegmentResult:
+                 keep_components: str | None = None, box3d_strategy: str = "auto",
+                 series: str | None = None, progress=None) -> SegmentResult:
     """Read an image, segment it and write the label map on the image's exact grid.
 
-    Everything that can be checked is checked before the model runs, and the output is written
-    atomically, so a failure never leaves a partial file. ``box3d_strategy`` is
-    :attr:`PredictorSettings.box3d_strategy`; ``progress(done, planned)`` is called as slices finish.
+    Everything that can be checked is checked before the model runs (the output is not an input,
+    is writable, not a folder; the image is readable, finite; the prompts lie inside it), and the
+    output is written atomically, so a failure never leaves a partial file. ``box3d_strategy`` is
+    :attr:`PredictorSettings.box3d_strategy`; ``series`` picks one DICOM series of a folder;
+    ``progress(done, planned)`` is called as slices finish.
     """
     settings = PredictorSettings(box3d_strategy=box3d_strategy)
     output_path = Path(output_path)
     fmt = label_format(output_path)
-    if not output_path.parent.exists():
-        raise InputError(f"output folder does not exist: {output_path.parent}")
-    image = read_image(image_path)
+    inputs = [image_path] + ([adapter] if adapter is not None else []) + ([checkpoint] if checkpoint else [])
+    refuse_overlap([output_path], inputs)
+    check_output_file(output_path)
+    sweep_leftovers(output_path.parent, [output_path.name])
+    image = read_image(image_path, series=series)
+    check_finite(image.array, str(image_path))
     if fmt == ".png" and not image.is_2d and image.geometry.size[2] != 1:
         raise InputError("PNG output needs a 2D image; use .nii.gz, .nrrd or .seg.nrrd for volumes")
     prompts.validate(image.geometry)

@@ -13,8 +13,8 @@ import concurrent.futures
 import csv
 import io as _io
 import json
+import math
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,10 +23,15 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from . import __version__
 from .errors import CancelledError, InputError
-from .geometry import VolumeGeometry
-from .io import IMAGE_2D_EXTENSIONS, MedicalImage, find_dicom_series, read_dicom_series, read_image, read_label
+from .files import (atomic_write_text, check_output_folder, refuse_overlap, safe_name, sweep_leftovers,
+                    unique_names)
+from .geometry import VolumeGeometry, roi_corners
+from .integrity import stray_dicom_files
+from .io import IMAGE_2D_EXTENSIONS, MedicalImage, find_dicom_series, read_dicom_series, read_image
 from .prompts import Prompts
+from .records import file_identity, folder_identity, output_checksum, record_matches, record_path, write_record
 
 OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
 _VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") + IMAGE_2D_EXTENSIONS
@@ -40,8 +45,16 @@ class Case:
     name: str
     source: str
     dicom_files: list[str] | None = None
+    problem: str = ""  # why it cannot be read, found while discovering it
+
+    @property
+    def files(self) -> list[str]:
+        """The files this case reads."""
+        return list(self.dicom_files) if self.dicom_files is not None else [self.source]
 
     def read(self) -> MedicalImage:
+        if self.problem:
+            raise InputError(self.problem)
         if self.dicom_files is not None:
             return read_dicom_series(self.dicom_files, source=self.source)
         return read_image(self.source)
@@ -82,7 +95,11 @@ class BatchSettings:
 
 # ---------------------------------------------------------------------------- discovering cases
 def discover_cases(inputs: Iterable[str | os.PathLike]) -> list[Case]:
-    """Expand files and folders into cases with unique, file-system-safe names."""
+    """Expand files and folders into cases with unique, file-system-safe names.
+
+    Names are decided once for the whole list (see :func:`~MedFMSegmentLib.files.unique_names`),
+    so two inputs never share an output, whatever their order.
+    """
     cases: list[Case] = []
     for raw in inputs:
         path = Path(raw)
@@ -93,20 +110,19 @@ def discover_cases(inputs: Iterable[str | os.PathLike]) -> list[Case]:
             images = [p for p in files if p.name.lower().endswith(_VOLUME_EXTENSIONS)]
             cases.extend(Case(_stem(p), str(p)) for p in images)
             series = find_dicom_series(path)
+            stray = stray_dicom_files(path, [f for _, dicom_files in series for f in dicom_files]) if series else []
+            problem = (f"{len(stray)} DICOM file(s) in {path} cannot be read as part of a series (damaged?): "
+                       f"{', '.join(Path(f).name for f in stray[:3])}") if stray else ""
             for uid, dicom_files in series:
                 label = path.name if len(series) == 1 else f"{path.name}_{uid[-8:]}"
-                cases.append(Case(_safe(label), str(path), dicom_files))
+                cases.append(Case(safe_name(label), str(path), dicom_files, problem))
             if not images and not series:
                 # Kept as a case so the summary says why nothing was segmented from it.
-                cases.append(Case(_safe(path.name), str(path)))
+                cases.append(Case(safe_name(path.name), str(path), problem=f"no image or DICOM series in {path}"))
         else:
-            cases.append(Case(_safe(path.name) or "missing", str(path)))
-    seen: dict[str, int] = {}
-    for case in cases:
-        count = seen.get(case.name, 0)
-        seen[case.name] = count + 1
-        if count:
-            case.name = f"{case.name}_{count + 1}"
+            cases.append(Case(safe_name(path.name, "missing"), str(path)))
+    for case, name in zip(cases, unique_names(c.name for c in cases)):
+        case.name = name
     return cases
 
 
@@ -116,39 +132,57 @@ def _stem(path: Path) -> str:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
             break
-    return _safe(name)
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "case"
+    return safe_name(name)
 
 
 # ---------------------------------------------------------------------------- prompts files
-def load_prompts_file(path: str | os.PathLike) -> dict[str, Prompts | list[str]]:
+def load_prompts_file(path: str | os.PathLike) -> dict[str, Prompts | list[str] | InputError]:
     """Read ``--prompts``: a JSON object mapping an input (path, file name or case name) to prompts.
 
     Each value is either a prompts object ``{"box": [i0, j0, k0, i1, j1, k1], "points": [[i, j, k]],
     "negatives": [...]}`` in voxel indices, or the path (or list of paths) of Slicer markups files
     (``.mrk.json``), converted per case with that case's geometry. Relative markups paths are
-    relative to the prompts file.
+    relative to the prompts file. A malformed entry is kept as its :class:`InputError`, so only
+    its own case fails; a file that is not a JSON object fails at once.
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"cannot read prompts file {path}: {exc}") from None
     if not isinstance(data, dict):
         raise InputError(f"prompts file {path} must hold a JSON object mapping inputs to prompts")
-    result: dict[str, Prompts | list[str]] = {}
+    result: dict[str, Prompts | list[str] | InputError] = {}
     for key, value in data.items():
-        if isinstance(value, (str, list)) and all(isinstance(v, str) for v in ([value] if isinstance(value, str) else value)):
-            files = [value] if isinstance(value, str) else value
-            result[key] = [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
-        elif isinstance(value, dict):
-            result[key] = Prompts.from_dict(value)
-        else:
-            raise InputError(f"prompts for {key!r} in {path} must be an object or markups file path(s)")
+        try:
+            result[key] = _prompt_entry(value, path)
+        except InputError as exc:
+            result[key] = InputError(f"prompts for {key!r}: {exc}")
     return result
+
+
+def _prompt_entry(value, path: Path) -> Prompts | list[str]:
+    if isinstance(value, str) or (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+        files = [value] if isinstance(value, str) else value
+        return [str((path.parent / f).resolve()) if not Path(f).is_absolute() else f for f in files]
+    if isinstance(value, dict):
+        _check_finite_numbers(value)
+        return Prompts.from_dict(value)
+    raise InputError("must be an object or markups file path(s)")
+
+
+def _check_finite_numbers(value) -> None:
+    """Refuse NaN, infinite (JSON ``1e400``) and absurdly large coordinates before any rounding."""
+    if isinstance(value, dict):
+        for item in value.values():
+            _check_finite_numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_finite_numbers(item)
+    elif isinstance(value, float) and not (math.isfinite(value) and abs(value) < 1e12):
+        raise InputError(f"coordinate {value} is not a finite voxel index")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**12:
+        raise InputError(f"coordinate {value} is not a voxel index of any image")
 
 
 def prompts_from_markups(files: list[str], geometry: VolumeGeometry) -> Prompts:
@@ -156,62 +190,103 @@ def prompts_from_markups(files: list[str], geometry: VolumeGeometry) -> Prompts:
 
     Control points of a point list whose name contains "neg" (or whose control point label does)
     become negative clicks. Coordinates are RAS or LPS as the file's ``coordinateSystem`` says.
+
+    Raises:
+        InputError: an unreadable file or a malformed markup (no ROI size, ``markups`` not a
+            list, non-finite coordinates...).
     """
     prompts = Prompts()
     for file in files:
         try:
-            document = json.loads(Path(file).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            document = json.loads(Path(file).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise InputError(f"cannot read markups file {file}: {exc}") from None
-        for markup in document.get("markups", []):
-            to_index = geometry.lps_to_index if markup.get("coordinateSystem", "LPS") == "LPS" else geometry.ras_to_index
-            kind = markup.get("type", "")
-            if kind == "ROI":
-                corners = _roi_corners(markup)
-                ijk = to_index(corners)
-                lower = np.clip(np.floor(ijk.min(axis=0) + 0.5), 0, np.array(geometry.size) - 1)
-                upper = np.clip(np.floor(ijk.max(axis=0) + 0.5), 0, np.array(geometry.size) - 1)
-                prompts.box = tuple(int(v) for v in (*lower, *upper))
-            elif kind == "Fiducial":
-                negative_list = "neg" in markup.get("name", "").lower()
-                for point in markup.get("controlPoints", []):
-                    ijk = tuple(float(v) for v in np.round(to_index(np.array(point["position"], dtype=float))))
-                    negative = negative_list or "neg" in point.get("label", "").lower()
-                    (prompts.negatives if negative else prompts.positives).append(ijk)
+        try:
+            _add_markups(document, geometry, prompts)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise InputError(f"malformed markups file {file}: {detail}") from None
     return prompts
 
 
-def _roi_corners(markup: dict) -> np.ndarray:
-    center = np.asarray(markup.get("center") or markup["controlPoints"][0]["position"], dtype=float)
-    size = np.asarray(markup["size"], dtype=float)
-    axes = np.asarray(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
-    signs = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
-    # Slicer stores the ROI axes as the columns of the row-major orientation matrix.
-    return center + (signs * size) @ axes.T
+def _add_markups(document: dict, geometry: VolumeGeometry, prompts: Prompts) -> None:
+    markups = document["markups"] if isinstance(document, dict) else None
+    if not isinstance(markups, list):
+        raise ValueError("'markups' must be a list")
+    for markup in markups:
+        to_index = geometry.lps_to_index if markup.get("coordinateSystem", "LPS") == "LPS" else geometry.ras_to_index
+        kind = markup.get("type", "")
+        if kind == "ROI":
+            center = markup.get("center") or markup["controlPoints"][0]["position"]
+            corners = roi_corners(_finite(center), _finite(markup["size"]),
+                                  _finite(markup.get("orientation", np.eye(3).ravel())).reshape(3, 3))
+            ijk = to_index(corners)
+            lower = np.clip(np.floor(ijk.min(axis=0) + 0.5), 0, np.array(geometry.size) - 1)
+            upper = np.clip(np.floor(ijk.max(axis=0) + 0.5), 0, np.array(geometry.size) - 1)
+            prompts.box = tuple(int(v) for v in (*lower, *upper))
+        elif kind == "Fiducial":
+            negative_list = "neg" in markup.get("name", "").lower()
+            for point in markup.get("controlPoints", []):
+                ijk = tuple(float(v) for v in np.round(to_index(_finite(point["position"]).reshape(3))))
+                negative = negative_list or "neg" in point.get("label", "").lower()
+                (prompts.negatives if negative else prompts.positives).append(ijk)
 
 
-def _prompts_for(case: Case, table: dict[str, Prompts | list[str]], geometry: VolumeGeometry) -> Prompts | None:
+def _finite(values) -> np.ndarray:
+    array = np.asarray(values, dtype=float)
+    if not np.isfinite(array).all() or np.abs(array).max(initial=0) > 1e12:
+        raise ValueError(f"non-finite or huge coordinates {array.ravel().tolist()[:6]}")
+    return array
+
+
+def _prompt_entry_for(case: Case, table: dict) -> Prompts | list[str] | InputError | None:
     for key in (case.source, str(Path(case.source).resolve()), Path(case.source).name, case.name):
         if key in table:
-            value = table[key]
-            return prompts_from_markups(value, geometry) if isinstance(value, list) else value
+            return table[key]
     return None
+
+
+def _prompts_for(case: Case, table: dict, geometry: VolumeGeometry) -> Prompts | None:
+    value = _prompt_entry_for(case, table)
+    if isinstance(value, InputError):
+        raise value
+    return prompts_from_markups(value, geometry) if isinstance(value, list) else value
+
+
+def _prompt_identity(value) -> object:
+    if isinstance(value, Prompts):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [{"path": os.path.realpath(f), "content": output_checksum(f)} for f in value]
+    return None if value is None else str(value)
 
 
 # ---------------------------------------------------------------------------- running
 def output_path_for(case: Case, output_dir: Path, output_format: str) -> Path:
+    """The output file of a case."""
     return output_dir / f"{case.name}.{output_format}"
 
 
-def output_is_valid(output: Path, image: MedicalImage | None = None) -> bool:
-    """Whether an existing output can be read (and, given the image, lies on its grid)."""
-    if not output.is_file():
-        return False
-    try:
-        label = read_label(output)
-    except (InputError, RuntimeError, ValueError, OSError):
-        return False
-    return image is None or label.geometry.same_grid(image.geometry)
+def _provenance(case: Case, settings: BatchSettings, model) -> dict:
+    """What the output of ``case`` depends on (see :mod:`MedFMSegmentLib.records`)."""
+    return {"library": __version__, "input": file_identity(case.files),
+            "prompts": _prompt_identity(_prompt_entry_for(case, settings.prompts)),
+            "model": {"name": model.spec.name, "weights_sha256": getattr(model, "weights_sha256", ""),
+                      "adapter": folder_identity(settings.adapter), "backend": settings.backend,
+                      "precision": settings.precision},
+            "settings": {"axis": settings.axis, "box3d_strategy": settings.box3d_strategy,
+                         "format": settings.output_format}}
+
+
+def _check_outputs(cases: list[Case], output_dir: Path, settings: BatchSettings, inputs: list) -> list[Path]:
+    """Output paths for every case, after refusing any that would land on or inside an input."""
+    outputs = [output_path_for(case, output_dir, settings.output_format) for case in cases]
+    sources = [*inputs, *(f for case in cases for f in case.files)]
+    sources += [f for value in settings.prompts.values() if isinstance(value, list) for f in value]
+    if settings.adapter is not None:
+        sources.append(settings.adapter)
+    refuse_overlap([output_dir, output_dir / "summary.csv", *outputs], sources)
+    return outputs
 
 
 def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike, settings: BatchSettings,
@@ -219,8 +294,12 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
               cancel: threading.Event | None = None, model=None) -> list[CaseResult]:
     """Segment every case, writing one label file per case and ``summary.csv`` in ``output_dir``.
 
-    A case that fails is recorded and the run goes on. ``summary.csv`` is rewritten atomically
-    after every case, so an interrupted run still leaves a valid summary.
+    Everything checkable is checked before the model loads: the format, the output folder (usable,
+    not an input, not inside one), that prompts or an adapter are given. A case that fails (an
+    unreadable image, a malformed prompt) is recorded and the run goes on. Every output gets a
+    resume record (:mod:`MedFMSegmentLib.records`); ``summary.csv`` is rewritten atomically after
+    every case. Leftover temporaries of a killed run are swept first; nothing else in the folder
+    is touched.
 
     Args:
         inputs: Files and folders.
@@ -233,20 +312,22 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     Returns:
         One :class:`CaseResult` per case, in input order.
     """
-    from .api import load_segmenter, segment_image
-    from .io import write_label
+    from .api import load_segmenter
     from .predictor import PredictorSettings
 
     predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
     if settings.output_format not in OUTPUT_FORMATS:
         raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    inputs = [str(p) for p in inputs]
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if settings.adapter is None and not settings.prompts:
+        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
     cases = discover_cases(inputs)
     if not cases:
         raise InputError("no input cases given")
-    if settings.adapter is None and not settings.prompts:
-        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
+    outputs = _check_outputs(cases, output_dir, settings, inputs)
+    check_output_folder(output_dir)
+    sweep_leftovers(output_dir)
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
@@ -254,34 +335,32 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     results: list[CaseResult] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(_read_case, cases[0])
-        for index, case in enumerate(cases):
+        for index, (case, output) in enumerate(zip(cases, outputs)):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("batch cancelled")
             image, read_error = pending.result()
             if index + 1 < len(cases):
                 pending = reader.submit(_read_case, cases[index + 1])  # overlaps reading with compute
-            output = output_path_for(case, output_dir, settings.output_format)
             started = time.perf_counter()
             result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
                                 str(output), "ok")
             try:
-                if read_error is not None:
-                    raise read_error
-                if settings.resume and output_is_valid(output, image):
+                provenance = _provenance(case, settings, model)
+                if settings.resume and record_matches(output, provenance):
                     result.status = "skipped"
                 else:
-                    prompts = _prompts_for(case, settings.prompts, image.geometry) or Prompts()
-                    if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
-                        raise InputError("no prompts for this case and no automatic adapter")
-                    mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
-                                         settings=predictor_settings, cancel=cancel)
-                    name = adapter_info.label_name if adapter_info is not None else "Segment_1"
-                    write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
+                    if read_error is not None:
+                        raise read_error
+                    mask = _segment_case(case, image, output, provenance, settings, model, adapter_info,
+                                         predictor_settings, cancel)
                     result.foreground_voxels = int(mask.sum())
-            except CancelledError:
+            except (CancelledError, MemoryError, KeyboardInterrupt):
                 raise
-            except (InputError, RuntimeError, ValueError, OSError) as exc:
-                result.status, result.error = "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the others
+                message = str(exc).splitlines()[0] if str(exc) else ""
+                if not isinstance(exc, InputError):
+                    message = f"{type(exc).__name__}: {message}"
+                result.status, result.error = "failed", message
             result.seconds = time.perf_counter() - started
             results.append(result)
             write_summary(results, output_dir / "summary.csv")
@@ -290,36 +369,62 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     return results
 
 
+def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dict, settings: BatchSettings,
+                  model, adapter_info, predictor_settings, cancel) -> np.ndarray:
+    """Segment one case and write its label map between a pending and a final resume record.
+
+    An existing file without a record is not this tool's output: it is never replaced.
+    """
+    from .api import segment_image
+    from .io import write_label
+
+    if output.exists() and not record_path(output).exists():
+        raise InputError(f"{output.name} exists and was not written by a batch run (no record beside it): "
+                         "move it away or choose another output folder")
+    prompts = _prompts_for(case, settings.prompts, image.geometry) or Prompts()
+    if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
+        raise InputError("no prompts for this case and no automatic adapter")
+    prompts.validate(image.geometry)
+    mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
+                         settings=predictor_settings, cancel=cancel)
+    name = adapter_info.label_name if adapter_info is not None else "Segment_1"
+    write_record(output, provenance, pending=True)
+    write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
+    write_record(output, provenance)
+    return mask
+
+
 def _read_case(case: Case) -> tuple[MedicalImage | None, Exception | None]:
     try:
         return case.read(), None
-    except (InputError, RuntimeError, ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - reported as this case's failure
         return None, exc
 
 
 def write_summary(results: list[CaseResult], path: Path) -> None:
-    """Write ``summary.csv`` atomically."""
+    """Write ``summary.csv`` atomically (through a unique temporary: two runs may share a folder)."""
     buffer = _io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_FIELDS)
     writer.writeheader()
     for result in results:
         writer.writerow(result.row())
-    fd_path = path.with_name(f".{path.name}.partial")
-    fd_path.write_text(buffer.getvalue())
-    os.replace(fd_path, path)
+    atomic_write_text(path, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------- command line
 def register_cli(commands) -> None:
+    """Add the ``batch`` subcommand."""
     parser = commands.add_parser("batch", help="segment many images (files, folders, DICOM series)",
                                  description="Segment every case automatically with an adapter, or from "
                                              "per-case prompts. Writes one label file per case and summary.csv.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, DICOM folders")
-    parser.add_argument("-o", "--output-dir", required=True, help="output folder (created if missing)")
+    parser.add_argument("-o", "--output-dir", required=True,
+                        help="output folder (created if missing; never an input or inside one)")
     parser.add_argument("--adapter", help="adapter folder trained for automatic segmentation")
     parser.add_argument("--prompts", help="JSON file mapping inputs to prompts or to Slicer .mrk.json files")
     parser.add_argument("--format", default="nii.gz", choices=OUTPUT_FORMATS, help="output format")
-    parser.add_argument("--resume", action="store_true", help="skip cases whose output exists and is valid")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip cases whose output was made from the same input, prompts, model and settings")
     parser.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
     from .cli import add_backend_option, add_box3d_strategy_option
 

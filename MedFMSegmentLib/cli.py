@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                                           "voxel indices (I = column, J = row, K = slice; K = 0 in 2D); box "
                                           "corners are inclusive.")
     seg.add_argument("image", help="image file (NIfTI, NRRD, MHA, PNG, JPEG) or DICOM series folder")
+    seg.add_argument("--series", help="DICOM series instance UID (or its unique ending) in a folder holding several")
     seg.add_argument("-o", "--output", required=True,
                      help="output label file: .nii.gz, .nii, .nrrd, .seg.nrrd, .mha or .png (2D)")
     seg.add_argument("--box", nargs=6, type=float, metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
@@ -128,6 +130,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .api import segment_file
     from .prompts import Prompts
 
+    for flag, values in (("--box", [args.box or []]), ("--point", args.point), ("--negative", args.negative)):
+        if not all(math.isfinite(v) for group in values for v in group):
+            raise InputError(f"{flag} needs finite numbers, got {' '.join(str(v) for group in values for v in group)}")
     prompts = Prompts(
         box=tuple(int(round(v)) for v in args.box) if args.box else None,
         positives=[tuple(p) for p in args.point],
@@ -142,7 +147,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
                               precision=args.precision, axis=args.axis,
                               intensity=intensity_from_args(args), propagate=True if args.propagate else None,
                               keep_components=args.keep_components, box3d_strategy=args.box3d_strategy,
-                              progress=progress)
+                              series=args.series, progress=progress)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
           f"{time.perf_counter() - started:.1f} s on {result.device}, backend {result.backend})")
     return EXIT_OK
@@ -185,6 +190,10 @@ def run_guarded(function: Callable[[], int]) -> int:
     except (KeyboardInterrupt, CancelledError):
         print("medfmsegment: cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a full disk, a permission taken away mid-run: the user's to fix
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"medfmsegment: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except MemoryError:
         print("medfmsegment: error: out of memory (try --device cpu or a smaller image)", file=sys.stderr)
         return EXIT_FAILURE

@@ -68,12 +68,15 @@ def run_demo(output_dir: Path, device: str = "auto", progress=None) -> dict:
     from .io import mask_to_sitk
     from .prompts import Prompts
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    from .files import check_output_folder
+    from .io import write_sitk_image
+
+    check_output_folder(output_dir)  # a file or read-only folder: one clear line before any work
     image, organ = make_demo_volume()
     sitk_image = sitk.GetImageFromArray(image.array)
     sitk_image.CopyInformation(mask_to_sitk(organ, image.geometry))
     image_path = output_dir / "demo_image.nii.gz"
-    sitk.WriteImage(sitk_image, str(image_path))
+    write_sitk_image(sitk_image, image_path)
     k, j, i = np.nonzero(organ)
     box = tuple(int(v) for v in (i.min(), j.min(), k.min(), i.max(), j.max(), k.max()))
     started = time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -52,8 +53,14 @@ def _run(args) -> int:
             raise InputError(f"label value {args.label_value} does not occur in {args.label}")
         g = label.array == args.label_value
         p = (pred.array == args.label_value) if np.any(pred.array == args.label_value) else pred.array > 0
-    print(json.dumps(evaluate_masks(p, g, label.geometry.spacing)), flush=True)
+    print(json.dumps(json_safe(evaluate_masks(p, g, label.geometry.spacing)), allow_nan=False), flush=True)
     return 0
+
+
+def json_safe(values: dict) -> dict:
+    """``values`` with NaN and infinite floats replaced by None (JSON null): NaN is not JSON."""
+    return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
+            for key, value in values.items()}
 
 
 def register_cli(subparsers) -> None:

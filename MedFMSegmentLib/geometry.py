@@ -255,3 +255,20 @@ def to_slice_coords(ijk: Sequence[float], voxel_axis: int) -> tuple[float, float
     """Voxel (i, j, k) -> ``(column, row, slice_index)`` for slices normal to ``voxel_axis``."""
     row_axis, col_axis = in_plane_axes(voxel_axis)
     return (ijk[col_axis], ijk[row_axis], ijk[voxel_axis])
+
+
+# ---------------------------------------------------------------------- regions of interest
+def roi_corners(center: Sequence[float], size: Sequence[float], axes: np.ndarray | None = None) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` of a box region of interest, in the frame of ``center``.
+
+    Args:
+        center: The box centre (3,).
+        size: Its edge lengths (3,) along its own axes.
+        axes: 3x3 matrix whose columns are the box's unit axes in that frame (a Slicer markups
+            ROI's ``orientation``, read row-major); identity when None.
+    """
+    center = np.asarray(center, dtype=float).reshape(3)
+    size = np.asarray(size, dtype=float).reshape(3)
+    axes = np.eye(3) if axes is None else np.asarray(axes, dtype=float).reshape(3, 3)
+    signs = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
+    return center + (signs * size) @ axes.T

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +17,10 @@ from typing import Iterator
 import numpy as np
 
 from .errors import InputError
+from .files import atomic_path, new_sibling
 from .geometry import VolumeGeometry
+from .integrity import (check_image_file, check_orthonormal, check_slice_positions,
+                        check_voxel_count, stray_dicom_files)
 
 #: Output extensions the writers understand, longest first so ``.seg.nrrd`` wins over ``.nrrd``.
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png")
@@ -71,19 +74,20 @@ def label_format(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------- reading
-def read_image(path: str | os.PathLike) -> MedicalImage:
+def read_image(path: str | os.PathLike, series: str | None = None) -> MedicalImage:
     """Read an image file or a DICOM series folder.
 
     Args:
-        path: NIfTI, NRRD, MHA, PNG/JPEG/TIFF file, or a folder holding one DICOM series
-            (the first series found when there are several; see :func:`find_dicom_series`).
+        path: NIfTI, NRRD, MHA, PNG/JPEG/TIFF file, or a folder holding one DICOM series.
+        series: The series instance UID (or its unique ending) to read from a folder holding several.
 
     Returns:
         The image as float32 ``(K, J, I)`` with its geometry. RGB(A) 2D images are converted to
         grey (luminance).
 
     Raises:
-        InputError: missing or unreadable path, 4D or vector-valued volumes.
+        InputError: missing, unreadable, truncated or sheared files, 4D or vector-valued volumes,
+            a folder with several series and none chosen, a series with a missing slice.
     """
     import SimpleITK as sitk
 
@@ -91,15 +95,64 @@ def read_image(path: str | os.PathLike) -> MedicalImage:
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
-        series = find_dicom_series(path)
-        if not series:
-            raise InputError(f"no DICOM series found in folder {path}")
-        return read_dicom_series(series[0][1], source=str(path))
+        return read_dicom_series(choose_series(path, series), source=str(path))
+    if path.stat().st_size == 0:
+        raise InputError(f"cannot read image {path}: the file is empty")
     try:
-        image = sitk.ReadImage(str(path))
+        check_image_file(path)
+        with _quiet_itk():
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            check_voxel_count(reader.GetSize(), _bytes_per_voxel(reader), str(path))
+            image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"cannot read image {path}: {_first_line(exc)}") from None
+    except OSError as exc:
+        raise InputError(f"cannot read image {path}: {exc.strerror or exc}") from None
     return _from_sitk(image, str(path))
+
+
+def _bytes_per_voxel(reader) -> int:
+    """Bytes one voxel of the file's pixel type takes (all components)."""
+    import SimpleITK as sitk
+
+    try:
+        probe = sitk.GetArrayViewFromImage(sitk.Image([1, 1], reader.GetPixelID()))
+        return int(probe.dtype.itemsize * max(1, reader.GetNumberOfComponents()))
+    except RuntimeError:
+        return 8
+
+
+def choose_series(folder: Path, series: str | None = None) -> list[str]:
+    """The file list of the one DICOM series in ``folder`` (or of the series chosen by UID).
+
+    Raises:
+        InputError: no series, several and none chosen (the message names them), or slice files
+            that belong to no readable series (a damaged slice).
+    """
+    found = find_dicom_series(folder)
+    if not found:
+        raise InputError(f"no DICOM series found in folder {folder}")
+    if series is not None:
+        chosen = [item for item in found if item[0] == series or item[0].endswith(series)]
+        if len(chosen) != 1:
+            raise InputError(f"series {series!r} {'is ambiguous' if chosen else 'not found'} in {folder}; "
+                             f"it holds {_describe_series(found)}")
+    elif len(found) > 1:
+        raise InputError(f"folder {folder} holds {len(found)} DICOM series: {_describe_series(found)}; "
+                         "choose one (--series UID)")
+    else:
+        chosen = found
+    stray = stray_dicom_files(folder, [f for _, files in found for f in files])
+    if stray:
+        raise InputError(f"folder {folder} has {len(stray)} DICOM file(s) that cannot be read as part of a "
+                         f"series (damaged?): {', '.join(Path(f).name for f in stray[:3])}")
+    return chosen[0][1]
+
+
+def _describe_series(found: list[tuple[str, list[str]]]) -> str:
+    return ", ".join(f"{uid} ({len(files)} files)" for uid, files in found)
 
 
 def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
@@ -114,28 +167,41 @@ def find_dicom_series(folder: str | os.PathLike) -> list[tuple[str, list[str]]]:
     for directory in sorted({str(p.parent) for p in Path(folder).rglob("*") if p.is_file()} | {str(folder)}):
         with _quiet_itk():
             uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(directory)
-        for uid in uids:
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)
-            if files:
-                found.append((uid, list(files)))
+            for uid in uids:
+                files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(directory, uid)
+                if files:
+                    found.append((uid, list(files)))
     return found
 
 
 def read_dicom_series(files: list[str], source: str = "") -> MedicalImage:
-    """Read a DICOM series from its (GDCM-sorted) file list, including JPEG 2000 transfer syntaxes."""
+    """Read a DICOM series from its (GDCM-sorted) file list, including JPEG 2000 transfer syntaxes.
+
+    Raises:
+        InputError: unreadable slices, or slices not evenly spaced (a missing or damaged slice
+            would otherwise stretch the spacing silently).
+    """
     import SimpleITK as sitk
 
+    source = source or str(Path(files[0]).parent)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        image = reader.Execute()
+        with _quiet_itk():
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"cannot read DICOM series {source or files[0]}: {_first_line(exc)}") from None
+        raise InputError(f"cannot read DICOM series {source}: {_first_line(exc)}") from None
+    positions = []
+    with contextlib.suppress(RuntimeError, ValueError):
+        positions = [[float(v) for v in reader.GetMetaData(n, "0020|0032").split("\\")] for n in range(len(files))]
+    if len(positions) == len(files) and image.GetDimension() == 3:
+        normal = np.array(image.GetDirection()).reshape(3, 3)[:, 2]
+        check_slice_positions(np.array(positions), normal, files, source)
     modality = None
     with contextlib.suppress(RuntimeError):
         modality = reader.GetMetaData(0, "0008|0060").strip() or None
-    result = _from_sitk(image, source or str(Path(files[0]).parent))
+    result = _from_sitk(image, source)
     result.modality = modality
     with contextlib.suppress(RuntimeError):
         result.metadata["series_description"] = reader.GetMetaData(0, "0008|103e").strip()
@@ -158,7 +224,11 @@ def _from_sitk(image, source: str) -> MedicalImage:
             raise InputError(f"{source} has {components} components per voxel; give a scalar image")
     # One pass: the view is converted into a new float32 array (never kept: it is SimpleITK's memory).
     array = sitk.GetArrayViewFromImage(image).astype(np.float32)
-    geometry = VolumeGeometry.from_sitk(image)
+    try:
+        geometry = VolumeGeometry.from_sitk(image)
+    except ValueError as exc:
+        raise InputError(f"{source} has an invalid grid: {exc}") from None
+    check_orthonormal(geometry.direction, source, geometry.spacing, geometry.origin)
     if dim == 2:
         array = array[None]
     modality = None
@@ -231,12 +301,39 @@ def write_label(mask: np.ndarray, geometry: VolumeGeometry, path: str | os.PathL
         values = mask.view(np.uint8)  # no copy: a 300-slice 512 x 512 mask is 79 MB
     else:
         values = (mask > 0).astype(np.uint8) * np.uint8(label_value)
-    with _atomic_path(path) as tmp:
-        if fmt == ".seg.nrrd":
+    if fmt in (".nii", ".nii.gz"):
+        check_orthonormal(geometry.direction, f"the grid of {path.name}")  # NIfTI would coerce it
+    if fmt == ".seg.nrrd":
+        with atomic_path(path, fmt) as tmp:
             _write_seg_nrrd(values, geometry, tmp, segment_name, label_value, color)
-        else:
-            image = mask_to_sitk(values, geometry, is_2d=is_2d or fmt == ".png")
-            sitk.WriteImage(image, str(tmp), useCompression=fmt in (".nii.gz", ".nrrd", ".mha"))
+    else:
+        image = mask_to_sitk(values, geometry, is_2d=is_2d or fmt == ".png")
+        write_sitk_image(image, path, compress=fmt in (".nii.gz", ".nrrd", ".mha"))
+    return path
+
+
+def write_sitk_image(image, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a ``SimpleITK.Image`` with its geometry, atomically (the one image writer).
+
+    ``.mhd`` keeps its pixels in a second file: both are written into a hidden temporary folder
+    beside the target under their final names (the header names the data file), then moved in,
+    data first, so no temporary name is ever referenced or left behind.
+    """
+    import SimpleITK as sitk
+
+    path = Path(path)
+    fmt = label_format(path) if path.suffix else ""
+    if fmt != ".mhd":
+        with atomic_path(path, fmt) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=compress)
+        return path
+    folder = new_sibling(path, suffix=".partial", directory=True)
+    try:
+        sitk.WriteImage(image, str(folder / path.name), useCompression=False)
+        for item in sorted(folder.iterdir(), key=lambda p: p.name == path.name):  # header last
+            os.replace(item, path.parent / item.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return path
 
 
@@ -264,46 +361,16 @@ def read_label(path: str | os.PathLike) -> MedicalImage:
 
         if not path.exists():
             raise InputError(f"label not found: {path}")
-        seg = slicerio.read_segmentation(str(path))
+        try:
+            seg = slicerio.read_segmentation(str(path))
+        except Exception as exc:  # noqa: BLE001 - slicerio/pynrrd raise many types for damaged files
+            raise InputError(f"cannot read segmentation {path}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
         voxels = np.asarray(seg["voxels"])
         if voxels.ndim == 4:
             voxels = voxels[..., 0]
         geometry = VolumeGeometry.from_ijk_to_lps(np.asarray(seg["ijkToLPS"]), voxels.shape)
         return MedicalImage(np.ascontiguousarray(voxels.transpose(2, 1, 0)), geometry, source=str(path))
     return read_image(path)
-
-
-def new_sibling(path: Path, suffix: str = "", directory: bool = False) -> Path:
-    """Create a new, uniquely named hidden file (or folder) beside ``path`` and return its path.
-
-    Unlike ``tempfile.mkstemp``/``mkdtemp`` (modes 0600/0700), it gets the permissions an ordinary
-    new file or folder gets (0666/0777 less the umask), so what is renamed into place from it is
-    as readable as any other output of the user: a label map or an adapter folder meant to be shared.
-    """
-    for _ in range(100):
-        candidate = path.parent / f".{path.name}.{secrets.token_hex(6)}{suffix}"
-        try:
-            if directory:
-                os.mkdir(candidate, 0o777)
-            else:
-                os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"cannot create a temporary file beside {path}")
-
-
-@contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` with the same extension; rename it into place on success."""
-    fmt = label_format(path) if path.suffix else ""
-    tmp = new_sibling(path, suffix=f".partial{fmt}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextlib.contextmanager

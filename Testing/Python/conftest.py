@@ -58,13 +58,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
 
 
-def write_dicom_series(image, folder, shuffle_names=False, modality="MR"):
+def write_dicom_series(image, folder, shuffle_names=False, modality="MR", series_uid="1.2.826.0.1.3680043.2.1125.1.2",
+                       prefix="IM"):
     """Write a SimpleITK volume as a DICOM series (one file per slice), names optionally shuffled."""
     import random
 
     import SimpleITK as sitk
 
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     direction = image.GetDirection()
     orientation = "\\".join(str(v) for v in (direction[0], direction[3], direction[6],
                                              direction[1], direction[4], direction[7]))
@@ -77,9 +78,9 @@ def write_dicom_series(image, folder, shuffle_names=False, modality="MR"):
         plane = image[:, :, k]
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
         for tag, value in (("0008|0060", modality), ("0020|000d", "1.2.826.0.1.3680043.2.1125.1"),
-                           ("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2"), ("0020|0037", orientation),
+                           ("0020|000e", series_uid), ("0020|0037", orientation),
                            ("0020|0032", "\\".join(map(str, position))), ("0020|0013", str(k + 1)),
-                           ("0008|0018", f"1.2.826.0.1.3680043.2.1125.1.3.{k + 1}")):
+                           ("0008|0018", f"{series_uid}.3.{k + 1}")):
             plane.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"IM{names[k]:04d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{names[k]:04d}.dcm"))
         writer.Execute(plane)

@@ -61,7 +61,9 @@ def test_batch_mixed_inputs_summary_exit_code_and_resume(mixed_folder, tmp_path,
     rows = list(csv.DictReader((out / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
     assert "cannot read" in rows[2]["error"]
-    assert sorted(p.name for p in out.iterdir()) == ["case_a.nii.gz", "series_b.nii.gz", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [".case_a.nii.gz.medfmsegment.json",
+                                                     ".series_b.nii.gz.medfmsegment.json",
+                                                     "case_a.nii.gz", "series_b.nii.gz", "summary.csv"]
     for name, source in (("case_a", folder / "case_a.nii.gz"), ("series_b", folder / "series_b")):
         label, image = read_label(out / f"{name}.nii.gz"), read_image(source)
         assert label.geometry.same_grid(image.geometry, tolerance=1e-3), label.geometry.describe_difference(image.geometry)
