@@ -10,11 +10,11 @@ mask_to_segment``); the interaction layer is imported from its module.
 """
 
 from .nodes import (DEFAULT_SEGMENT_COLOR, SegmentUndoStack, add_segment, image_to_volume_node,
-                    labelmap_from_mask, list_adapters, markups_to_prompts, mask_region, mask_to_segment,
+                    labelmap_from_mask, list_adapters, markups_to_prompts, mask_region, mask_to_segment, merged_mask,
                     node_to_world_matrix, roi_corners_world, roi_to_box, segment_to_mask, slice_view_voxel_slice,
                     union_region, volume_geometry, volume_ijk_to_world, volume_node_to_image, write_mask_region)
 
 __all__ = ["DEFAULT_SEGMENT_COLOR", "SegmentUndoStack", "add_segment", "image_to_volume_node", "labelmap_from_mask",
-           "list_adapters", "markups_to_prompts", "mask_region", "mask_to_segment", "node_to_world_matrix",
+           "list_adapters", "markups_to_prompts", "mask_region", "mask_to_segment", "merged_mask", "node_to_world_matrix",
            "roi_corners_world", "roi_to_box", "segment_to_mask", "slice_view_voxel_slice", "union_region",
            "volume_geometry", "volume_ijk_to_world", "volume_node_to_image", "write_mask_region"]

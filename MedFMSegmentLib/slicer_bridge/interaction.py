@@ -22,85 +22,20 @@ Rules, from the events Slicer really sends (see ``docs/slicer.md``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Protocol, Sequence
-
-import weakref
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
 
 import numpy as np
-import slicer
 
 from ..errors import InputError
 from ..prompts import Prompts
-from .nodes import (SegmentUndoStack, add_segment, mask_region, markups_to_prompts, slice_view_voxel_slice,
-                    union_region, volume_geometry, volume_node_to_image, write_mask_region)
+from .nodes import mask_region, markups_to_prompts, slice_view_voxel_slice, union_region, volume_geometry, volume_node_to_image
+from .observers import PromptNodeObserver, drawn_slice
+from .writing import (LibrarySegmentWriter, PromptRunner, Region, SegmentWriter, apply_plane, plane_region,
+                      update_region)
 
 __all__ = ["PromptRunner", "SegmentWriter", "LibrarySegmentWriter", "PromptOptions", "PromptController",
-           "drawn_slice", "plane_region"]
-
-Region = tuple[int, int, int, int, int, int]  # (k0, k1, j0, j1, i0, i1), inclusive
-
-
-class PromptRunner(Protocol):
-    """What the controller needs of ``MedFMSegmentLib.service.client.ServiceClient``."""
-
-    def upload_volume(self, array_kji: np.ndarray, geometry: Any, is_2d: bool = False) -> str: ...
-
-    def prompt(self, volume_id: str, prompts: Prompts, *, axis: Any = "auto", model: str | None = None,
-               adapter: str | None = None, box3d_strategy: str | None = None,
-               propagate: bool | None = None) -> Any: ...
-
-    def job(self, job_id: str) -> Any: ...
-
-    def updates(self, job_id: str, since: int = 0) -> tuple[int, list]: ...
-
-    def result(self, job_id: str) -> np.ndarray: ...
-
-    def cancel(self, job_id: str) -> None: ...
-
-
-class SegmentWriter(Protocol):
-    """Where results go: :class:`LibrarySegmentWriter`, or the effect's Segment Editor writer."""
-
-    def begin(self) -> None:
-        """A new prompt's first write follows (one undo step per prompt)."""
-
-    def write(self, mask: np.ndarray, region: Region) -> None:
-        """Replace the segment's voxels inside ``region`` by ``mask``'s (K, J, I)."""
-
-    def end(self) -> None:
-        """The prompt's final result was written."""
-
-
-class LibrarySegmentWriter:
-    """Writes into one segment with :func:`write_mask_region`, an undo snapshot per prompt.
-
-    Args:
-        volume_node: The volume the masks are on.
-        segmentation_node: Target segmentation; the segment is created on first write.
-        segment_id: Segment to write (None: a new segment named ``segment_name``).
-        undo: Undo stack (one is created when None).
-    """
-
-    def __init__(self, volume_node, segmentation_node, segment_id: str | None = None,
-                 undo: SegmentUndoStack | None = None, segment_name: str = "MedFMSegment") -> None:
-        self.volume_node, self.segmentation_node = volume_node, segmentation_node
-        self.segment_id, self.segment_name = segment_id, segment_name
-        self.undo = undo if undo is not None else SegmentUndoStack()
-
-    def begin(self) -> None:
-        segmentation = self.segmentation_node.GetSegmentation()
-        existing = self.segment_id and segmentation.GetSegment(self.segment_id) is not None
-        self.undo.push(self.segmentation_node, self.segment_id if existing else None, self.volume_node)
-        if not existing:
-            self.segment_id = add_segment(self.segmentation_node, self.volume_node, self.segment_name)
-            self.undo.set_created_id(self.segment_id)
-
-    def write(self, mask: np.ndarray, region: Region) -> None:
-        write_mask_region(mask, region, self.volume_node, self.segmentation_node, self.segment_id)
-
-    def end(self) -> None:
-        self.undo.record_written()
+           "drawn_slice", "plane_region", "PromptNodeObserver"]
 
 
 @dataclass
@@ -139,39 +74,6 @@ class _Job:
     updates: int = 0
 
 
-@dataclass
-class _Observed:
-    node: Any
-    tags: list[int] = field(default_factory=list)
-
-
-def plane_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
-    """Region of one whole slice normal to ``voxel_axis`` (0=I, 1=J, 2=K) of a (K, J, I) volume."""
-    k, j, i = (int(v) for v in shape)
-    bounds = [0, k - 1, 0, j - 1, 0, i - 1]
-    slot = 2 * (2 - voxel_axis)
-    bounds[slot] = bounds[slot + 1] = int(index)
-    return tuple(bounds)
-
-
-def drawn_slice(volume_node, first_corner_ras: Sequence[float], box: Sequence[int]) -> tuple[int, int] | None:
-    """``(voxel_axis, index)`` of the slice a two-click ROI was drawn on, or None.
-
-    The first click's corner lies on the drawing plane; ``vtkMRMLMarkupsROINode`` centres the box's
-    third side (the "thickness" it adds) on that plane. So the drawn axis is the one along which the
-    corner sits at the box's centre; on the two in-plane axes it sits on a face.
-    """
-    ijk = volume_geometry(volume_node).ras_to_index(np.asarray(first_corner_ras, float).reshape(1, 3))[0]
-    lower, upper = np.asarray(box[:3], float), np.asarray(box[3:], float)
-    centred = [a for a in range(3) if abs(ijk[a] - (lower[a] + upper[a]) / 2.0) <= 0.5 and upper[a] > lower[a]]
-    on_face = [a for a in range(3) if min(abs(ijk[a] - lower[a]), abs(ijk[a] - upper[a])) <= 0.5]
-    candidates = [a for a in centred if all(b in on_face for b in range(3) if b != a)]
-    if len(candidates) != 1:
-        return None
-    axis = candidates[0]
-    return axis, int(np.clip(np.floor(ijk[axis] + 0.5), lower[axis], upper[axis]))
-
-
 def _flat_axis(box: Sequence[int]) -> int | None:
     flat = [a for a in (2, 1, 0) if box[a] == box[a + 3]]
     return flat[0] if flat else None
@@ -180,7 +82,7 @@ def _flat_axis(box: Sequence[int]) -> int | None:
 _AXIS_NAMES = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 
-class PromptController:
+class PromptController(PromptNodeObserver):
     """Prompts from markups nodes (or the effect) to the service, results into a segment.
 
     Args:
@@ -188,22 +90,14 @@ class PromptController:
         status: Optional callable receiving each status line.
     """
 
-    EVENTS = ("PointPositionDefinedEvent", "PointEndInteractionEvent", "PointRemovedEvent")
-
     def __init__(self, runner: PromptRunner, status: Callable[[str], None] | None = None) -> None:
+        PromptNodeObserver.__init__(self)
         self.runner = runner
         self.options = PromptOptions()
         self.status = ""
         self._status_callback = status
-        self.volume_node = None
         self.writer: SegmentWriter | None = None
-        self._roi = self._positives = self._negatives = None
-        self._observed: list[_Observed] = []
-        self._scene = None
-        self._scene_tag: int | None = None
-        self._first_corner: dict[int, np.ndarray] = {}  # id(roi node) -> first click (world RAS)
         self._view: tuple[int, int] | None = None
-        self._dirty = False
         self._force: bool | None = None  # an explicit request: its propagate flag
         self._pending: _Request | None = None
         self._active: _Job | None = None
@@ -213,76 +107,23 @@ class PromptController:
 
     # ------------------------------------------------------------------ wiring
     def attach(self, volume_node, writer: SegmentWriter, roi=None, positives=None, negatives=None) -> None:
-        """Observe these prompt nodes for ``volume_node``; results go to ``writer``.
-
-        Observers are held on the node objects themselves (never looked up by ID, which a scene
-        close reuses) and on the scene's StartCloseEvent, which drops them.
-        """
-        self._drop_observers()
-        self.volume_node, self.writer = volume_node, writer
-        self._roi, self._positives, self._negatives = roi, positives, negatives
-        for node in (roi, positives, negatives):
-            if node is None:
-                continue
-            observed = _Observed(node)
-            for name in self.EVENTS:
-                event = getattr(slicer.vtkMRMLMarkupsNode, name)
-                observed.tags.append(node.AddObserver(event, self._callback(name)))
-            self._observed.append(observed)
-        scene = volume_node.GetScene() if volume_node is not None else None
-        if scene is not None and scene is not self._scene:
-            self._drop_scene_observer()
-            self._scene = scene
-            self._scene_tag = scene.AddObserver(slicer.vtkMRMLScene.StartCloseEvent, self._callback("StartCloseEvent"))
+        """Observe these prompt nodes for ``volume_node``; results go to ``writer``."""
+        self.writer = writer
+        self.observe(volume_node, roi, positives, negatives)
         self._last_key = None
 
     def detach(self) -> None:
         """Drop every observer and cancel the running job (module exit, widget cleanup)."""
-        self._drop_observers()
-        self._drop_scene_observer()
+        self.unobserve()
         self.cancel()
-        self.volume_node = self.writer = None
-        self._roi = self._positives = self._negatives = None
-
-    def _callback(self, name: str) -> Callable:
-        # A weak reference: observers on nodes and the scene must not keep the controller alive
-        # (nor form a cycle whose collection runs scene-close callbacks on a half-freed object).
-        owner = weakref.ref(self)
-
-        def on_event(caller, event) -> None:
-            controller = owner()
-            if controller is not None:
-                if name == "StartCloseEvent":
-                    controller._on_scene_close()
-                else:
-                    controller._on_event(caller, name)
-        return on_event
-
-    def _drop_observers(self) -> None:
-        for observed in self._observed:
-            for tag in observed.tags:
-                observed.node.RemoveObserver(tag)
-        self._observed = []
-
-    def _drop_scene_observer(self) -> None:
-        if self._scene is not None and self._scene_tag is not None:
-            self._scene.RemoveObserver(self._scene_tag)
-        self._scene = self._scene_tag = None
+        self.writer = None
 
     def _on_scene_close(self) -> None:
-        self._drop_observers()
+        PromptNodeObserver._on_scene_close(self)
         self.cancel()
-        self._pending = None
         self._volume_ids.clear()
-        self._first_corner.clear()
-        self.volume_node = self.writer = None
-        self._roi = self._positives = self._negatives = None
+        self.writer = None
         self._set_status("Scene closed.")
-
-    @property
-    def observed_nodes(self) -> list:
-        """The node objects observed now."""
-        return [o.node for o in self._observed]
 
     def set_view(self, voxel_axis: int | None, index: int | None = None) -> None:
         """The voxel slice the user is looking at (None: unknown or oblique); flattens ROIs not drawn."""
@@ -294,17 +135,6 @@ class PromptController:
         self.set_view(*(target if target else (None, None)))
 
     # ------------------------------------------------------------------ events and requests
-    def _on_event(self, node, name: str) -> None:
-        if node is self._roi and not node.GetControlPointPlacementComplete():
-            if name == "PointPositionDefinedEvent" and node.GetNumberOfDefinedControlPoints() == 1:
-                position = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(0, position)
-                self._first_corner[id(node)] = np.array(position)
-            return  # a box is a prompt only once both corners are placed
-        if node is self._roi and name == "PointRemovedEvent" and node.GetNumberOfControlPoints() > 0:
-            return  # UpdateControlPointsFromBoxROI: a stale box; its PointPositionDefined follows
-        self._dirty = True
-
     def request(self, propagate: bool | None = None) -> None:
         """Segment the current markups prompts now, even if unchanged (the Segment / Propagate buttons)."""
         self._dirty = True
@@ -313,6 +143,7 @@ class PromptController:
     def submit(self, prompts: Prompts, plane: tuple[int, int] | None = None, propagate: bool | None = None) -> None:
         """Queue prompts given directly (the Segment Editor effect); ``plane`` is the view's slice."""
         propagate = self.options.propagate if propagate is None else propagate
+        prompts = Prompts(prompts.box, list(prompts.positives), list(prompts.negatives))  # the caller may edit its own
         self._queue(self._make_request(prompts, plane, propagate), forced=True)
 
     def _read_markups(self, propagate: bool) -> _Request | None:
@@ -497,19 +328,6 @@ class PromptController:
         self.status = text
         if self._status_callback is not None:
             self._status_callback(text)
-
-
-def apply_plane(mask: np.ndarray, voxel_axis: int, index: int, plane: np.ndarray) -> None:
-    """Write one partial-result plane into the (K, J, I) ``mask``; ``voxel_axis`` is the numpy axis
-    of the (K, J, I) array (the service's ``on_update`` convention)."""
-    key: list = [slice(None)] * 3
-    key[int(voxel_axis)] = int(index)
-    mask[tuple(key)] = np.asarray(plane, bool)
-
-
-def update_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
-    """Region of the plane :func:`apply_plane` writes (numpy axis ``voxel_axis``)."""
-    return plane_region(shape, 2 - int(voxel_axis), index)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -280,13 +280,20 @@ def write_mask_region(mask: np.ndarray, region, volume_node, segmentation_node, 
     The library's writer for scripts and tests; inside Segment Editor the effect writes
     :func:`labelmap_from_mask`'s image with ``modifySelectedSegmentByLabelmap`` instead.
     """
+    mask_to_segment(merged_mask(mask, region, volume_node, segmentation_node, segment_id), volume_node,
+                    segmentation_node, segment_id)
+
+
+def merged_mask(mask: np.ndarray, region, volume_node, segmentation_node, segment_id: str | None) -> np.ndarray:
+    """The segment's (K, J, I) voxels with ``region`` taken from ``mask`` (all of ``mask`` when
+    ``region`` is None, or when the segment does not exist yet). Pure: nothing is written."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    if region is None or segment is None:
+        return np.asarray(mask) > 0
     current = segment_to_mask(segmentation_node, segment_id, volume_node)
-    if region is None:
-        current = np.asarray(mask) > 0
-    else:
-        k0, k1, j0, j1, i0, i1 = region
-        current[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = np.asarray(mask)[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0
-    mask_to_segment(current, volume_node, segmentation_node, segment_id)
+    k0, k1, j0, j1, i0, i1 = region
+    current[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = np.asarray(mask)[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0
+    return current
 
 
 def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id: str | None = None,
