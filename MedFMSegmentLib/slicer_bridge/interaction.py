@@ -98,6 +98,7 @@ class PromptController(PromptNodeObserver):
         self._status_callback = status
         self.writer: SegmentWriter | None = None
         self._view: tuple[int, int] | None = None
+        self._focused: tuple[int, int] | None = None  # the last view sent to the service's focus
         self._force: bool | None = None  # an explicit request: its propagate flag
         self._pending: _Request | None = None
         self._active: _Job | None = None
@@ -126,7 +127,8 @@ class PromptController(PromptNodeObserver):
         self._set_status("Scene closed.")
 
     def set_view(self, voxel_axis: int | None, index: int | None = None) -> None:
-        """The voxel slice the user is looking at (None: unknown or oblique); flattens ROIs not drawn."""
+        """The voxel slice the user is looking at (None: unknown or oblique); flattens ROIs not drawn,
+        and the next idle :meth:`poll` asks the service to embed it ahead of a prompt (``focus``)."""
         self._view = None if voxel_axis is None else (int(voxel_axis), int(index))
 
     def set_view_from_slice_to_ras(self, slice_to_ras) -> None:
@@ -225,9 +227,19 @@ class PromptController(PromptNodeObserver):
             if self._active is None and self._pending is not None:
                 request, self._pending = self._pending, None
                 self._start(request)
+            elif self._active is None and self._view is not None and self._view != self._focused:
+                self._focus()
         except Exception as exc:  # noqa: BLE001 - the controller runs from a timer: report, never raise
             self._active = None
             self._set_status(f"Segmentation failed: {_one_line(exc)}")
+
+    def _focus(self) -> None:
+        """Ask the service to embed the viewed slice (and neighbours) before the user prompts there."""
+        self._focused = self._view
+        if self.volume_node is None or not hasattr(self.runner, "focus"):
+            return
+        options = self.options
+        self._call(self.runner.focus, self._volume_id(), self._view[0], self._view[1], options.model, options.adapter)
 
     def cancel(self) -> None:
         """Cancel the running job (its results are discarded) and any waiting prompt."""

@@ -54,6 +54,7 @@ class BoxFillingRunner:
     uploads: int = 0
     jobs: dict = field(default_factory=dict)
     cancelled: list = field(default_factory=list)
+    focused: list = field(default_factory=list)
 
     def upload_volume(self, array_kji, geometry, is_2d=False):
         self.shape = array_kji.shape
@@ -79,6 +80,9 @@ class BoxFillingRunner:
             self.jobs[job_id] = {"state": "running", "planes": [], "result": self._fill(self.shape, box)}
             return _Reply(job_id=job_id)
         return _Reply(mask=self._fill(self.shape, box))
+
+    def focus(self, volume_id, axis, index, model=None, adapter=None):
+        self.focused.append((axis, index, adapter))
 
     def emit(self, job_id, k):
         """The job finished slice ``k`` (numpy axis 0 of the result)."""
@@ -406,3 +410,27 @@ def test_undo_restores_an_ai_edit_but_never_discards_a_manual_edit(setup, volume
     with pytest.raises(InputError, match="Segment Editor"):
         writer.undo.undo()
     assert np.array_equal(segment_mask(writer, volume), manual)
+
+
+def test_the_viewed_slice_is_embedded_ahead_once_per_view_and_never_during_a_job(setup, volume):
+    controller, runner, _, roi, *_ = setup
+    controller.options.adapter = "hippo"
+    controller.set_view_from_slice_to_ras(slice_to_ras(volume, k=5))
+    controller.poll()
+    controller.poll()
+    assert runner.focused == [(2, 5, "hippo")] and runner.uploads == 1
+    start_3d_box(controller, roi, volume)
+    controller.set_view(2, 7)
+    controller.poll()
+    assert runner.focused == [(2, 5, "hippo")], "no focus while a job runs"
+    runner.finish("job0")
+    controller.poll()
+    controller.poll()
+    assert runner.focused[-1] == (2, 7, "hippo")
+
+
+def slice_to_ras(volume, k):
+    """An axial view's SliceToRAS resting on slice ``k``."""
+    matrix = np.eye(4)
+    matrix[:3, 3] = ras(volume, 10, 10, k)
+    return matrix
