@@ -60,7 +60,9 @@ def serve_command(python: str, parent_pid: int, token_file: str | Path, adapter_
             "--parent-pid", str(int(parent_pid)), "--token-file", str(token_file), "--device", device]
     if adapter_dir:
         args += ["--adapter-dir", str(adapter_dir)]
-    for name, checkpoint in models:
+    # serve pairs the n-th --checkpoint with the n-th --model: models with weights go first.
+    ordered = sorted(models, key=lambda item: item[1] is None)
+    for name, checkpoint in ordered:
         args += ["--model", name] + (["--checkpoint", str(checkpoint)] if checkpoint else [])
     return args
 

@@ -30,7 +30,7 @@ class SetupSectionMixin:
             return
         model = p.modelName
         checkpoint = path_or_none(p.checkpointPath)
-        models = ((model, checkpoint),) if model != "litemedsam" else ()
+        models = ((model, checkpoint), ("litemedsam", None)) if model != "litemedsam" else ()
         self.logic.startLocalService(path_or_none(p.adapterFolder), p.device, models)
 
     def onStopService(self) -> None:

@@ -52,12 +52,13 @@ def test_ready_line_parsing_ignores_other_output():
 
 
 def test_serve_command_is_loopback_with_parent_pid_and_models(tmp_path):
+    """serve pairs the n-th --checkpoint with the n-th --model, so models with weights come first."""
     command = serve_command("/slicer/bin/PythonSlicer", 1234, tmp_path / "token", "/adapters", "cuda",
-                            [("sam_vit_b", "/w/sam.pth")])
+                            [("litemedsam", None), ("sam_vit_b", "/w/sam.pth")])
     assert command[:4] == ["/slicer/bin/PythonSlicer", "-m", "MedFMSegmentLib.cli", "serve"]
     text = " ".join(command)
     for part in ("--host 127.0.0.1", "--port 0", "--parent-pid 1234", "--adapter-dir /adapters", "--device cuda",
-                 "--model sam_vit_b --checkpoint /w/sam.pth", f"--token-file {tmp_path / 'token'}"):
+                 "--model sam_vit_b --checkpoint /w/sam.pth --model litemedsam", f"--token-file {tmp_path / 'token'}"):
         assert part in text
 
 

@@ -148,3 +148,37 @@ def test_after_n_prompts_the_scene_holds_no_new_nodes(scene_setup, hippo):
         poll_until_idle(controller)
     assert controller.jobs_started == 4
     assert {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())} == after_first
+
+
+def test_the_panels_serve_command_reads_its_ready_line_in_chunks_and_tree_kill_stops_it(tmp_path):
+    """What the panel's QProcess does, without Qt: the command it runs, its output read in small
+    chunks until a whole ready line arrives, the client from that line, and the stop by pid."""
+    import os
+    import selectors
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedFMSegment"))
+    from MedFMSegmentHelpers.process_tools import LineBuffer, kill_tree, parse_ready_line, serve_command
+
+    from MedFMSegmentLib.service.client import read_token
+
+    command = serve_command(sys.executable, os.getpid(), tmp_path / "token", str(tmp_path / "adapters"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.txt", "wb"),
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    buffer, ready, end = LineBuffer(), None, time.monotonic() + 180
+    while ready is None and time.monotonic() < end:
+        if not selector.select(1):
+            continue
+        chunk = os.read(process.stdout.fileno(), 7)  # a ready line arrives in pieces
+        if not chunk:
+            break
+        ready = next((r for r in map(parse_ready_line, buffer.feed(chunk.decode())) if r), None)
+    assert ready is not None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    client = ServiceClient(ready["url"], read_token(ready["token_file"]))
+    assert client.info()["models"] == ["litemedsam"]
+    assert ready["pid"] in kill_tree(ready["pid"])
+    assert process.wait(30) is not None
