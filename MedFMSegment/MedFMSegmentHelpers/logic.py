@@ -38,6 +38,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.client = None
         self.serviceInfo: dict = {}
         self.process: Optional[ServiceProcess] = None
+        self._tokenFile: Optional[Path] = None
         self._listeners: list[Callable[[str], None]] = []
 
     @classmethod
@@ -73,13 +74,14 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         runtime = Path(slicer.app.temporaryPath) / "MedFMSegment"
         runtime.mkdir(parents=True, exist_ok=True)
         token_file = runtime / f"token-{os.getpid()}"
+        self._tokenFile = token_file
         command = serve_command(sys.executable, os.getpid(), token_file, adapter_dir, device, models)
-        library_root = str(Path(__file__).resolve().parent.parent.parent) \
-            if (Path(__file__).resolve().parent.parent.parent / "MedFMSegmentLib").is_dir() else ""
         environment = {"PYTHONUNBUFFERED": "1"}
-        for candidate in (library_root, str(Path(__file__).resolve().parent.parent)):
-            if candidate and (Path(candidate) / "MedFMSegmentLib").is_dir():
-                environment["PYTHONPATH"] = os.pathsep.join(filter(None, [candidate, os.environ.get("PYTHONPATH")]))
+        module_dir = Path(__file__).resolve().parent.parent
+        # Installed extension: the library sits beside the module; source checkout: one folder up.
+        for candidate in (module_dir, module_dir.parent):
+            if (candidate / "MedFMSegmentLib").is_dir():
+                environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(candidate), os.environ.get("PYTHONPATH")]))
                 break
         self.process = ServiceProcess(self._onServiceReady, self._onServiceFailed)
         self.process.start(command, environment)
@@ -134,6 +136,9 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         if self.process is not None:
             self.process.stop()
             self.process = None
+        token_file, self._tokenFile = self._tokenFile, None
+        if token_file is not None:
+            Path(token_file).unlink(missing_ok=True)  # the local service's token dies with it
         if self.client is not None:
             try:
                 self.client.close()
