@@ -52,8 +52,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.controller = None
-        self.prompts = None
-        self.plane = None
+        self.view = None
         self._press = None
         self._bands = {}
         self._timer = None
@@ -103,6 +102,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def activate(self):
         logic = self._logic()
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        from MedFMSegmentLib.slicer_bridge.interaction import ViewPrompts
+
+        self.view = ViewPrompts()
         self.controller = logic.newController(status=self.setStatus)
         if self.controller is None or volumeNode is None:
             self.setStatus("Start the service in the MedFMSegment module (Setup) and choose a source volume.")
@@ -164,30 +166,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return False
 
     def _addBox(self, a, b, plane) -> None:
-        from MedFMSegmentLib.prompts import Prompts
-
-        lower, upper = np.rint(np.minimum(a, b)).astype(int), np.rint(np.maximum(a, b)).astype(int)
-        lower[plane[0]] = upper[plane[0]] = plane[1]
-        self.prompts, self.plane = Prompts(box=tuple(int(v) for v in (*lower, *upper))), plane
-        self.controller.submit(self.prompts, plane=plane)
+        self.controller.submit(self.view.box(a, b, plane), plane=self.view.plane)
 
     def _addClick(self, ijk, plane, negative: bool) -> None:
-        from MedFMSegmentLib.prompts import Prompts
-
-        point = tuple(float(v) for v in np.rint(ijk))
-        if self.prompts is None or self.plane != plane:
-            self.prompts, self.plane = Prompts(), plane  # a click on another slice starts a new prompt
-        (self.prompts.negatives if negative else self.prompts.positives).append(point)
-        self.controller.submit(self.prompts, plane=plane)
+        self.controller.submit(self.view.click(ijk, plane, negative), plane=self.view.plane)
 
     def onPropagate(self) -> None:
-        if self.controller is None or self.prompts is None:
+        if self.controller is None or self.view.prompts is None:
             self.setStatus("Draw a box or click first.")
             return
-        self.controller.submit(self.prompts, plane=self.plane, propagate=True)
+        self.controller.submit(self.view.prompts, plane=self.view.plane, propagate=True)
 
     def onClear(self) -> None:
-        self.prompts, self.plane = None, None
+        self.view.clear()
         self.setStatus("Prompts cleared.")
 
     def onCancel(self) -> None:

@@ -35,7 +35,7 @@ from .writing import (LibrarySegmentWriter, PromptRunner, Region, SegmentWriter,
                       update_region)
 
 __all__ = ["PromptRunner", "SegmentWriter", "LibrarySegmentWriter", "PromptOptions", "PromptController",
-           "drawn_slice", "plane_region", "PromptNodeObserver"]
+           "drawn_slice", "plane_region", "PromptNodeObserver", "ViewPrompts"]
 
 
 @dataclass
@@ -72,6 +72,37 @@ class _Job:
     begun: bool = False
     superseded: bool = False
     updates: int = 0
+
+
+class ViewPrompts:
+    """Prompts drawn in slice views (the Segment Editor effect), in voxel indices (i, j, k).
+
+    A box replaces the prompt; clicks add to it; a click on another slice starts a new prompt.
+    ``plane`` is the ``(voxel axis, index)`` of the view the prompt was drawn in.
+    """
+
+    def __init__(self) -> None:
+        self.prompts: Prompts | None = None
+        self.plane: tuple[int, int] | None = None
+
+    def box(self, corner_a: Sequence[float], corner_b: Sequence[float], plane: tuple[int, int]) -> Prompts:
+        """A box from two corners of a drag in a view, flat on that view's slice."""
+        lower = np.rint(np.minimum(corner_a, corner_b)).astype(int)
+        upper = np.rint(np.maximum(corner_a, corner_b)).astype(int)
+        lower[plane[0]] = upper[plane[0]] = plane[1]
+        self.prompts, self.plane = Prompts(box=tuple(int(v) for v in (*lower, *upper))), tuple(plane)
+        return self.prompts
+
+    def click(self, ijk: Sequence[float], plane: tuple[int, int], negative: bool = False) -> Prompts:
+        """Add a positive (or negative) click on the view's slice."""
+        point = tuple(float(v) for v in np.rint(np.asarray(ijk, float)))
+        if self.prompts is None or self.plane != tuple(plane):
+            self.prompts, self.plane = Prompts(), tuple(plane)
+        (self.prompts.negatives if negative else self.prompts.positives).append(point)
+        return self.prompts
+
+    def clear(self) -> None:
+        self.prompts = self.plane = None
 
 
 def _flat_axis(box: Sequence[int]) -> int | None:

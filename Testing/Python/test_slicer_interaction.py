@@ -23,7 +23,7 @@ from MedFMSegmentLib import slicer_bridge as bridge  # noqa: E402
 from MedFMSegmentLib.geometry import VolumeGeometry  # noqa: E402
 from MedFMSegmentLib.io import MedicalImage  # noqa: E402
 from MedFMSegmentLib.slicer_bridge.interaction import (LibrarySegmentWriter, PromptController,  # noqa: E402
-                                                        drawn_slice)
+                                                        ViewPrompts, drawn_slice)
 
 M = slicer.vtkMRMLMarkupsNode
 
@@ -434,3 +434,23 @@ def slice_to_ras(volume, k):
     matrix = np.eye(4)
     matrix[:3, 3] = ras(volume, 10, 10, k)
     return matrix
+
+
+def test_view_prompts_of_the_effect_box_then_clicks_then_another_slice(setup, volume):
+    controller, runner, writer, *_ = setup
+    view = ViewPrompts()
+    controller.submit(view.box((25.4, 20.2, 3.6), (5.1, 6.0, 4.4), (2, 4)), plane=view.plane)
+    controller.poll()
+    assert runner.prompts[-1][0].box == (5, 6, 4, 25, 20, 4) and runner.prompts[-1][1] == 2
+    controller.submit(view.click((12.2, 9.7, 4.0), (2, 4), negative=True), plane=view.plane)
+    controller.poll()
+    sent = runner.prompts[-1][0]
+    assert sent.box == (5, 6, 4, 25, 20, 4) and sent.negatives == [(12.0, 10.0, 4.0)]
+    prompts = view.click((8, 8, 7), (2, 7))
+    assert prompts.box is None and prompts.positives == [(8.0, 8.0, 7.0)] and view.plane == (2, 7)
+    controller.submit(view.click((9, 8, 7), (2, 7)), plane=view.plane)
+    view.click((10, 8, 7), (2, 7))  # the effect edits its prompts after submitting: the queued copy stays
+    controller.poll()
+    assert runner.prompts[-1][0].positives == [(8.0, 8.0, 7.0), (9.0, 8.0, 7.0)]
+    mask = segment_mask(writer, volume)
+    assert mask[4].any() and mask[7].any(), "each slice keeps its own result"

@@ -292,3 +292,13 @@ def test_model_choices_are_the_registry_and_checkpoint_needs_match():
     assert [c[0] for c in MODEL_CHOICES] == list(MODEL_SPECS)
     for name, _, needs in MODEL_CHOICES:
         assert needs == (MODEL_SPECS[name].sam_variant is not None), name
+
+
+def test_no_modal_error_dialogs_in_normal_use():
+    """Problems become status lines; the one dialog is the install consent (pip shows its own errors)."""
+    for path in MODULE_SOURCES:
+        source = path.read_text(encoding="utf-8")
+        for call in ("errorDisplay(", "warningDisplay(", "infoDisplay(", "tryWithErrorDisplay(", "QMessageBox"):
+            assert call not in source, f"{path.name} uses {call}"
+    consent = [p.name for p in MODULE_SOURCES if "confirmOkCancelDisplay(" in p.read_text(encoding="utf-8")]
+    assert consent == ["installer.py"]
