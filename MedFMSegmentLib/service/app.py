@@ -213,11 +213,11 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
         body = await read_json(request, limits.max_json_bytes)
         prompts, options = work.parse_prompt(body)
         _volume_or_404(state, vid)
-        answer = await run_in_threadpool(work.segment_2d, state, vid, prompts, options)
-        if answer is None:
+        where = work.check_prompt(state, vid, prompts, options)
+        if where is None:
             job = jobs.submit("prompt", work.prompt_job(state, vid, prompts, options))
             return JSONResponse({"job_id": job.id}, status_code=202)
-        array_axis, index, plane, mask = answer
+        array_axis, index, plane, mask = await run_in_threadpool(work.segment_2d, state, vid, prompts, options, where)
         if int(plane.sum()) != int(mask.sum()):  # never expected: the result reaches beyond its slice
             return _frame([mask], {"kind": "mask"})
         return _frame([plane], {"kind": "slice", "array_axis": array_axis, "index": index,

@@ -102,13 +102,29 @@ class ServiceState:
     def adapter_path(self, name: str) -> Path:
         return self.adapter_dir / check_adapter_name(name)
 
+    def existing_adapter(self, name: str) -> Path:
+        """The folder of the adapter ``name``; InputError (naming no server path) when there is none."""
+        from ..finetune.adapters import METADATA_FILE, WEIGHTS_FILE
+
+        path = self.adapter_path(name)
+        if not (path / METADATA_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+            raise InputError(f"no adapter named {name!r} here (see the adapters list)")
+        return path
+
+    def adapter_metadata(self, name: str) -> dict:
+        from ..finetune.adapters import read_metadata
+
+        path = self.existing_adapter(name)
+        try:
+            return read_metadata(path)
+        except InputError:
+            raise InputError(f"adapter {name!r} has no readable metadata") from None
+
     def adapter(self, name: str):
         """``(model, AdapterInfo)`` of the adapter ``name`` in the adapter folder (reloaded when it changed)."""
         from ..finetune.adapters import METADATA_FILE, load_adapted_model, read_metadata
 
-        path = self.adapter_path(name)
-        if not (path / METADATA_FILE).is_file():
-            raise InputError(f"no adapter named {name!r} here (see the adapters list)")
+        path = self.existing_adapter(name)
         stamp = (path / METADATA_FILE).stat().st_mtime_ns
         with self._load_lock:
             cached = self._adapters.get(name)

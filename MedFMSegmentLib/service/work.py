@@ -19,7 +19,7 @@ from ..prompts import Prompts
 from .jobs import Job
 from .state import ServiceState, check_adapter_name
 
-__all__ = ["PROMPT_FIELDS", "FINETUNE_FIELDS", "check_fields", "parse_prompt", "plan_2d", "segment_2d",
+__all__ = ["PROMPT_FIELDS", "FINETUNE_FIELDS", "check_fields", "parse_prompt", "check_prompt", "segment_2d",
            "prompt_job", "automatic_job", "finetune_job", "resolve_axis"]
 
 AXES = ("auto", "axial", "coronal", "sagittal")
@@ -131,57 +131,73 @@ def parse_prompt(body: Any) -> tuple[Prompts, dict]:
     return prompts, fields
 
 
-def _prepare(state: ServiceState, volume_id: str, prompts: Prompts, options: dict):
-    """The session for a prompt, its axis and settings set as an in-process call would set them."""
-    from ..predictor import PredictorSettings
-
-    session, info = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
+def _axis(state: ServiceState, volume_id: str, options: dict) -> str | int:
+    """The axis setting of a prompt: the request's, or an adapter's own orientation for ``auto``
+    (an adapter knows slices of one orientation only), as :func:`MedFMSegmentLib.api.segment_image`."""
     axis = options.get("axis", "auto")
-    if info is not None and axis == "auto":
-        axis = info.metadata.get("axis", "axial")  # an adapter knows slices of one orientation only
-    session.set_axis(axis)
-    session.settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or "auto")
-    prompts.validate(session.image.geometry)
-    if prompts.is_empty:
-        raise InputError("at least one prompt is needed: a box or a positive point")
-    return session
+    if options.get("adapter") and axis == "auto":
+        axis = state.adapter_metadata(options["adapter"]).get("axis", "axial")
+    return axis
 
 
-def plan_2d(session, prompts: Prompts, propagate: bool | None) -> tuple[int, int] | None:
-    """``(voxel_axis, index)`` when the prompt segments one slice only, else None (a 3D job)."""
+def check_prompt(state: ServiceState, volume_id: str, prompts: Prompts, options: dict) -> tuple[int, int] | None:
+    """Check a prompt against its volume (no model needed); ``(voxel_axis, index)`` when it segments
+    one slice only (answered at once), None when it is a 3D job."""
     from ..geometry import to_slice_coords
     from ..predictor import box_on_axis, choose_axis
 
-    if propagate:
+    geometry = state.volume(volume_id).geometry
+    prompts.validate(geometry)
+    if prompts.is_empty:
+        raise InputError("at least one prompt is needed: a box or a positive point")
+    axis = _axis(state, volume_id, options)
+    if options.get("propagate"):
         return None
-    axis = choose_axis(prompts, session.image.geometry) if session.auto_axis else session.voxel_axis
+    if geometry.size[2] == 1:
+        voxel_axis = 2
+    elif axis == "auto":
+        voxel_axis = choose_axis(prompts, geometry)
+    else:
+        try:
+            voxel_axis = axis if isinstance(axis, int) else geometry.voxel_axis_for(axis)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
     if prompts.box is not None:
-        _, first, last = box_on_axis(prompts.box, axis)
-        return (axis, first) if first == last else None
-    slices = {int(round(to_slice_coords(p, axis)[2])) for p in prompts.positives}
-    return (axis, slices.pop()) if len(slices) == 1 else None
+        _, first, last = box_on_axis(prompts.box, voxel_axis)
+        return (voxel_axis, first) if first == last else None
+    slices = {int(round(to_slice_coords(p, voxel_axis)[2])) for p in prompts.positives}
+    return (voxel_axis, slices.pop()) if len(slices) == 1 else None
 
 
-def segment_2d(state: ServiceState, volume_id: str, prompts: Prompts, options: dict) -> tuple | None:
-    """Segment a one-slice prompt now: ``(array_axis, index, plane, full_mask)``, or None for 3D."""
+def _prepare(state: ServiceState, volume_id: str, options: dict):
+    """The session for a prompt, its axis and settings set as an in-process call would set them."""
+    from ..predictor import PredictorSettings
+
+    session, _ = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
+    session.set_axis(_axis(state, volume_id, options))
+    session.settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or "auto")
+    return session
+
+
+def segment_2d(state: ServiceState, volume_id: str, prompts: Prompts, options: dict,
+               where: tuple[int, int]) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """Segment a one-slice prompt (``where`` from :func:`check_prompt`) now:
+    ``(array_axis, index, plane, full mask)``."""
     from ..geometry import slice_from_volume
 
     with state.inference_lock:
-        session = _prepare(state, volume_id, prompts, options)
-        where = plan_2d(session, prompts, options.get("propagate"))
-        if where is None:
-            return None
+        session = _prepare(state, volume_id, options)
         mask = session.segment(prompts, propagate=options.get("propagate"))
     voxel_axis, index = where
+    if session.voxel_axis != voxel_axis:
+        raise RuntimeError(f"the prompt was planned on voxel axis {voxel_axis}, segmented on {session.voxel_axis}")
     return 2 - voxel_axis, index, slice_from_volume(mask, voxel_axis, index), mask
 
 
 def prompt_job(state: ServiceState, volume_id: str, prompts: Prompts, options: dict) -> Callable[[Job], Any]:
     """The work of a 3D prompt: the mask, slices reported as they are written."""
-    state.volume(volume_id)  # a missing volume fails the request, not the job
-
     def work(job: Job) -> np.ndarray:
-        session = _prepare(state, volume_id, prompts, options)
+        session = _prepare(state, volume_id, options)
         return _tracked(job, session, 0, lambda: session.segment(
             prompts, propagate=options.get("propagate"), progress=job.progress, cancel=job.cancel,
             on_update=job.add_update))
@@ -211,7 +227,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
     if "adapter" not in options:
         raise InputError("automatic segmentation needs an adapter")
     state.volume(volume_id)
-    state.adapter_path(options["adapter"])
+    state.existing_adapter(options["adapter"])
 
     def work(job: Job) -> np.ndarray:
         from ..finetune.automatic import segment_automatic

@@ -209,14 +209,21 @@ def test_finetune_job_then_automatic_with_the_adapter(client, service, data_dir)
     np.testing.assert_array_equal(mask, expected)
 
 
-def test_finetune_cancel_leaves_no_adapter(client, service, data_dir):
-    train = [cropped_case(data_dir, n) for n in (11, 14)]
+def start_long_finetune(client: ServiceClient, data_dir: Path, name: str, numbers: tuple[int, int],
+                        stage: str) -> str:
+    """A fine-tuning job of 5000 steps on two cropped cases, once it reached ``stage``; its id."""
+    train = [cropped_case(data_dir, n) for n in numbers]
     job = client.finetune([c[0] for c in train], [c[1] for c in train],
-                          {"name": "never-written", "encoder": "frozen", "steps": 5000, "embedding_budget": 6})
+                          {"name": name, "encoder": "frozen", "steps": 5000, "embedding_budget": 4})
     deadline = time.monotonic() + 240
-    while client.job(job).stage != "training" and time.monotonic() < deadline:
+    while client.job(job).stage != stage and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert client.job(job).state == "running"
+    assert client.job(job).state == "running" and client.job(job).stage == stage
+    return job
+
+
+def test_finetune_cancel_leaves_no_adapter(client, service, data_dir):
+    job = start_long_finetune(client, data_dir, "never-written", (11, 14), "training")
     client.cancel(job)
     with pytest.raises(ServiceError, match="cancelled"):
         client.wait(job)
