@@ -221,7 +221,8 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
             self.controller.set_view_from_slice_to_ras(slicer.util.arrayFromVTKMatrix(caller.GetSliceToRAS()))
 
     def onPoll(self) -> None:
-        if self.controller is not None and (self.ui.autoUpdateCheckBox.checked or self.controller.busy):
+        if self.controller is not None:
+            self.controller.options.auto_update = self.ui.autoUpdateCheckBox.checked
             self.controller.poll()
             self.ui.cancelSegmentButton.enabled = self.controller.busy or self.automatic.running
             self.ui.undoButton.enabled = bool(self.writer is not None and self.writer.undo.can_undo)

@@ -40,13 +40,15 @@ __all__ = ["PromptRunner", "SegmentWriter", "LibrarySegmentWriter", "PromptOptio
 
 @dataclass
 class PromptOptions:
-    """How prompts are sent: model / adapter names, slicing axis, 3D strategy, 3D on or off."""
+    """How prompts are sent: model / adapter names, slicing axis, 3D strategy, 3D on or off, and
+    whether a changed prompt runs by itself (``auto_update``) or only on :meth:`PromptController.request`."""
 
     model: str | None = None
     adapter: str | None = None
     axis: str = "auto"
     box3d_strategy: str | None = None
     propagate: bool = False
+    auto_update: bool = True
 
 
 @dataclass
@@ -250,7 +252,7 @@ class PromptController(PromptNodeObserver):
                 self._dirty = False
                 forced, self._force = self._force, None
                 propagate = self.options.propagate if forced is None else forced
-                request = self._read_markups(propagate)
+                request = self._read_markups(propagate) if forced is not None or self.options.auto_update else None
                 if request is not None:
                     self._queue(request, forced=forced is not None)
             if self._active is not None:

@@ -454,3 +454,15 @@ def test_view_prompts_of_the_effect_box_then_clicks_then_another_slice(setup, vo
     assert runner.prompts[-1][0].positives == [(8.0, 8.0, 7.0), (9.0, 8.0, 7.0)]
     mask = segment_mask(writer, volume)
     assert mask[4].any() and mask[7].any(), "each slice keeps its own result"
+
+
+def test_without_auto_update_prompts_run_only_on_request(setup, volume):
+    controller, runner, _, roi, *_ = setup
+    controller.options.auto_update = False
+    for _step in place_roi(roi, volume, (5, 6, 4), (25, 20, 4)):
+        controller.poll()
+    controller.poll()
+    assert runner.prompts == []
+    controller.request(propagate=False)
+    controller.poll()
+    assert [p.box for p, *_ in runner.prompts] == [(5, 6, 4, 25, 20, 4)]
