@@ -296,11 +296,11 @@ class PromptController(PromptNodeObserver):
     def _start(self, request: _Request) -> None:
         if self.volume_node is None or self.writer is None:
             return
-        self._last_key = request.key
         options = self.options
         reply = self.runner.prompt(self._volume_id(), request.prompts, axis=request.axis, model=options.model,
                                    adapter=options.adapter, box3d_strategy=options.box3d_strategy,
                                    propagate=request.propagate)
+        self._last_key = request.key  # after the call: a refused prompt runs again when repeated
         self.jobs_started += 1
         mask = getattr(reply, "mask", None)
         if mask is not None:

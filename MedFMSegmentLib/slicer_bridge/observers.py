@@ -92,6 +92,7 @@ class PromptNodeObserver:
         """Drop every node and scene observer."""
         self._drop_observers()
         self._drop_scene_observer()
+        self._dirty = False
         self.volume_node = None
         self._roi = self._positives = self._negatives = None
 
@@ -140,5 +141,6 @@ class PromptNodeObserver:
         """The scene is closing: drop the node observers (subclasses also stop their work)."""
         self._drop_observers()
         self._first_corner.clear()
+        self._dirty = False
         self.volume_node = None
         self._roi = self._positives = self._negatives = None

@@ -422,6 +422,7 @@ def test_the_viewed_slice_is_embedded_ahead_once_per_view_and_never_during_a_job
     start_3d_box(controller, roi, volume)
     controller.set_view(2, 7)
     controller.poll()
+    assert list(runner.jobs) == ["job0"], controller.status
     assert runner.focused == [(2, 5, "hippo")], "no focus while a job runs"
     runner.finish("job0")
     controller.poll()
@@ -466,3 +467,19 @@ def test_without_auto_update_prompts_run_only_on_request(setup, volume):
     controller.request(propagate=False)
     controller.poll()
     assert [p.box for p, *_ in runner.prompts] == [(5, 6, 4, 25, 20, 4)]
+
+
+def test_a_refused_prompt_is_a_status_line_and_runs_again_when_repeated(setup, volume):
+    controller, runner, _, _, positives, _ = setup
+
+    def refuse(*args, **kwargs):
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    working, runner.prompt = runner.prompt, refuse
+    positives.AddControlPointWorld(vtk.vtkVector3d(*ras(volume, 10, 10, 3)))
+    controller.poll()
+    assert controller.status == "Segmentation failed: [Errno 111] Connection refused" and not controller.busy
+    runner.prompt = working
+    positives.InvokeEvent(M.PointEndInteractionEvent)  # the same click, nudged back where it was
+    controller.poll()
+    assert len(runner.prompts) == 1
