@@ -39,6 +39,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.serviceInfo: dict = {}
         self.process: Optional[ServiceProcess] = None
         self._tokenFile: Optional[Path] = None
+        self.warmUpJob: Optional[str] = None
         self._listeners: list[Callable[[str], None]] = []
 
     @classmethod
@@ -96,7 +97,15 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         except Exception as exc:  # noqa: BLE001 - shown as the service status
             self._onServiceFailed(f"the service started but does not answer: {exc}")
             return
+        self._warmUp()
         self._notify(f"Local service ready at {ready['url']} ({self.describeInfo()}).")
+
+    def _warmUp(self) -> None:
+        """Load the model in the service now (a job), so the first prompt does not wait for it."""
+        from MedFMSegmentLib.slicer_bridge.interaction import warm_up
+
+        parameters = self.getParameterNode()
+        self.warmUpJob = warm_up(self.client, parameters.modelName or None, parameters.adapterName or None)
 
     def _onServiceFailed(self, reason: str) -> None:
         self.client = None
@@ -111,6 +120,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         client = ServiceClient(url.strip(), token=(token or "").strip() or None)
         info = client.info()
         self.client, self.serviceInfo = client, info
+        self._warmUp()
         self._notify(f"Connected to {url} ({self.describeInfo()}).")
         return info
 

@@ -35,7 +35,7 @@ from .writing import (LibrarySegmentWriter, PromptRunner, Region, SegmentWriter,
                       update_region)
 
 __all__ = ["PromptRunner", "SegmentWriter", "LibrarySegmentWriter", "PromptOptions", "PromptController",
-           "drawn_slice", "plane_region", "PromptNodeObserver", "ViewPrompts"]
+           "drawn_slice", "plane_region", "PromptNodeObserver", "ViewPrompts", "warm_up"]
 
 
 @dataclass
@@ -105,6 +105,28 @@ class ViewPrompts:
 
     def clear(self) -> None:
         self.prompts = self.plane = None
+
+
+def warm_up(runner: PromptRunner, model: str | None = None, adapter: str | None = None) -> str | None:
+    """Make the service load its model now, in a job, so no later request waits for the load.
+
+    A prompt answered at once (a 2D prompt, a focus) is a blocking request: the first one would
+    wait for the model to load (about 15 s on a CPU). A 3D prompt is a job, answered at once and
+    run in the service; this one, on a tiny synthetic volume (no user data), loads the model
+    there. Returns the job id (None when the service refused it; the first prompt then loads).
+    """
+    from ..geometry import VolumeGeometry
+
+    geometry = VolumeGeometry((16, 16, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
+    volume = np.zeros(geometry.shape, np.float32)
+    volume[:, 4:12, 4:12] = 100.0
+    try:
+        volume_id = runner.upload_volume(volume, geometry)
+        reply = runner.prompt(volume_id, Prompts(box=(3, 3, 0, 12, 12, 0)), axis=2, model=model, adapter=adapter,
+                              propagate=True)
+    except Exception:  # noqa: BLE001 - an optimisation: the first real prompt loads the model instead
+        return None
+    return getattr(reply, "job_id", None)
 
 
 def _flat_axis(box: Sequence[int]) -> int | None:

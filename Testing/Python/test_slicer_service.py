@@ -20,7 +20,7 @@ from test_service import in_process, label_box, start_server, stop_server  # noq
 from MedFMSegmentLib import slicer_bridge as bridge  # noqa: E402
 from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
 from MedFMSegmentLib.service.client import ServiceClient  # noqa: E402
-from MedFMSegmentLib.slicer_bridge.interaction import LibrarySegmentWriter, PromptController  # noqa: E402
+from MedFMSegmentLib.slicer_bridge.interaction import LibrarySegmentWriter, PromptController, warm_up  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,16 @@ def client(tmp_path_factory):
     process, ready = start_server(tmp)
     yield ServiceClient(ready["url"], open(ready["token_file"]).read().strip(), timeout=300)
     assert stop_server(process) == 0
+
+
+def test_warm_up_is_a_job_on_synthetic_data_that_ends_done(client):
+    """Run first in this module (a fresh service): the model loads in a job, not in a blocking request."""
+    job_id = warm_up(client)
+    assert job_id
+    end = time.monotonic() + 300
+    while client.job(job_id).state in ("queued", "running") and time.monotonic() < end:
+        time.sleep(0.2)
+    assert client.job(job_id).state == "done" and client.result(job_id).shape == (2, 16, 16)
 
 
 @pytest.fixture(scope="module")
