@@ -126,6 +126,19 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
     def enter(self) -> None:
         self.initializeParameterNode()
 
+    def onReload(self) -> None:
+        """Reload the library's and the helpers' modules too, so edits apply without restarting Slicer."""
+        import importlib
+        import sys
+
+        prefixes = ("MedFMSegmentLib", "MedFMSegmentHelpers", "SegmentEditorMedFMSegmentLib")
+        for name in sorted((n for n in sys.modules if n.split(".")[0] in prefixes), key=len, reverse=True):
+            try:
+                importlib.reload(sys.modules[name])
+            except Exception as exc:  # noqa: BLE001 - a broken submodule must not stop the reload
+                logging.warning(f"MedFMSegment: could not reload {name}: {exc}")
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def exit(self) -> None:
         self._detachController()  # observers never outlive the panel's use
         if self._parameterNode:
