@@ -137,6 +137,30 @@ def _flat_axis(box: Sequence[int]) -> int | None:
 _AXIS_NAMES = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 
+def make_request(prompts: Prompts, plane, propagate: bool, view=None, axis_option: str = "auto") -> _Request:
+    """The request for ``prompts``: a box flattened onto its slice (the drawn ``plane``, else the
+    box's own flat axis, the ``view``, or the ``axis_option``) unless 3D is asked for."""
+    if plane is None and prompts.box is not None:
+        flat = _flat_axis(prompts.box)
+        if flat is not None:
+            plane = (flat, prompts.box[flat])
+        elif view is not None:
+            plane = view
+        elif axis_option in _AXIS_NAMES:
+            axis = _AXIS_NAMES[axis_option]
+            plane = (axis, (prompts.box[axis] + prompts.box[axis + 3]) // 2)
+    if prompts.box is None and plane is None and view is not None:
+        clicks = np.asarray(list(prompts.positives) + list(prompts.negatives), float).reshape(-1, 3)
+        if len(clicks) and np.all(np.rint(clicks[:, view[0]]) == view[1]):
+            plane = view
+    if prompts.box is not None and plane is not None and not propagate:
+        box = list(prompts.box)
+        box[plane[0]] = box[plane[0] + 3] = int(np.clip(plane[1], box[plane[0]], box[plane[0] + 3]))
+        prompts = replace(prompts, box=tuple(box))
+    axis = plane[0] if plane is not None else _AXIS_NAMES.get(axis_option, "auto")
+    return _Request(prompts, True if propagate else None, axis, None if propagate else plane)
+
+
 class PromptController(PromptNodeObserver):
     """Prompts from markups nodes (or the effect) to the service, results into a segment.
 
@@ -201,7 +225,7 @@ class PromptController(PromptNodeObserver):
         """Queue prompts given directly (the Segment Editor effect); ``plane`` is the view's slice."""
         propagate = self.options.propagate if propagate is None else propagate
         prompts = Prompts(prompts.box, list(prompts.positives), list(prompts.negatives))  # the caller may edit its own
-        self._queue(self._make_request(prompts, plane, propagate), forced=True)
+        self._queue(make_request(prompts, plane, propagate, self._view, self.options.axis), forced=True)
 
     def _read_markups(self, propagate: bool) -> _Request | None:
         roi = self._roi if self._roi is not None and self._roi.GetScene() is not None else None
@@ -217,29 +241,7 @@ class PromptController(PromptNodeObserver):
         plane = None
         if prompts.box is not None and roi is not None and id(roi) in self._first_corner:
             plane = drawn_slice(self.volume_node, self._first_corner[id(roi)], prompts.box)
-        return self._make_request(prompts, plane, propagate)
-
-    def _make_request(self, prompts: Prompts, plane, propagate: bool) -> _Request:
-        """Flatten a box onto its slice unless 3D is asked for; choose the axis sent."""
-        if plane is None and prompts.box is not None:
-            flat = _flat_axis(prompts.box)
-            if flat is not None:
-                plane = (flat, prompts.box[flat])
-            elif self._view is not None:
-                plane = self._view
-            elif self.options.axis in _AXIS_NAMES:
-                axis = _AXIS_NAMES[self.options.axis]
-                plane = (axis, (prompts.box[axis] + prompts.box[axis + 3]) // 2)
-        if prompts.box is None and plane is None and self._view is not None:
-            clicks = np.asarray(list(prompts.positives) + list(prompts.negatives), float).reshape(-1, 3)
-            if len(clicks) and np.all(np.rint(clicks[:, self._view[0]]) == self._view[1]):
-                plane = self._view
-        if prompts.box is not None and plane is not None and not propagate:
-            box = list(prompts.box)
-            box[plane[0]] = box[plane[0] + 3] = int(np.clip(plane[1], box[plane[0]], box[plane[0] + 3]))
-            prompts = replace(prompts, box=tuple(box))
-        axis = plane[0] if plane is not None else _AXIS_NAMES.get(self.options.axis, "auto")
-        return _Request(prompts, True if propagate else None, axis, None if propagate else plane)
+        return make_request(prompts, plane, propagate, self._view, self.options.axis)
 
     def _queue(self, request: _Request, forced: bool) -> None:
         if request.prompts.is_empty:
