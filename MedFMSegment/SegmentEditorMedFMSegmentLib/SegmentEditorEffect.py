@@ -56,6 +56,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._press = None
         self._bands = {}
         self._timer = None
+        self._activeEffect = False
 
     def clone(self):
         import qSlicerSegmentationsEditorEffectsPythonQt as effects
@@ -100,13 +101,19 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return MedFMSegmentLogic.shared()
 
     def activate(self):
-        logic = self._logic()
-        volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
+        self._activeEffect = True
+        self._logic().addListener(self._onServiceChanged)  # a service started later applies at once
+        self._connect()
+
+    def _connect(self) -> None:
         from MedFMSegmentLib.slicer_bridge.interaction import ViewPrompts
 
+        logic = self._logic()
+        volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
         self.view = ViewPrompts()
         self.controller = logic.newController(status=self.setStatus)
         if self.controller is None or volumeNode is None:
+            self.controller = None
             self.setStatus("Start the service in the MedFMSegment module (Setup) and choose a source volume.")
             return
         logic.applyOptions(self.controller, logic.getParameterNode())
@@ -117,16 +124,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._timer.start()
         self.setStatus("Drag a box or click in a slice view.")
 
-    def deactivate(self):
+    def _disconnect(self) -> None:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
         if self.controller is not None:
             self.controller.detach()
             self.controller = None
+
+    def _onServiceChanged(self, text: str) -> None:
+        self._disconnect()
+        self._connect()
+
+    def deactivate(self):
+        self._activeEffect = False
+        self._logic().removeListener(self._onServiceChanged)
+        self._disconnect()
         for viewWidget, (actor, _) in list(self._bands.items()):
             self.scriptedEffect.removeActor2D(viewWidget, actor)
         self._bands = {}
+
+    def sourceVolumeNodeChanged(self):
+        """Prompts refer to the source volume: follow it."""
+        if self._activeEffect:
+            self._onServiceChanged("")
 
     # ------------------------------------------------------------------ prompts
     def _ijk(self, xy, viewWidget):
