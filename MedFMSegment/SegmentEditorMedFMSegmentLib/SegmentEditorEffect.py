@@ -151,9 +151,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     # ------------------------------------------------------------------ prompts
     def _ijk(self, xy, viewWidget):
+        """View xy -> the source volume's voxel (i, j, k), through world RAS and the volume's own
+        geometry (``xyToIjk`` on ``sourceVolumeImageData()`` would give indices of the volume
+        resampled to the segmentation's geometry, which differ when the two grids do)."""
+        from MedFMSegmentLib.slicer_bridge import volume_geometry
+
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        image = self.scriptedEffect.sourceVolumeImageData()
-        return np.array(self.xyToIjk(xy, viewWidget, image, volumeNode.GetParentTransformNode()), float)
+        ras = np.array(self.xyToRas(xy, viewWidget), float).reshape(1, 3)
+        return volume_geometry(volumeNode).ras_to_index(ras)[0]
 
     def _viewPlane(self, viewWidget):
         from MedFMSegmentLib.slicer_bridge import slice_view_voxel_slice

@@ -215,7 +215,7 @@ def test_module_classes_effect_and_its_registration():
             "processInteractionEvents"} <= methods
     effect_source = EFFECT_FILE.read_text(encoding="utf-8")
     assert "saveStateForUndo()" in effect_source and "modifySelectedSegmentByLabelmap(" in effect_source
-    assert "xyToIjk(" in effect_source
+    assert "xyToRas(" in effect_source and "volume_geometry(" in effect_source  # view xy -> the volume's own voxels
     assert classes_of(HELPERS / "selftest.py")["MedFMSegmentTest"].bases[0].id == "ScriptedLoadableModuleTest"
 
 
