@@ -284,10 +284,10 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
         return Response(pack_adapter(state.existing_adapter(name)), media_type="application/zip")
 
     @app.put(API + "/adapters/{name}/archive", status_code=201)
-    async def upload_adapter(name: str, request: Request, overwrite: bool = False) -> dict:
+    async def upload_adapter(name: str, request: Request) -> dict:
         path = state.adapter_path(name)
         body = await read_body(request, limits.max_upload_bytes)
-        await run_in_threadpool(unpack_adapter, body, path, overwrite, limits.max_upload_bytes)
+        await run_in_threadpool(unpack_adapter, body, path, limits.max_upload_bytes)
         return {"name": name, "metadata": state.adapter_metadata(name)}
 
     return app

@@ -8,6 +8,7 @@ place, so a bad archive leaves nothing behind. Standard library only (the client
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -39,17 +40,16 @@ def pack_adapter(folder: str | os.PathLike) -> bytes:
     return buffer.getvalue()
 
 
-def unpack_adapter(data: bytes, folder: str | os.PathLike, overwrite: bool = False,
-                   max_bytes: int = 1 << 30) -> Path:
-    """Write the adapter in archive ``data`` as the folder ``folder``, atomically.
+def unpack_adapter(data: bytes, folder: str | os.PathLike, max_bytes: int = 1 << 30) -> Path:
+    """Write the adapter in archive ``data`` as the new folder ``folder``, atomically.
 
     Raises:
         ArchiveError: Not a zip of exactly the adapter files, a file over ``max_bytes``, metadata
-            that is not a JSON object, or ``folder`` existing without ``overwrite``.
+            that is not a JSON object, or ``folder`` existing already (it is never replaced).
     """
     folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise ArchiveError(f"adapter {folder.name!r} exists (overwrite to replace it)")
+    if folder.exists():
+        raise ArchiveError(f"adapter {folder.name!r} exists (choose another name)")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = {info.filename: info for info in archive.infolist()}
@@ -75,13 +75,12 @@ def unpack_adapter(data: bytes, folder: str | os.PathLike, overwrite: bool = Fal
         for name, content in contents.items():
             (tmp / name).write_bytes(content)
         os.chmod(tmp, 0o755)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-            os.replace(folder, old / "adapter")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
+        os.rename(tmp, folder)  # fails, leaving it as it was, if the folder appeared meanwhile
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise ArchiveError(f"adapter {folder.name!r} exists (choose another name)") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -274,25 +274,25 @@ class ServiceClient:
         """Adapters of the service: ``{"name", "metadata"}`` each."""
         return self._json("GET", "/adapters")
 
-    def download_adapter(self, name: str, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-        """Copy the service's adapter ``name`` into the local folder ``folder`` (written atomically)."""
+    def download_adapter(self, name: str, folder: str | os.PathLike) -> Path:
+        """Copy the service's adapter ``name`` into the new local folder ``folder`` (written atomically)."""
         from .archive import ArchiveError, unpack_adapter
 
         try:
-            return unpack_adapter(self.request("GET", f"/adapters/{name}/archive")[2], folder, overwrite)
+            return unpack_adapter(self.request("GET", f"/adapters/{name}/archive")[2], folder)
         except ArchiveError as exc:
             raise ServiceError(0, str(exc)) from None
 
-    def upload_adapter(self, folder: str | os.PathLike, name: str | None = None, overwrite: bool = False) -> dict:
-        """Send a local adapter folder to the service as ``name`` (default: the folder's name)."""
+    def upload_adapter(self, folder: str | os.PathLike, name: str | None = None) -> dict:
+        """Send a local adapter folder to the service as the new adapter ``name`` (default: the
+        folder's name; an existing one is never replaced: 409)."""
         from .archive import ArchiveError, pack_adapter
 
         try:
             data = pack_adapter(folder)
         except ArchiveError as exc:
             raise ServiceError(0, str(exc)) from None
-        query = {"overwrite": "true"} if overwrite else None
-        return json.loads(self.request("PUT", f"/adapters/{name or Path(folder).name}/archive", data, query)[2])
+        return json.loads(self.request("PUT", f"/adapters/{name or Path(folder).name}/archive", data)[2])
 
     def wait(self, job_id: str, poll: float = 0.2, progress: Callable[[JobStatus], None] | None = None,
              timeout: float | None = None):
