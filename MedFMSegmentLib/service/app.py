@@ -145,6 +145,15 @@ def _decode_volume(state: ServiceState, body: bytes) -> tuple[str, MedicalImage]
     return vid, image
 
 
+def _versions() -> dict:
+    import numpy
+    import torch
+    from importlib.metadata import version
+
+    return {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "fastapi": version("fastapi"), "uvicorn": version("uvicorn")}
+
+
 def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token: str) -> FastAPI:
     """The FastAPI application serving ``state``; every route requires ``token``."""
     expected = token.encode()
@@ -159,16 +168,11 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
     _install_error_handlers(app)
     limits = state.limits
 
+    versions = _versions()
+
     @app.get(API + "/info")
     def info() -> dict:
-        import numpy
-        import torch
-        from importlib.metadata import version
-
-        return {"versions": {"medfmsegment": __version__, "python": platform.python_version(),
-                             "torch": torch.__version__, "numpy": numpy.__version__,
-                             "fastapi": version("fastapi"), "uvicorn": version("uvicorn")},
-                "device": str(state.device), "models": list(state.model_specs), "default_model": state.default_model,
+        return {"versions": versions, "device": str(state.device), "models": list(state.model_specs), "default_model": state.default_model,
                 "adapters": [a["name"] for a in state.adapters()], "limits": limits.to_dict(),
                 "volumes": len(state.volume_ids()), "embedding_cache": {"bytes": state.cache.nbytes,
                                                                           "max_bytes": state.cache.max_bytes}}

@@ -224,3 +224,24 @@ def test_parent_death_stops_the_server_and_its_fine_tuning(tmp_path, data_dir):
     assert "parent process" in (tmp_path / "stderr.txt").read_text()
     adapters = tmp_path / "adapters"
     assert not (adapters / "orphan").exists() and not list(adapters.iterdir())
+
+
+def test_serve_bad_options_exit_2_with_one_line(tmp_path):
+    short = tmp_path / "short-token"
+    short.write_text("abc")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    for options, words in ((["--token-file", str(tmp_path / "missing" / "token")], "cannot create token file"),
+                           (["--token-file", str(short)], "no token of 16 characters"),
+                           (["--model", "sam_vit_b"], "needs --checkpoint"),
+                           (["--parent-pid", "0"], "--parent-pid"),
+                           (["--host", "0.0.0.0", "--token-file", str(short)], "no token of 16 characters")):
+        run = subprocess.run([sys.executable, "-m", "MedFMSegmentLib.cli", "serve", "--adapter-dir",
+                              str(tmp_path / "adapters"), *options], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 2 and run.stdout == "", run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert words in lines[-1] and "Traceback" not in run.stderr
+        if "0.0.0.0" in options:  # another address than loopback is said out loud
+            assert len(lines) == 2 and "reachable from other machines" in lines[0]
+        else:
+            assert len(lines) == 1
