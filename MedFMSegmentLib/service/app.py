@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import InputError
 from ..io import MedicalImage
 from . import work
+from .archive import ArchiveError, pack_adapter, unpack_adapter
 from .jobs import JobManager
 from .state import FocusWorker, ServiceState
 from .wire import MEDIA_TYPE, WireError, decode_frame, encode_frame, geometry_from_dict, volume_id
@@ -58,6 +59,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WireError)
     async def wire_error(request: Request, exc: WireError) -> JSONResponse:
         return _error(400, str(exc))
+
+    @app.exception_handler(ArchiveError)
+    async def archive_error(request: Request, exc: ArchiveError) -> JSONResponse:
+        return _error(409 if "exists" in str(exc) else 400, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -140,6 +145,15 @@ def _decode_volume(state: ServiceState, body: bytes) -> tuple[str, MedicalImage]
     return vid, image
 
 
+def _versions() -> dict:
+    import numpy
+    import torch
+    from importlib.metadata import version
+
+    return {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "fastapi": version("fastapi"), "uvicorn": version("uvicorn")}
+
+
 def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token: str) -> FastAPI:
     """The FastAPI application serving ``state``; every route requires ``token``."""
     expected = token.encode()
@@ -154,16 +168,11 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
     _install_error_handlers(app)
     limits = state.limits
 
+    versions = _versions()
+
     @app.get(API + "/info")
     def info() -> dict:
-        import numpy
-        import torch
-        from importlib.metadata import version
-
-        return {"versions": {"medfmsegment": __version__, "python": platform.python_version(),
-                             "torch": torch.__version__, "numpy": numpy.__version__,
-                             "fastapi": version("fastapi"), "uvicorn": version("uvicorn")},
-                "device": str(state.device), "models": list(state.model_specs), "default_model": state.default_model,
+        return {"versions": versions, "device": str(state.device), "models": list(state.model_specs), "default_model": state.default_model,
                 "adapters": [a["name"] for a in state.adapters()], "limits": limits.to_dict(),
                 "volumes": len(state.volume_ids()), "embedding_cache": {"bytes": state.cache.nbytes,
                                                                           "max_bytes": state.cache.max_bytes}}
@@ -273,5 +282,16 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
     @app.get(API + "/adapters")
     def adapters() -> list:
         return state.adapters()
+
+    @app.get(API + "/adapters/{name}/archive")
+    def download_adapter(name: str) -> Response:
+        return Response(pack_adapter(state.existing_adapter(name)), media_type="application/zip")
+
+    @app.put(API + "/adapters/{name}/archive", status_code=201)
+    async def upload_adapter(name: str, request: Request) -> dict:
+        path = state.adapter_path(name)
+        body = await read_body(request, limits.max_upload_bytes)
+        await run_in_threadpool(unpack_adapter, body, path, limits.max_upload_bytes)
+        return {"name": name, "metadata": state.adapter_metadata(name)}
 
     return app

@@ -20,6 +20,7 @@ import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -99,9 +100,12 @@ class ServiceClient:
         url: The service's address, as its ready line printed it.
         token: The bearer token (None: ``$MEDFMSEGMENT_TOKEN``).
         timeout: Seconds one request may take (uploads of big volumes: raise it).
+        compression: zlib level of uploads (None: 0, none, to a loopback address, where
+            compressing costs more time than sending; 1 elsewhere).
     """
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0,
+                 compression: int | None = None) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ServiceError(0, f"service URL must be http://HOST:PORT, got {url!r}")
@@ -109,6 +113,8 @@ class ServiceClient:
         self._parsed = parsed
         self.token = token if token is not None else read_token()
         self.timeout = timeout
+        loopback = parsed.hostname in ("localhost", "::1") or parsed.hostname.startswith("127.")
+        self.compression = (0 if loopback else 1) if compression is None else compression
         self._connection: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
@@ -192,7 +198,7 @@ class ServiceClient:
         if self.has_volume(vid):
             return vid
         frame = encode_frame([array], {"geometry": geometry_to_dict(geometry), "is_2d": bool(is_2d),
-                                       "modality": modality, "volume_id": vid})
+                                       "modality": modality, "volume_id": vid}, level=self.compression)
         return self._json("POST", "/volumes", frame)["volume_id"]
 
     def delete_volume(self, vid: str) -> None:
@@ -267,6 +273,26 @@ class ServiceClient:
     def adapters(self) -> list[dict]:
         """Adapters of the service: ``{"name", "metadata"}`` each."""
         return self._json("GET", "/adapters")
+
+    def download_adapter(self, name: str, folder: str | os.PathLike) -> Path:
+        """Copy the service's adapter ``name`` into the new local folder ``folder`` (written atomically)."""
+        from .archive import ArchiveError, unpack_adapter
+
+        try:
+            return unpack_adapter(self.request("GET", f"/adapters/{name}/archive")[2], folder)
+        except ArchiveError as exc:
+            raise ServiceError(0, str(exc)) from None
+
+    def upload_adapter(self, folder: str | os.PathLike, name: str | None = None) -> dict:
+        """Send a local adapter folder to the service as the new adapter ``name`` (default: the
+        folder's name; an existing one is never replaced: 409)."""
+        from .archive import ArchiveError, pack_adapter
+
+        try:
+            data = pack_adapter(folder)
+        except ArchiveError as exc:
+            raise ServiceError(0, str(exc)) from None
+        return json.loads(self.request("PUT", f"/adapters/{name or Path(folder).name}/archive", data)[2])
 
     def wait(self, job_id: str, poll: float = 0.2, progress: Callable[[JobStatus], None] | None = None,
              timeout: float | None = None):

@@ -42,14 +42,20 @@ def default_runtime_dir() -> Path:
 def read_or_create_token(path: Path) -> tuple[str, bool]:
     """``(token, created)``: the token in ``path`` if it exists, else a new random one written there 0600."""
     if path.exists():
-        token = path.read_text().strip()
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read token file {path}: {exc}") from None
         if len(token) < 16:
             raise InputError(f"token file {path} holds no token of 16 characters or more")
         if os.name == "posix" and path.stat().st_mode & 0o077:
             print(f"medfmsegment serve: warning: token file {path} is readable by other users", file=sys.stderr)
         return token, False
     token = secrets.token_urlsafe(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise InputError(f"cannot create token file {path}: {exc.strerror or exc}") from None
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
     return token, True

@@ -44,10 +44,10 @@ def start_server(tmp: Path, *extra: str, timeout: float = 120.0) -> tuple[subpro
     return process, json.loads(line)
 
 
-def stop_server(process: subprocess.Popen) -> int:
-    """SIGTERM, then the exit code (killed after 60 s)."""
+def stop_server(process: subprocess.Popen, sig: int = signal.SIGTERM) -> int:
+    """``sig`` (SIGTERM), then the exit code (killed after 60 s)."""
     if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(sig)
     try:
         return process.wait(60)
     except subprocess.TimeoutExpired:
@@ -183,7 +183,7 @@ def test_focus_embeds_ahead_and_two_clients_on_two_volumes(service, data_dir, li
         assert answers[n][3].any()
 
 
-def test_finetune_job_then_automatic_with_the_adapter(client, service, data_dir):
+def test_finetune_job_then_automatic_with_the_adapter(client, service, data_dir, tmp_path):
     from MedFMSegmentLib.api import segment_image
     from MedFMSegmentLib.finetune.adapters import load_adapted_model
     from MedFMSegmentLib.prompts import Prompts
@@ -201,9 +201,23 @@ def test_finetune_job_then_automatic_with_the_adapter(client, service, data_dir)
         client.finetune([c[0] for c in train], [c[1] for c in train], config)
     assert refused.value.status == 400 and "exists" in refused.value.message
 
+    copy = client.download_adapter("hippo-test", tmp_path / "copy")
+    for name in ("adapter.safetensors", "metadata.json"):
+        assert (copy / name).read_bytes() == (service["adapters"] / "hippo-test" / name).read_bytes()
+    assert client.upload_adapter(copy, "hippo-copy")["metadata"]["steps"] == 4
+    with pytest.raises(ServiceError) as exists:
+        client.upload_adapter(copy, "hippo-copy")
+    assert exists.value.status == 409
+    assert [a["name"] for a in client.adapters()] == ["hippo-copy", "hippo-test"]
+
     image, _ = cropped_case(data_dir, 8)
     vid = client.upload_volume(image.array, image.geometry)
-    mask = client.wait(client.automatic(vid, "hippo-test"))
+    job = client.automatic(vid, "hippo-test")
+    mask = client.wait(job)
+    shown = np.zeros(mask.shape, bool)
+    for axis, index, plane in client.updates(job, 0)[1]:  # automatic mode reports its slices at its end
+        np.moveaxis(shown, axis, 0)[index] = plane
+    np.testing.assert_array_equal(shown, mask)
     model, info = load_adapted_model(service["adapters"] / "hippo-test")
     expected = segment_image(model, image, Prompts(), adapter_info=info)
     np.testing.assert_array_equal(mask, expected)
@@ -256,3 +270,27 @@ def test_cli_segment_with_server_writes_the_in_process_file(service, hippo, tmp_
                              timeout=300)
     assert missing.returncode == 2 and "401" not in missing.stderr and "token" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.nii.gz").exists()
+
+
+def test_frames_round_trip_and_volume_ids_follow_the_content():
+    from MedFMSegmentLib.service.wire import WireError, decode_frame, encode_frame, volume_id
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((3, 5, 7)) > 0.5, rng.integers(-500, 500, (2, 3, 4), dtype=np.int16),
+              rng.random((1, 2, 3)).astype(np.float32)]
+    for level in (0, 1):
+        header, decoded = decode_frame(encode_frame(arrays, {"note": "x"}, level=level))
+        assert header["note"] == "x"
+        for a, b in zip(arrays, decoded):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(WireError, match="over the limit"):
+        decode_frame(encode_frame([np.zeros((4, 4, 4), np.float64)]), max_bytes=100)
+    geometry = VolumeGeometry.identity((7, 5, 3))
+    base = volume_id(arrays[0].astype(np.uint8), geometry, False)
+    assert base == volume_id(arrays[0].astype(np.uint8).copy(), geometry, False)
+    assert base != volume_id(arrays[0].astype(np.uint8), VolumeGeometry.identity((7, 5, 3), (1, 1, 2)), False)
+    assert base != volume_id(arrays[0].astype(np.int16), geometry, False)
+    changed = arrays[0].astype(np.uint8)
+    changed[0, 0, 0] ^= 1
+    assert base != volume_id(changed, geometry, False)

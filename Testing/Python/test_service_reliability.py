@@ -4,6 +4,7 @@ a client killed mid-job, the parent process gone. Every refusal is a 4xx with on
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -34,7 +36,7 @@ def small_service(tmp_path_factory):
     ready["tmp"] = tmp
     ready["process"] = process
     yield ready
-    assert stop_server(process) == 0
+    assert stop_server(process, signal.SIGINT) == 0  # Ctrl+C stops it as cleanly as SIGTERM
 
 
 def raw(service: dict, method: str, path: str, body: bytes | None = None, token: str | None = "default",
@@ -104,6 +106,9 @@ def test_path_like_fields_cannot_make_the_server_read_files(small_service, tmp_p
     assert_refused(raw(small_service, "POST", "/finetune", json.dumps(
         {"images": [vid], "labels": [vid], "config": {"name": "x", "output": "/tmp/x"}}).encode()), 400, "unknown")
     assert_refused(raw(small_service, "GET", "/volumes/..%2F..%2Fetc%2Fpasswd"), 404)
+    assert_refused(raw(small_service, "GET", "/adapters/..%2Foutside/archive"), 404)
+    assert_refused(raw(small_service, "GET", "/adapters/..outside/archive"), 400, "adapter name")
+    assert_refused(raw(small_service, "GET", "/adapters/outside/archive"), 400, "no adapter named")
     assert not (small_service["tmp"] / "escape").exists()
     assert [a["name"] for a in ServiceClient(small_service["url"], small_service["token"]).adapters()] == []
 
@@ -148,6 +153,14 @@ def test_oversized_and_malformed_bodies_are_refused_in_one_line(small_service):
     assert_refused(raw(small_service, "GET", "/jobs/unknown/updates?since=abc"), 422)
     assert_refused(raw(small_service, "GET", "/nowhere"), 404)
     assert_refused(raw(small_service, "PUT", "/info"), 405)
+    evil = io.BytesIO()
+    with zipfile.ZipFile(evil, "w") as archive:
+        for name in ("adapter.safetensors", "metadata.json", "../escape.txt"):
+            archive.writestr(name, "{}")
+    for body in (evil.getvalue(), b"not a zip", b""):
+        assert_refused(raw(small_service, "PUT", "/adapters/evil/archive", body), 400)
+    assert not list((small_service["tmp"] / "adapters").iterdir())
+    assert not (small_service["tmp"] / "escape.txt").exists()
     assert ServiceClient(small_service["url"], small_service["token"]).info()["volumes"] >= 1
 
 
@@ -211,3 +224,24 @@ def test_parent_death_stops_the_server_and_its_fine_tuning(tmp_path, data_dir):
     assert "parent process" in (tmp_path / "stderr.txt").read_text()
     adapters = tmp_path / "adapters"
     assert not (adapters / "orphan").exists() and not list(adapters.iterdir())
+
+
+def test_serve_bad_options_exit_2_with_one_line(tmp_path):
+    short = tmp_path / "short-token"
+    short.write_text("abc")
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    for options, words in ((["--token-file", str(tmp_path / "missing" / "token")], "cannot create token file"),
+                           (["--token-file", str(short)], "no token of 16 characters"),
+                           (["--model", "sam_vit_b"], "needs --checkpoint"),
+                           (["--parent-pid", "0"], "--parent-pid"),
+                           (["--host", "0.0.0.0", "--token-file", str(short)], "no token of 16 characters")):
+        run = subprocess.run([sys.executable, "-m", "MedFMSegmentLib.cli", "serve", "--adapter-dir",
+                              str(tmp_path / "adapters"), *options], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 2 and run.stdout == "", run.stderr
+        lines = run.stderr.strip().splitlines()
+        assert words in lines[-1] and "Traceback" not in run.stderr
+        if "0.0.0.0" in options:  # another address than loopback is said out loud
+            assert len(lines) == 2 and "reachable from other machines" in lines[0]
+        else:
+            assert len(lines) == 1
