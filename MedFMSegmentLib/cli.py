@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="automatic mode post-processing: 'largest' or 'all' (default: adapter's setting)")
     _add_model_options(seg)
     _add_intensity_options(seg)
+    seg.add_argument("--server", help="segment on a running 'medfmsegment serve' at this URL (--adapter: a name there)")
+    seg.add_argument("--token-file", help="the service's token file (default: $MEDFMSEGMENT_TOKEN)")
     seg.set_defaults(handler=_cmd_segment)
 
     info = commands.add_parser("info", help="print versions, the device and the models")
@@ -108,7 +110,7 @@ def _register_optional_commands(commands) -> None:
     import importlib
 
     for module_name in ("MedFMSegmentLib.demo", "MedFMSegmentLib.finetune.cli", "MedFMSegmentLib.evaluation",
-                        "MedFMSegmentLib.batch"):
+                        "MedFMSegmentLib.batch", "MedFMSegmentLib.service.server"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -141,13 +143,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from .progress import slice_progress
 
     started = time.perf_counter()
-    with slice_progress() as progress:
-        result = segment_file(args.image, args.output, prompts, model_name=args.model, checkpoint=args.checkpoint,
-                              adapter=args.adapter, device=args.device, backend=args.backend,
-                              precision=args.precision, axis=args.axis,
-                              intensity=intensity_from_args(args), propagate=True if args.propagate else None,
-                              keep_components=args.keep_components, box3d_strategy=args.box3d_strategy,
-                              series=args.series, progress=progress)
+    common = dict(model_name=args.model, checkpoint=args.checkpoint, adapter=args.adapter, device=args.device,
+                  backend=args.backend, precision=args.precision, axis=args.axis,
+                  intensity=intensity_from_args(args), propagate=True if args.propagate else None,
+                  keep_components=args.keep_components, box3d_strategy=args.box3d_strategy)
+    if args.server:
+        from .service.remote import segment_file_remote  # the same work, on the service
+
+        result = segment_file_remote(args.image, args.output, prompts, server=args.server,
+                                     token_file=args.token_file, **common)
+    else:
+        with slice_progress() as progress:
+            result = segment_file(args.image, args.output, prompts, series=args.series, progress=progress, **common)
     print(f"wrote {result.output} ({result.foreground_voxels} voxels segmented, "
           f"{time.perf_counter() - started:.1f} s on {result.device}, backend {result.backend})")
     return EXIT_OK

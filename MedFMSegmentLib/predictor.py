@@ -631,8 +631,18 @@ class SegmentationSession:
         return candidates[int(np.argmax(agreement))][0]
 
     # ------------------------------------------------------------------ 3D
-    def segment(self, prompts: Prompts, propagate: bool | None = None,
-                progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> np.ndarray:
+    def segment(self, prompts: Prompts, propagate: bool | None = None, progress: ProgressCallback | None = None,
+                cancel: threading.Event | None = None, on_update: Callable | None = None) -> np.ndarray:
+        """:meth:`_segment`; ``on_update(array_axis, index, plane)`` is called as each result slice is
+        written (``array_axis``: the numpy axis of the ``(K, J, I)`` result, 0 for K)."""
+        self._on_update = on_update
+        try:
+            return self._segment(prompts, propagate, progress, cancel)
+        finally:
+            self._on_update = None
+
+    def _segment(self, prompts: Prompts, propagate: bool | None = None,
+                 progress: ProgressCallback | None = None, cancel: threading.Event | None = None) -> np.ndarray:
         """Segment from voxel prompts; the result is a ``(K, J, I)`` boolean mask.
 
         * A box flat along the slicing axis, or clicks on one slice, segment that slice.
@@ -893,6 +903,8 @@ class SegmentationSession:
 
     def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
         slice_from_volume(result, self.voxel_axis, index)[...] = plane
+        if getattr(self, "_on_update", None) is not None:  # numpy axis of the (K, J, I) result
+            self._on_update(2 - self.voxel_axis, int(index), plane)
 
 
 def axes_by_extent(box: Sequence[float], spacing: Sequence[float]) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""The bridge between 3D Slicer's MRML nodes and the library's arrays, prompts and masks.
+"""Node conversions of the bridge between 3D Slicer's MRML nodes and the library's arrays, prompts and masks.
 
 This is the only library module that imports ``slicer`` (and ``vtk`` through it). It works both
 inside the Slicer application and with the ``slicer-core`` wheel (real MRML classes without the
@@ -24,10 +24,10 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .errors import InputError
-from .geometry import VolumeGeometry
-from .io import MedicalImage
-from .prompts import Prompts
+from ..errors import InputError
+from ..geometry import VolumeGeometry
+from ..io import MedicalImage
+from ..prompts import Prompts
 
 #: Colour given to segments the AI creates (RGB in 0..1).
 DEFAULT_SEGMENT_COLOR = (0.9, 0.3, 0.2)
@@ -69,7 +69,7 @@ def volume_ijk_to_world(volume_node) -> np.ndarray:
 def slice_view_voxel_slice(volume_node, slice_to_ras: np.ndarray) -> tuple[int, int] | None:
     """``(voxel_axis, index)`` of the volume slice a slice view shows (``SliceToRAS`` as a 4x4
     array), or None when the view is oblique to the voxel grid or outside the volume."""
-    from .geometry import plane_to_voxel_slice
+    from ..geometry import plane_to_voxel_slice
 
     size = volume_node.GetImageData().GetDimensions()
     return plane_to_voxel_slice(volume_ijk_to_world(volume_node), size, np.asarray(slice_to_ras, dtype=float))
@@ -210,6 +210,49 @@ def _image_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
     return np.linalg.inv(node_to_world_matrix(segmentation_node)) @ volume_ijk_to_world(volume_node)
 
 
+def _volume_shape(volume_node) -> tuple[int, int, int]:
+    return tuple(reversed(volume_node.GetImageData().GetDimensions()))
+
+
+def mask_region(mask: np.ndarray) -> tuple[int, int, int, int, int, int] | None:
+    """``(k0, k1, j0, j1, i0, i1)`` inclusive bounds of the True voxels of a (K, J, I) mask, or None."""
+    found = np.argwhere(np.asarray(mask))
+    if found.size == 0:
+        return None
+    lower, upper = found.min(axis=0), found.max(axis=0)
+    return (int(lower[0]), int(upper[0]), int(lower[1]), int(upper[1]), int(lower[2]), int(upper[2]))
+
+
+def union_region(a, b):
+    """The smallest region holding both (either may be None)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return (min(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), max(a[3], b[3]), min(a[4], b[4]), max(a[5], b[5]))
+
+
+def labelmap_from_mask(mask: np.ndarray, volume_node, segmentation_node, region=None):
+    """A ``vtkOrientedImageData`` holding ``mask`` (K, J, I) on the volume's voxel grid.
+
+    The image's extent is ``region`` (``(k0, k1, j0, j1, i0, i1)`` inclusive voxel bounds; the
+    whole volume when None), so a write that changed one slice carries one slice. Its
+    image-to-world matrix maps volume IJK into the segmentation node's local frame, so it can be
+    handed to Segment Editor (``modifySelectedSegmentByLabelmap``) or to
+    ``vtkSlicerSegmentationsModuleLogic`` alike. No node is created.
+    """
+    mask = np.asarray(mask)
+    if mask.shape != _volume_shape(volume_node):
+        raise InputError(f"mask shape {mask.shape} does not match the volume {_volume_shape(volume_node)}")
+    k0, k1, j0, j1, i0, i1 = region if region is not None else (0, mask.shape[0] - 1, 0, mask.shape[1] - 1,
+                                                                   0, mask.shape[2] - 1)
+    part = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0, dtype=np.uint8)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i0, i1, j0, j1, k0, k1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = part.ravel()
+    image.SetImageToWorldMatrix(_matrix_from_array(_image_to_segmentation_matrix(volume_node, segmentation_node)))
+    return image
+
+
 def _oriented_image_from_mask(mask: np.ndarray, ijk_to_segmentation: np.ndarray):
     mask = np.ascontiguousarray(np.asarray(mask) > 0, dtype=np.uint8)
     k, j, i = mask.shape
@@ -219,6 +262,38 @@ def _oriented_image_from_mask(mask: np.ndarray, ijk_to_segmentation: np.ndarray)
     numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = mask.ravel()
     image.SetImageToWorldMatrix(_matrix_from_array(ijk_to_segmentation))
     return image
+
+
+def add_segment(segmentation_node, volume_node, segment_name: str = "MedFMSegment",
+                color: Sequence[float] = DEFAULT_SEGMENT_COLOR) -> str:
+    """Add an empty segment (reference geometry from the volume when the segmentation is empty)."""
+    segmentation = segmentation_node.GetSegmentation()
+    if segmentation.GetNumberOfSegments() == 0:
+        segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    return mask_to_segment(np.zeros(_volume_shape(volume_node), bool), volume_node, segmentation_node, None,
+                           segment_name, color)
+
+
+def write_mask_region(mask: np.ndarray, region, volume_node, segmentation_node, segment_id: str) -> None:
+    """Replace ``segment_id``'s voxels inside ``region`` by ``mask``'s, keeping the rest of the segment.
+
+    The library's writer for scripts and tests; inside Segment Editor the effect writes
+    :func:`labelmap_from_mask`'s image with ``modifySelectedSegmentByLabelmap`` instead.
+    """
+    mask_to_segment(merged_mask(mask, region, volume_node, segmentation_node, segment_id), volume_node,
+                    segmentation_node, segment_id)
+
+
+def merged_mask(mask: np.ndarray, region, volume_node, segmentation_node, segment_id: str | None) -> np.ndarray:
+    """The segment's (K, J, I) voxels with ``region`` taken from ``mask`` (all of ``mask`` when
+    ``region`` is None, or when the segment does not exist yet). Pure: nothing is written."""
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id) if segment_id else None
+    if region is None or segment is None:
+        return np.asarray(mask) > 0
+    current = segment_to_mask(segmentation_node, segment_id, volume_node)
+    k0, k1, j0, j1, i0, i1 = region
+    current[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = np.asarray(mask)[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0
+    return current
 
 
 def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id: str | None = None,
@@ -241,9 +316,8 @@ def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id
         The segment's id.
     """
     mask = np.asarray(mask)
-    expected = tuple(reversed(volume_node.GetImageData().GetDimensions()))
-    if mask.shape != expected:
-        raise InputError(f"mask shape {mask.shape} does not match the volume {expected}")
+    if mask.shape != _volume_shape(volume_node):
+        raise InputError(f"mask shape {mask.shape} does not match the volume {_volume_shape(volume_node)}")
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -266,25 +340,30 @@ def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id
 def segment_to_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
     """One segment as a ``(K, J, I)`` boolean mask on ``volume_node``'s grid.
 
-    Exported through ``ExportSegmentsToLabelmapNode`` with the volume as reference geometry, so
-    the result is resampled onto the volume's voxels whatever the segmentation's own geometry.
+    The segment's binary labelmap (a ``vtkOrientedImageData``, possibly a layer shared with other
+    segments) is resampled onto the volume's voxels (nearest neighbour) and compared with the
+    segment's label value. No node is added to the scene (an export to a label map node would add
+    a colour table and a display node that removing the label map leaves behind).
     """
-    if segmentation_node.GetSegmentation().GetSegment(segment_id) is None:
+    segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+    if segment is None:
         raise InputError(f"segment {segment_id!r} is not in '{segmentation_node.GetName()}'")
-    scene = segmentation_node.GetScene()
-    labelmap_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__MedFMSegment_export")
-    try:
-        ids = vtk.vtkStringArray()
-        ids.InsertNextValue(segment_id)
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, ids, labelmap_node, volume_node):
-            raise RuntimeError(f"could not export segment {segment_id}")
-        exported = np.array(slicer.util.arrayFromVolume(labelmap_node)) > 0
-        if exported.shape != tuple(reversed(volume_node.GetImageData().GetDimensions())):
-            raise RuntimeError("exported labelmap is not on the reference volume's grid")
-        return exported
-    finally:
-        scene.RemoveNode(labelmap_node)
+    shape = _volume_shape(volume_node)
+    name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    source = segment.GetRepresentation(name)
+    if source is None or source.GetPointData().GetScalars() is None:
+        return np.zeros(shape, bool)
+    reference = slicer.vtkOrientedImageData()
+    reference.SetExtent(0, shape[2] - 1, 0, shape[1] - 1, 0, shape[0] - 1)
+    reference.SetImageToWorldMatrix(_matrix_from_array(_image_to_segmentation_matrix(volume_node, segmentation_node)))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+            source, reference, resampled, False, True):
+        raise RuntimeError(f"could not resample segment {segment_id}")
+    if resampled.GetPointData().GetScalars() is None:
+        return np.zeros(shape, bool)
+    values = numpy_support.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(shape)
+    return values == segment.GetLabelValue()
 
 
 @dataclass
@@ -293,16 +372,18 @@ class _Snapshot:
     segment_id: str
     volume_node: object
     mask: np.ndarray | None  # None: the segment did not exist
+    written: np.ndarray | None = None  # the segment right after the AI edit
     name: str = ""
     color: tuple[float, float, float] = DEFAULT_SEGMENT_COLOR
 
 
 class SegmentUndoStack:
-    """Per-edit snapshots of one segment, so an AI edit can be undone exactly.
+    """Per-edit snapshots of one segment, so an AI edit made outside Segment Editor can be undone.
 
-    Call :meth:`push` before each write; :meth:`undo` restores the most recent snapshot: the
-    segment's previous voxels (on the reference volume's grid), or removes a segment the edit
-    created.
+    Call :meth:`push` before each write and :meth:`record_written` after it; :meth:`undo` restores
+    the segment's previous voxels (or removes a segment the edit created) only when the segment
+    still holds what the edit wrote: a manual edit made since is never discarded (the undo is
+    refused with :class:`InputError`, and Segment Editor's own undo applies).
 
     Args:
         max_depth: Snapshots kept; older ones are dropped.
@@ -327,7 +408,7 @@ class SegmentUndoStack:
         else:
             snapshot = _Snapshot(segmentation_node, segment_id, volume_node,
                                  segment_to_mask(segmentation_node, segment_id, volume_node),
-                                 segment.GetName(), tuple(segment.GetColor()))
+                                 name=segment.GetName(), color=tuple(segment.GetColor()))
         self._snapshots.append(snapshot)
         del self._snapshots[:-self.max_depth]
 
@@ -336,14 +417,29 @@ class SegmentUndoStack:
         if self._snapshots and self._snapshots[-1].mask is None:
             self._snapshots[-1].segment_id = segment_id
 
+    def record_written(self) -> None:
+        """Remember what the last edit left in its segment (call after the write)."""
+        if self._snapshots:
+            snap = self._snapshots[-1]
+            snap.written = segment_to_mask(snap.segmentation_node, snap.segment_id, snap.volume_node)
+
     def undo(self) -> str | None:
-        """Restore the last snapshot; returns the segment id it touched, or None when empty."""
+        """Restore the last snapshot; returns the segment id it touched, or None when empty.
+
+        Raises:
+            InputError: the segment was edited after the AI edit (nothing is changed).
+        """
         if not self._snapshots:
             return None
-        snap = self._snapshots.pop()
+        snap = self._snapshots[-1]
         segmentation = snap.segmentation_node.GetSegmentation()
+        exists = bool(snap.segment_id) and segmentation.GetSegment(snap.segment_id) is not None
+        if snap.written is not None and exists and not np.array_equal(
+                segment_to_mask(snap.segmentation_node, snap.segment_id, snap.volume_node), snap.written):
+            raise InputError("the segment was edited after the AI edit; use Segment Editor's undo")
+        self._snapshots.pop()
         if snap.mask is None:
-            if snap.segment_id and segmentation.GetSegment(snap.segment_id) is not None:
+            if exists:
                 segmentation.RemoveSegment(snap.segment_id)
         else:
             mask_to_segment(snap.mask, snap.volume_node, snap.segmentation_node, snap.segment_id,

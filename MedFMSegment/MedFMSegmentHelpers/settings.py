@@ -1,0 +1,61 @@
+"""Qt-free choices of the panel: the models (and which need weights), unset paths, the library's path,
+the line that sums up a fine-tuning run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["MODEL_CHOICES", "ensure_library_on_path", "path_or_none", "model_availability", "adaptation_summary"]
+
+#: (registry name, label, needs a checkpoint file). LiteMedSAM's weights ship with the library.
+MODEL_CHOICES = (
+    ("litemedsam", "LiteMedSAM", False),
+    ("medsam_vit_b", "MedSAM (ViT-B)", True),
+    ("sam_vit_b", "SAM (ViT-B)", True),
+    ("sam_vit_l", "SAM (ViT-L)", True),
+    ("sam_vit_h", "SAM (ViT-H)", True),
+)
+
+
+def ensure_library_on_path() -> None:
+    """Make ``import MedFMSegmentLib`` work from a source checkout as well as from an installed extension."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here, here.parent):
+        if (candidate / "MedFMSegmentLib" / "__init__.py").is_file():
+            if str(candidate) not in sys.path:
+                sys.path.insert(0, str(candidate))
+            return
+
+
+def path_or_none(value) -> Optional[str]:
+    """A parameter node Path as a string, None when unset (an unset Path reads as '.')."""
+    text = str(value) if value is not None else ""
+    return None if text in ("", ".") else text
+
+
+def model_availability(checkpoint) -> list[tuple[str, str, bool, str]]:
+    """``(name, label, enabled, reason)`` of each model; models needing weights are disabled
+    until an existing checkpoint file is chosen."""
+    path = path_or_none(checkpoint)
+    has_file = bool(path) and Path(path).is_file()
+    result = []
+    for name, label, needs in MODEL_CHOICES:
+        enabled = not needs or has_file
+        reason = "" if enabled else "needs a checkpoint file (Setup: Checkpoint)"
+        result.append((name, label, enabled, reason))
+    return result
+
+
+def adaptation_summary(result: dict) -> str:
+    """The line shown when fine-tuning ends: the adapter and its validation Dice, base model beside it."""
+    metadata = (result or {}).get("metadata", {}) or {}
+    adapted = metadata.get("validation_dice")
+    base = metadata.get("base_validation_dice", metadata.get("base_dice"))
+    text = f"Adapter '{result.get('adapter', '?')}' written"
+    if adapted is not None:
+        text += f"; validation Dice adapted {adapted:.3f}"
+        text += f" vs base model {base:.3f}" if base is not None else " (base model not measured)"
+    count = (metadata.get("training_cases") or {}).get("count")
+    return text + (f" on {count} training case(s)." if count else ".")

@@ -1,0 +1,194 @@
+"""The prompt controller against a real ``medfmsegment serve`` on 127.0.0.1 with the real LiteMedSAM,
+on real MRML (slicer-core) and a real hippocampus MRI: what the user gets in the segment is what
+the library computes in process."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="MRML classes (pip package slicer-core) are not installed")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package has no MRML classes (install slicer-core)", allow_module_level=True)
+pytest.importorskip("fastapi", reason="the service needs fastapi and uvicorn")
+import vtk  # noqa: E402
+
+from test_service import in_process, label_box, start_server, stop_server  # noqa: E402
+
+from MedFMSegmentLib import slicer_bridge as bridge  # noqa: E402
+from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
+from MedFMSegmentLib.service.client import ServiceClient  # noqa: E402
+from MedFMSegmentLib.slicer_bridge.interaction import LibrarySegmentWriter, PromptController, warm_up  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("slicer_service")
+    process, ready = start_server(tmp)
+    yield ServiceClient(ready["url"], open(ready["token_file"]).read().strip(), timeout=300)
+    assert stop_server(process) == 0
+
+
+def test_warm_up_is_a_job_on_synthetic_data_that_ends_done(client):
+    """Run first in this module (a fresh service): the model loads in a job, not in a blocking request."""
+    job_id = warm_up(client)
+    assert job_id
+    end = time.monotonic() + 300
+    while client.job(job_id).state in ("queued", "running") and time.monotonic() < end:
+        time.sleep(0.2)
+    assert client.job(job_id).state == "done" and client.result(job_id).shape == (2, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def hippo(data_dir):
+    name = "hippocampus_001.nii.gz"
+    image = read_image(data_dir / "msd_hippocampus_mri" / "imagesTr" / name)
+    return image, read_label(data_dir / "msd_hippocampus_mri" / "labelsTr" / name).array > 0
+
+
+@pytest.fixture()
+def scene_setup(client, hippo):
+    image, label = hippo
+    scene = slicer.vtkMRMLScene()
+    volume = bridge.image_to_volume_node(image, scene, "hippocampus")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S")
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    positives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Plus")
+    writer = LibrarySegmentWriter(volume, segmentation)
+    controller = PromptController(client)
+    controller.attach(volume, writer, roi, positives)
+    yield scene, volume, writer, roi, positives, controller
+    controller.detach()
+
+
+def world(volume, ijk):
+    return vtk.vtkVector3d(*bridge.volume_geometry(volume).index_to_ras(np.array([ijk], float))[0])
+
+
+def poll_until_idle(controller, timeout_s: float = 600.0, each=None) -> None:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        controller.poll()
+        if each is not None:
+            each()
+        if not controller.busy:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the controller is still busy: {controller.status}")
+
+
+def start_3d(volume, roi, controller, box) -> None:
+    """Place the label's 3D box as a two-click ROI and ask for it in 3D (propagate strategy)."""
+    roi.AddControlPointWorld(world(volume, box[:3]))
+    roi.AddControlPointWorld(world(volume, box[3:]))
+    controller.options.box3d_strategy = "propagate"
+    controller.request(propagate=True)
+
+
+def middle_slice(label) -> int:
+    ks = np.flatnonzero(label.any(axis=(1, 2)))
+    return int(ks[len(ks) // 2])
+
+
+def test_two_click_roi_gives_the_in_process_2d_mask(scene_setup, hippo, litemedsam):
+    scene, volume, writer, roi, _, controller = scene_setup
+    image, label = hippo
+    k = middle_slice(label)
+    i0, j0, _, i1, j1, _ = label_box(label, k)
+    roi.AddControlPointWorld(world(volume, (i0, j0, k)))
+    controller.poll()
+    roi.AddControlPointWorld(world(volume, (i1, j1, k)))
+    poll_until_idle(controller)
+    assert controller.jobs_started == 1, "one ROI placement is one segmentation"
+    mask = bridge.segment_to_mask(writer.segmentation_node, writer.segment_id, volume)
+    expected = in_process(litemedsam, image, {"box": [i0, j0, k, i1, j1, k]})
+    np.testing.assert_array_equal(mask, expected)
+    assert mask[k].sum() > 20 and not np.delete(mask, k, axis=0).any()
+
+
+def test_propagate_grows_in_the_segment_and_ends_at_the_in_process_mask(scene_setup, hippo, litemedsam):
+    scene, volume, writer, roi, _, controller = scene_setup
+    image, label = hippo
+    start_3d(volume, roi, controller, label_box(label))
+    sizes = []
+
+    def record() -> None:
+        if writer.segment_id is not None:
+            sizes.append(int(bridge.segment_to_mask(writer.segmentation_node, writer.segment_id, volume).sum()))
+
+    poll_until_idle(controller, each=record)
+    assert "3D" in controller.status
+    assert len(set(sizes)) > 2, "the 3D result was shown as it grew"
+    mask = bridge.segment_to_mask(writer.segmentation_node, writer.segment_id, volume)
+    prompts = {"box": list(bridge.roi_to_box(volume, roi))}
+    expected = in_process(litemedsam, image, prompts, box3d_strategy="propagate", propagate=True)
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_scene_close_mid_job_cancels_it_and_writes_nothing_more(scene_setup, hippo, client):
+    scene, volume, writer, roi, _, controller = scene_setup
+    _, label = hippo
+    start_3d(volume, roi, controller, label_box(label))
+    controller.poll()
+    job_id = controller._active.job_id
+    segmentation = writer.segmentation_node
+    scene.Clear()
+    assert not controller.busy and controller.observed_nodes == []
+    end = time.monotonic() + 120
+    while client.job(job_id).state not in ("cancelled", "done", "failed") and time.monotonic() < end:
+        time.sleep(0.2)
+    assert client.job(job_id).state == "cancelled"
+    controller.poll()
+    assert segmentation.GetScene() is None or segmentation.GetSegmentation().GetNumberOfSegments() <= 1
+
+
+def test_after_n_prompts_the_scene_holds_no_new_nodes(scene_setup, hippo):
+    scene, volume, writer, _, positives, controller = scene_setup
+    _, label = hippo
+    k = middle_slice(label)
+    ks, js, is_ = np.nonzero(label[k:k + 1])
+    points = [(int(is_[n]), int(js[n]), k) for n in np.linspace(0, len(is_) - 1, 4).astype(int)]
+    positives.AddControlPointWorld(world(volume, points[0]))
+    poll_until_idle(controller)
+    after_first = {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+    for point in points[1:]:
+        positives.AddControlPointWorld(world(volume, point))
+        poll_until_idle(controller)
+    assert controller.jobs_started == 4
+    assert {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())} == after_first
+
+
+def test_the_panels_serve_command_reads_its_ready_line_in_chunks_and_tree_kill_stops_it(tmp_path):
+    """What the panel's QProcess does, without Qt: the command it runs, its output read in small
+    chunks until a whole ready line arrives, the client from that line, and the stop by pid."""
+    import os
+    import selectors
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "MedFMSegment"))
+    from MedFMSegmentHelpers.process_tools import LineBuffer, kill_tree, parse_ready_line, serve_command
+
+    from MedFMSegmentLib.service.client import read_token
+
+    command = serve_command(sys.executable, os.getpid(), tmp_path / "token", str(tmp_path / "adapters"))
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=open(tmp_path / "stderr.txt", "wb"),
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    buffer, ready, end = LineBuffer(), None, time.monotonic() + 180
+    while ready is None and time.monotonic() < end:
+        if not selector.select(1):
+            continue
+        chunk = os.read(process.stdout.fileno(), 7)  # a ready line arrives in pieces
+        if not chunk:
+            break
+        ready = next((r for r in map(parse_ready_line, buffer.feed(chunk.decode())) if r), None)
+    assert ready is not None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    client = ServiceClient(ready["url"], read_token(ready["token_file"]))
+    assert client.info()["models"] == ["litemedsam"]
+    assert ready["pid"] in kill_tree(ready["pid"])
+    assert process.wait(30) is not None
