@@ -228,7 +228,7 @@ class _Payload:
 
 @row("checkpoint_pickle_payload", "holds", "a --checkpoint holding a pickle payload is refused; it never runs")
 def _(tmp: Path) -> Expect:
-    (tmp / "evil.pth").write_bytes(pickle.dumps({"model": _Payload(tmp / "pwned")}))
+    (tmp / "evil.pth").write_bytes(pickle.dumps({"model": _Payload(tmp / "pwned")}, protocol=2))
 
     def check(tmp: Path, out: str) -> None:
         assert not (tmp / "pwned").exists()
@@ -245,7 +245,7 @@ def _(tmp: Path) -> Expect:
 
     adapter = tmp / "adapter"
     adapter.mkdir()
-    (adapter / "adapter.safetensors").write_bytes(pickle.dumps(_Payload(tmp / "pwned")))
+    (adapter / "adapter.safetensors").write_bytes(pickle.dumps(_Payload(tmp / "pwned"), protocol=2))
     (adapter / "metadata.json").write_text(json.dumps(
         {"base_model": {"name": "litemedsam", "sha256": file_sha256(litemedsam_weights_path())}, "lora": None}))
 

@@ -269,3 +269,44 @@ def _(tmp: Path) -> Expect:
         assert "not written by a batch run" in summary(tmp)[0]["error"]
 
     return Expect(call=call, code=0, check=check, creates=outputs("out", ["b.nii.gz"]) - {"out"})
+
+
+@row("resume_other_model_reruns", "7", "--resume re-runs every case when the model's weights differ from the record's")
+def _(tmp: Path) -> Expect:
+    from MedFMSegmentLib.batch import BatchSettings, run_batch
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+    from MedFMSegmentLib.prompts import Prompts
+
+    image = write_volume(tmp / "a.nii.gz")
+    settings = BatchSettings(device="cpu", resume=True, prompts={str(image): Prompts(box=tuple(BOX))})
+
+    def call() -> int:
+        first, second = tiny_random_model_for_tests(seed=0), tiny_random_model_for_tests(seed=1)
+        first.weights_sha256, second.weights_sha256 = "a" * 64, "b" * 64  # as load_model records them
+        assert [r.status for r in run_batch([image], tmp / "out", settings, model=first)] == ["ok"]
+        assert [r.status for r in run_batch([image], tmp / "out", settings, model=first)] == ["skipped"]
+        assert [r.status for r in run_batch([image], tmp / "out", settings, model=second)] == ["ok"]
+        return 0
+
+    return Expect(call=call, code=0, creates=outputs("out", ["a.nii.gz"]))
+
+
+@row("batch_damaged_dicom_series_fails_only_its_case", "5",
+     "in a batch, a DICOM series with a damaged slice fails its own row; the other cases run")
+def _(tmp: Path) -> Expect:
+    from reliability_support import write_series
+
+    image = write_volume(tmp / "in" / "a.nii.gz")
+    series = write_series(tmp / "in" / "series")
+    (series / "IM0002.dcm").write_bytes(b"\x00" * 200)
+    results: list[str] = []
+
+    def call() -> int:
+        results.extend(tiny_batch([image, series], tmp / "out", {image: {"box": BOX}, series: {"box": BOX}}))
+        return 0
+
+    def check(tmp: Path, out: str) -> None:
+        assert results == ["ok", "failed"]
+        assert "IM0002.dcm" in summary(tmp)[1]["error"]
+
+    return Expect(call=call, code=0, check=check, creates=outputs("out", ["a.nii.gz"]))
