@@ -28,7 +28,7 @@ from .geometry import VolumeGeometry
 from .io import IMAGE_2D_EXTENSIONS, MedicalImage, find_dicom_series, read_dicom_series, read_image, read_label
 from .prompts import Prompts
 
-OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
+OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dcm")  # dcm: DICOM SEG (cohort/dicom_seg.py)
 _VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") + IMAGE_2D_EXTENSIONS
 SUMMARY_FIELDS = ("input", "output", "status", "seconds", "foreground_voxels", "error")
 
@@ -208,6 +208,10 @@ def output_is_valid(output: Path, image: MedicalImage | None = None) -> bool:
     if not output.is_file():
         return False
     try:
+        if output.name.endswith(".dcm"):
+            from .cohort.dicom_seg import dicom_seg_matches
+
+            return dicom_seg_matches(output, image.geometry if image is not None else None)
         label = read_label(output)
     except (InputError, RuntimeError, ValueError, OSError):
         return False
@@ -233,20 +237,9 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     Returns:
         One :class:`CaseResult` per case, in input order.
     """
-    from .api import load_segmenter, segment_image
-    from .io import write_label
-    from .predictor import PredictorSettings
+    from .api import load_segmenter
 
-    predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
-    if settings.output_format not in OUTPUT_FORMATS:
-        raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    cases = discover_cases(inputs)
-    if not cases:
-        raise InputError("no input cases given")
-    if settings.adapter is None and not settings.prompts:
-        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
+    cases, output_dir, predictor_settings = check_batch(inputs, output_dir, settings)
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
@@ -260,34 +253,84 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
             image, read_error = pending.result()
             if index + 1 < len(cases):
                 pending = reader.submit(_read_case, cases[index + 1])  # overlaps reading with compute
-            output = output_path_for(case, output_dir, settings.output_format)
-            started = time.perf_counter()
-            result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
-                                str(output), "ok")
-            try:
-                if read_error is not None:
-                    raise read_error
-                if settings.resume and output_is_valid(output, image):
-                    result.status = "skipped"
-                else:
-                    prompts = _prompts_for(case, settings.prompts, image.geometry) or Prompts()
-                    if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
-                        raise InputError("no prompts for this case and no automatic adapter")
-                    mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
-                                         settings=predictor_settings, cancel=cancel)
-                    name = adapter_info.label_name if adapter_info is not None else "Segment_1"
-                    write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
-                    result.foreground_voxels = int(mask.sum())
-            except CancelledError:
-                raise
-            except (InputError, RuntimeError, ValueError, OSError) as exc:
-                result.status, result.error = "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            result.seconds = time.perf_counter() - started
+            result = segment_case(case, image, read_error, output_dir, settings, model, adapter_info,
+                                  predictor_settings, cancel=cancel)
             results.append(result)
             write_summary(results, output_dir / "summary.csv")
             if progress is not None:
                 progress(index + 1, len(cases), result)
     return results
+
+
+def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
+                settings: BatchSettings) -> tuple[list[Case], Path, object]:
+    """Check a batch's settings and find its cases before any model is loaded; create ``output_dir``.
+
+    Returns:
+        ``(cases, output_dir, predictor_settings)``.
+    """
+    from .predictor import PredictorSettings
+
+    predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
+    if settings.output_format not in OUTPUT_FORMATS:
+        raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    cases = discover_cases(inputs)
+    if not cases:
+        raise InputError("no input cases given")
+    if settings.adapter is None and not settings.prompts:
+        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
+    if settings.output_format == "dcm":
+        from .cohort.dicom_seg import check_dicom_inputs
+
+        check_dicom_inputs([(case.source, case.dicom_files) for case in cases])
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return cases, output_dir, predictor_settings
+
+
+def segment_case(case: Case, image: MedicalImage | None, read_error: Exception | None, output_dir: Path,
+                 settings: BatchSettings, model, adapter_info, predictor_settings, cancel=None,
+                 on_mask: Callable[[MedicalImage, np.ndarray], None] | None = None) -> CaseResult:
+    """One case of a batch: resume check, prompts, segmentation, atomic write; never raises on bad input.
+
+    ``image``/``read_error`` are what :meth:`Case.read` gave. ``on_mask(image, mask)`` is called
+    after the output is written (the cluster batch's QC report uses it).
+    """
+    from .api import segment_image
+    from .io import write_label
+
+    output = output_path_for(case, output_dir, settings.output_format)
+    started = time.perf_counter()
+    result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
+                        str(output), "ok")
+    try:
+        if read_error is not None:
+            raise read_error
+        if settings.resume and output_is_valid(output, image):
+            result.status = "skipped"
+        else:
+            prompts = _prompts_for(case, settings.prompts, image.geometry) or Prompts()
+            if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
+                raise InputError("no prompts for this case and no automatic adapter")
+            mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
+                                 settings=predictor_settings, cancel=cancel)
+            name = adapter_info.label_name if adapter_info is not None else "Segment_1"
+            if settings.output_format == "dcm":
+                from .cohort.dicom_seg import write_dicom_seg
+
+                write_dicom_seg(mask, image.geometry, case.dicom_files, output, segment_name=name,
+                                adapter_metadata=adapter_info.metadata if adapter_info is not None else None)
+            else:
+                write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
+            result.foreground_voxels = int(mask.sum())
+            if on_mask is not None:
+                on_mask(image, mask)
+    except CancelledError:
+        raise
+    except (InputError, RuntimeError, ValueError, OSError) as exc:
+        result.status, result.error = "failed", str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _read_case(case: Case) -> tuple[MedicalImage | None, Exception | None]:
@@ -331,10 +374,15 @@ def register_cli(commands) -> None:
     parser.set_defaults(handler=_cmd_batch)
 
 
+def settings_from_args(args: argparse.Namespace) -> BatchSettings:
+    """The :class:`BatchSettings` the ``batch`` command's flags ask for (also used by ``--cluster``)."""
+    return BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
+                         device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
+                         box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
-    settings = BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
-                             device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
-                             box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
+    settings = settings_from_args(args)
 
     def report(done: int, total: int, result: CaseResult) -> None:
         detail = result.error if result.status == "failed" else f"{result.foreground_voxels} voxels"
