@@ -122,7 +122,8 @@ def _source_datasets(files: Sequence[str], geometry: VolumeGeometry) -> list:
 
     Anonymised series sometimes blank their UIDs (the SOP instance UID then survives in the file
     meta): the SOP class/instance come from there; a blank study/series/frame-of-reference UID
-    becomes one derived from the instance UIDs, the same on every run.
+    becomes one derived from the instance UIDs, the same on every run. A blank slice thickness
+    becomes the slice spacing. Only these in-memory copies change, never the files.
     """
     import pydicom
     from pydicom.uid import generate_uid
@@ -145,6 +146,8 @@ def _source_datasets(files: Sequence[str], geometry: VolumeGeometry) -> list:
         if not np.allclose(position, expected, atol=_POSITION_TOLERANCE_MM) or \
                 (int(ds.Rows), int(ds.Columns)) != (geometry.size[1], geometry.size[0]):
             raise InputError(f"DICOM file {file} does not lie on slice {k} of the series grid")
+        if not ds.get("SliceThickness"):  # type 2, often blank; highdicom needs one for the SEG's pixel measures
+            ds.SliceThickness = geometry.spacing[2]
         datasets.append(ds)
     seed = [str(ds.SOPInstanceUID) for ds in datasets]
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
