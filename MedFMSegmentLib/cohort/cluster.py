@@ -70,7 +70,7 @@ def read_slurm_config(path: str | os.PathLike) -> dict:
 
             config = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - YAML and JSON raise their own error types
-        raise InputError(f"SLURM config {path} is not valid {path.suffix.lstrip('.') or 'YAML'}: "
+        raise InputError(f"SLURM config {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
                          f"{str(exc).splitlines()[0]}") from None
     if not isinstance(config, dict):
         raise InputError(f"SLURM config {path} must be a mapping of SLURMCluster settings")

@@ -70,7 +70,7 @@ def test_cluster_batch_matches_single_process(client, litemedsam, data_dir, tmp_
     settings = _settings(tmp_path, prompts)
     single = run_batch(inputs, tmp_path / "single", settings, model=litemedsam)
     seen = []
-    clustered = run_batch_on_cluster(inputs, tmp_path / "cluster", settings, client,
+    clustered = run_batch_on_cluster(inputs, tmp_path / "cluster", settings, client, report=True,
                                      progress=lambda done, total, result: seen.append((done, total)))
     assert [r.status for r in single] == [r.status for r in clustered] == ["ok"] * 3
     assert seen == [(1, 3), (2, 3), (3, 3)]
@@ -83,6 +83,11 @@ def test_cluster_batch_matches_single_process(client, litemedsam, data_dir, tmp_
     rows = _summary(tmp_path / "cluster")
     assert [r["input"] for r in rows] == inputs  # input order, whatever the completion order
     assert [int(r["foreground_voxels"]) for r in rows] == [r.foreground_voxels for r in single]
+    qc = list(csv.DictReader((tmp_path / "cluster" / "qc.csv").open()))  # measured on the workers
+    voxel_ml = [float(np.prod(read_image(p).geometry.spacing)) / 1000 for p in inputs]
+    assert [float(r["volume_ml"]) for r in qc] == pytest.approx(
+        [r.foreground_voxels * v for r, v in zip(single, voxel_ml)], abs=1e-3)
+    assert (tmp_path / "cluster" / "report.html").read_text().count("data:image/png;base64,") == 3
 
 
 def _killer(client, targets: set[tuple[str, int]], killed: list, delay: float = 0.5):
