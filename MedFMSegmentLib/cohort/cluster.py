@@ -16,7 +16,11 @@ from typing import Iterator
 
 from ..errors import InputError
 
-__all__ = ["ClusterSpec", "parse_cluster_spec", "read_slurm_config", "open_cluster", "SLURM_KEYS"]
+__all__ = ["ClusterSpec", "parse_cluster_spec", "read_slurm_config", "open_cluster", "SLURM_KEYS",
+           "TORCH_THREADS_VARIABLE"]
+
+#: Environment variable giving a worker's torch intra-op threads (``local:N`` sets it to cores // N).
+TORCH_THREADS_VARIABLE = "MEDFMSEGMENT_TORCH_THREADS"
 
 #: ``SLURMCluster`` arguments a config file may give, plus ``jobs`` (how many jobs to start) or
 #: ``minimum_jobs``/``maximum_jobs`` (adaptive scaling).
@@ -95,17 +99,16 @@ def _import_distributed():
 
 
 @contextlib.contextmanager
-def open_cluster(spec: "str | ClusterSpec | object") -> Iterator[tuple[object, int | None]]:
-    """Yield ``(client, torch_threads)`` for a spec, or for an existing ``distributed.Client``.
+def open_cluster(spec: "str | ClusterSpec | object") -> Iterator[object]:
+    """Yield a ``distributed.Client`` for a spec (or the ``distributed.Client`` given).
 
-    ``torch_threads`` is the intra-op thread count each worker should use (the CPU shared between
-    the local workers), or None to let each worker use the cores it has. A cluster started here
-    is closed on exit; an existing client is left open. The scheduler gives a case up after one
-    worker death (``allowed-failures`` 0): the batch resubmits it once itself.
+    A cluster started here is closed on exit; a client given is left open. The scheduler gives a
+    case up after one worker death (``allowed-failures`` 0): the batch resubmits it once itself.
+    ``local:N`` workers share the machine's cores: each gets cores // N torch threads.
     """
     distributed = _import_distributed()
     if isinstance(spec, distributed.Client):
-        yield spec, None
+        yield spec
         return
     if isinstance(spec, str):
         spec = parse_cluster_spec(spec)
@@ -114,17 +117,18 @@ def open_cluster(spec: "str | ClusterSpec | object") -> Iterator[tuple[object, i
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         if spec.kind == "address":
             with distributed.Client(spec.address, timeout="30s") as client:
-                yield client, None
+                yield client
             return
         if spec.kind == "local":
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            cluster = distributed.LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
-                                               host="127.0.0.1", dashboard_address=None)
             threads = max(1, cores // spec.workers)
+            cluster = distributed.LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True,
+                                               host="127.0.0.1", dashboard_address=None,
+                                               env={TORCH_THREADS_VARIABLE: str(threads)})
         else:
-            cluster, threads = _slurm_cluster(dict(spec.config or {})), None
+            cluster = _slurm_cluster(dict(spec.config or {}))
         with cluster, distributed.Client(cluster) as client:
-            yield client, threads
+            yield client
 
 
 def _slurm_cluster(config: dict):

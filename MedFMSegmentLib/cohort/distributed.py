@@ -19,10 +19,11 @@ from typing import Callable, Iterable
 
 from ..batch import Case, CaseResult, BatchSettings, check_batch, output_path_for, segment_case, write_summary
 from ..errors import InputError
-from .cluster import open_cluster
+from .cluster import TORCH_THREADS_VARIABLE, open_cluster
 from .qc_report import CaseQC, QCThresholds, measure, read_output_mask, write_report
 
-__all__ = ["ClusterCaseResult", "run_batch_on_cluster", "case_size", "segment_on_worker"]
+__all__ = ["ClusterCaseResult", "run_batch_on_cluster", "case_size", "preload", "segment_on_worker",
+           "worker_torch_threads"]
 
 _MODELS: dict[tuple, tuple] = {}  # per worker process: (model, adapter_info) by load settings
 _MODELS_LOCK = threading.Lock()
@@ -51,7 +52,24 @@ def case_size(case: Case) -> int:
         return 0
 
 
-def _worker_model(settings: BatchSettings, torch_threads: int | None):
+def worker_torch_threads() -> int:
+    """Torch intra-op threads for this worker: ``$MEDFMSEGMENT_TORCH_THREADS``, else its cores / task threads.
+
+    Dask's nanny starts workers with ``OMP_NUM_THREADS=1``; a CPU worker would then encode with
+    one core. ``local:N`` sets the variable to the machine's cores // N.
+    """
+    from distributed import get_worker
+
+    if os.environ.get(TORCH_THREADS_VARIABLE, "").isdigit():
+        return max(1, int(os.environ[TORCH_THREADS_VARIABLE]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        return max(1, cores // max(1, get_worker().state.nthreads))
+    except ValueError:  # not in a worker
+        return cores
+
+
+def _worker_model(settings: BatchSettings):
     key = (settings.model_name, settings.checkpoint, settings.adapter, settings.device, settings.backend,
            settings.precision)
     with _MODELS_LOCK:
@@ -60,14 +78,25 @@ def _worker_model(settings: BatchSettings, torch_threads: int | None):
 
             from ..api import load_segmenter
 
-            if torch_threads:
-                torch.set_num_threads(torch_threads)
+            torch.set_num_threads(worker_torch_threads())
             _MODELS[key] = load_segmenter(*key)
         return _MODELS[key]
 
 
-def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, torch_threads: int | None = None,
-                      qc: bool = False) -> tuple[CaseResult, CaseQC | None]:
+def preload(client, settings: BatchSettings) -> dict:
+    """Load the model (and adapter) on every worker of ``client`` now; returns {worker: (device, threads)}.
+
+    Without it each worker loads the model in its first case (outside the case's own time).
+    """
+    def load() -> tuple[str, int]:
+        import torch
+
+        return str(_worker_model(settings)[0].device), torch.get_num_threads()
+
+    return client.run(load)
+
+
+def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, qc: bool = False) -> tuple[CaseResult, CaseQC | None]:
     """The task: one case through :func:`~MedFMSegmentLib.batch.segment_case` with this worker's model.
 
     Returns the case's result and, with ``qc``, its QC figures (measured from the mask just
@@ -75,7 +104,7 @@ def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, torc
     """
     from ..predictor import PredictorSettings
 
-    model, adapter_info = _worker_model(settings, torch_threads)
+    model, adapter_info = _worker_model(settings)
     try:
         image, read_error = case.read(), None
     except (InputError, RuntimeError, ValueError, OSError) as exc:
@@ -116,7 +145,7 @@ def run_batch_on_cluster(inputs: Iterable[str | os.PathLike], output_dir: str | 
     order = sorted(range(len(cases)), key=lambda i: -case_size(cases[i]))  # large series first (stable)
     results: dict[int, ClusterCaseResult] = {}
     measured: dict[int, CaseQC] = {}
-    with open_cluster(cluster) as (client, torch_threads):
+    with open_cluster(cluster) as client:
         from distributed import KilledWorker, as_completed
 
         token, attempts, index_of = uuid.uuid4().hex[:8], [0] * len(cases), {}
@@ -128,7 +157,7 @@ def run_batch_on_cluster(inputs: Iterable[str | os.PathLike], output_dir: str | 
                 i = order.pop(0)
                 attempts[i] += 1
                 key = f"medfmsegment-case-{token}-{i}-{attempts[i]}"
-                future = client.submit(segment_on_worker, cases[i], str(output_dir), settings, torch_threads, report,
+                future = client.submit(segment_on_worker, cases[i], str(output_dir), settings, report,
                                        key=key, pure=False)
                 index_of[key] = i
                 running.add(future)

@@ -27,7 +27,7 @@ pytest.importorskip("distributed")
 
 from MedFMSegmentLib.batch import BatchSettings, load_prompts_file, run_batch  # noqa: E402
 from MedFMSegmentLib.cohort.cluster import open_cluster  # noqa: E402
-from MedFMSegmentLib.cohort.distributed import run_batch_on_cluster  # noqa: E402
+from MedFMSegmentLib.cohort.distributed import preload, run_batch_on_cluster  # noqa: E402
 from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -36,7 +36,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def client():
     """A LocalCluster of 2 single-thread worker processes on loopback, shared by this module."""
-    with open_cluster("local:2") as (dask_client, _):
+    with open_cluster("local:2") as dask_client:
         yield dask_client
 
 
@@ -69,6 +69,8 @@ def test_cluster_batch_matches_single_process(client, litemedsam, data_dir, tmp_
     inputs, prompts = _hippocampus(data_dir, 3)
     settings = _settings(tmp_path, prompts)
     single = run_batch(inputs, tmp_path / "single", settings, model=litemedsam)
+    cores = len(os.sched_getaffinity(0))
+    assert set(preload(client, settings).values()) == {("cpu", max(1, cores // 2))}  # the cores shared out
     seen = []
     clustered = run_batch_on_cluster(inputs, tmp_path / "cluster", settings, client, report=True,
                                      progress=lambda done, total, result: seen.append((done, total)))
@@ -162,9 +164,9 @@ def test_resume_after_the_client_is_killed(client, data_dir, tmp_path):
                                start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not list(out.glob("*.nii.gz")) and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)  # the client: its worker loses its scheduler
+        while not (out / "summary.csv").exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        os.kill(process.pid, signal.SIGKILL)  # the client, after its first result: the worker loses its scheduler
         process.wait(timeout=30)
     finally:
         with contextlib.suppress(ProcessLookupError):
