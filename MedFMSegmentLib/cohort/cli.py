@@ -69,7 +69,8 @@ def report_from_outputs(inputs, output_dir, thresholds=None) -> Path:
     For the single-process batch; the cluster batch measures each case on its worker instead.
     """
     from ..batch import discover_cases
-    from .qc_report import CaseQC, measure, read_output_mask, write_report
+    from ..errors import InputError
+    from .qc_report import CaseQC, measure_output, write_report
 
     output_dir = Path(output_dir)
     with (output_dir / "summary.csv").open(newline="") as handle:
@@ -79,8 +80,10 @@ def report_from_outputs(inputs, output_dir, thresholds=None) -> Path:
     for case, row in zip(cases, rows):
         entry = CaseQC(case.name)
         if row["status"] != "failed":
-            image = case.read()
-            entry = measure(image, read_output_mask(row["output"], image), case.name)
+            try:
+                entry = measure_output(case.read(), None, row["output"], case.name)
+            except (InputError, RuntimeError, ValueError, OSError) as exc:
+                entry.not_measured = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         entry.input, entry.output, entry.status, entry.seconds = row["input"], row["output"], row["status"], \
             float(row["seconds"] or 0)
         entries.append(entry)

@@ -127,8 +127,25 @@ def open_cluster(spec: "str | ClusterSpec | object") -> Iterator[object]:
                                                env={TORCH_THREADS_VARIABLE: str(threads)})
         else:
             cluster = _slurm_cluster(dict(spec.config or {}))
-        with cluster, distributed.Client(cluster) as client:
-            yield client
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            with _quiet("distributed.nanny"):  # "still alive after 4 s, killing": idle workers slow to exit
+                cluster.close()
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    import logging
+
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _slurm_cluster(config: dict):

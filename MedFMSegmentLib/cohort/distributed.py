@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 from ..batch import Case, CaseResult, BatchSettings, check_batch, output_path_for, segment_case, write_summary
 from ..errors import InputError
 from .cluster import TORCH_THREADS_VARIABLE, open_cluster
-from .qc_report import CaseQC, QCThresholds, measure, read_output_mask, write_report
+from .qc_report import CaseQC, QCThresholds, measure_output, write_report
 
 __all__ = ["ClusterCaseResult", "run_batch_on_cluster", "case_size", "preload", "segment_on_worker",
            "worker_torch_threads"]
@@ -110,11 +110,12 @@ def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, qc: 
     except (InputError, RuntimeError, ValueError, OSError) as exc:
         image, read_error = None, exc
     measured: list[CaseQC] = []
-    on_mask = (lambda img, mask: measured.append(measure(img, mask, case.name))) if qc else None
+    output = output_path_for(case, Path(output_dir), settings.output_format)
+    on_mask = (lambda img, mask: measured.append(measure_output(img, mask, output, case.name))) if qc else None
     result = segment_case(case, image, read_error, Path(output_dir), settings, model, adapter_info,
                           PredictorSettings(box3d_strategy=settings.box3d_strategy), on_mask=on_mask)
     if qc and result.status == "skipped":
-        measured.append(measure(image, read_output_mask(result.output, image), case.name))
+        measured.append(measure_output(image, None, result.output, case.name))
     return result, (measured[0] if measured else None)
 
 

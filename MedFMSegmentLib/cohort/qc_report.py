@@ -20,7 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["CaseQC", "QCThresholds", "measure", "read_output_mask", "flag_cases", "write_report", "png_bytes"]
+__all__ = ["CaseQC", "QCThresholds", "measure", "measure_output", "read_output_mask", "flag_cases", "write_report",
+           "png_bytes"]
 
 QC_FIELDS = ("case", "input", "output", "status", "seconds", "volume_ml", "components", "flags")
 
@@ -50,6 +51,7 @@ class CaseQC:
     components: int = 0
     thumbnail: bytes = b""
     flags: list[str] = field(default_factory=list)
+    not_measured: str = ""  # why the figures are missing (the output could not be measured)
 
     def row(self) -> dict:
         return {"case": self.case, "input": self.input, "output": self.output, "status": self.status,
@@ -73,6 +75,18 @@ def measure(image, mask: np.ndarray, case: str = "", max_size: int = 192) -> Cas
     k = int((ks[0] + ks[-1]) // 2) if ks.size else mask.shape[0] // 2
     return CaseQC(case, voxels=voxels, volume_ml=voxels * float(np.prod(spacing)) / 1000.0, components=components,
                   thumbnail=png_bytes(_thumbnail(image.array[k], mask[k], spacing[0], spacing[1], max_size)))
+
+
+def measure_output(image, mask: np.ndarray | None, output: str | os.PathLike, case: str = "") -> CaseQC:
+    """:func:`measure` a mask (or, given None, the batch output ``output``); never raises.
+
+    A mask that cannot be measured gives a :class:`CaseQC` whose ``not_measured`` says why, so
+    the QC of a batch never turns a written result into a failed case.
+    """
+    try:
+        return measure(image, read_output_mask(output, image) if mask is None else mask, case)
+    except Exception as exc:  # noqa: BLE001 - QC is a report on results, never a reason to lose one
+        return CaseQC(case, not_measured=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 def read_output_mask(output: str | os.PathLike, image) -> np.ndarray:
@@ -127,6 +141,9 @@ def flag_cases(cases: Sequence[CaseQC], thresholds: QCThresholds | None = None) 
         case.flags = []
         if case.status == "failed":
             case.flags.append("failed")
+            continue
+        if case.not_measured:
+            case.flags.append(f"not measured: {case.not_measured}")
             continue
         if case.voxels == 0:
             case.flags.append("empty mask")

@@ -10,7 +10,8 @@ import zlib
 import numpy as np
 
 from conftest import ellipsoid_mask
-from MedFMSegmentLib.cohort.qc_report import CaseQC, QCThresholds, flag_cases, measure, png_bytes, write_report
+from MedFMSegmentLib.cohort.qc_report import (CaseQC, QCThresholds, flag_cases, measure, measure_output, png_bytes,
+                                             write_report)
 from MedFMSegmentLib.io import MedicalImage
 
 SPACING = (0.8, 0.8, 2.0)  # (I, J, K) mm
@@ -98,3 +99,18 @@ def test_no_volume_flags_without_a_cohort():
     cases = [_case("a", ellipsoid_mask((12, 60, 70), (6, 30, 35), (3, 10, 12))),
              _case("b", ellipsoid_mask((12, 60, 70), (6, 30, 35), (6, 29, 34)))]
     assert [c.flags for c in flag_cases(cases)] == [[], []]  # two cases have no meaningful median
+
+
+def test_an_output_that_cannot_be_measured_is_flagged_not_failed(tmp_path):
+    from MedFMSegmentLib.io import write_label
+
+    image = _image()
+    good = write_label(ellipsoid_mask(image.geometry.shape, (6, 30, 35), (3, 10, 12)), image.geometry,
+                       tmp_path / "good.nii.gz")
+    (tmp_path / "bad.nii.gz").write_bytes(b"truncated")
+    measured = measure_output(image, None, good, "good")
+    assert measured.voxels > 0 and not measured.not_measured
+    broken = measure_output(image, None, tmp_path / "bad.nii.gz", "bad")
+    assert broken.not_measured and broken.voxels == 0
+    flags = flag_cases([measured, broken])
+    assert flags[0].flags == [] and flags[1].flags[0].startswith("not measured: ")
