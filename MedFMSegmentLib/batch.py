@@ -239,7 +239,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     """
     from .api import load_segmenter
 
-    cases, output_dir, predictor_settings = check_batch(inputs, output_dir, settings)
+    cases, outputs, output_dir, predictor_settings = check_batch(inputs, output_dir, settings)
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
@@ -247,13 +247,13 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     results: list[CaseResult] = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(_read_case, cases[0])
-        for index, case in enumerate(cases):
+        for index, (case, output) in enumerate(zip(cases, outputs)):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("batch cancelled")
             image, read_error = pending.result()
             if index + 1 < len(cases):
                 pending = reader.submit(_read_case, cases[index + 1])  # overlaps reading with compute
-            result = segment_case(case, image, read_error, output_dir, settings, model, adapter_info,
+            result = segment_case(case, image, read_error, output, settings, model, adapter_info,
                                   predictor_settings, cancel=cancel)
             results.append(result)
             write_summary(results, output_dir / "summary.csv")
@@ -263,11 +263,11 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
 
 
 def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
-                settings: BatchSettings) -> tuple[list[Case], Path, object]:
+                settings: BatchSettings) -> tuple[list[Case], list[Path], Path, object]:
     """Check a batch's settings and find its cases before any model is loaded; create ``output_dir``.
 
     Returns:
-        ``(cases, output_dir, predictor_settings)``.
+        ``(cases, outputs, output_dir, predictor_settings)``: one output path per case.
     """
     from .predictor import PredictorSettings
 
@@ -285,10 +285,11 @@ def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLi
         check_dicom_inputs([(case.source, case.dicom_files) for case in cases])
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return cases, output_dir, predictor_settings
+    return cases, [output_path_for(case, output_dir, settings.output_format) for case in cases], output_dir, \
+        predictor_settings
 
 
-def segment_case(case: Case, image: MedicalImage | None, read_error: Exception | None, output_dir: Path,
+def segment_case(case: Case, image: MedicalImage | None, read_error: Exception | None, output: Path,
                  settings: BatchSettings, model, adapter_info, predictor_settings, cancel=None,
                  on_mask: Callable[[MedicalImage, np.ndarray], None] | None = None) -> CaseResult:
     """One case of a batch: resume check, prompts, segmentation, atomic write; never raises on bad input.
@@ -299,7 +300,6 @@ def segment_case(case: Case, image: MedicalImage | None, read_error: Exception |
     from .api import segment_image
     from .io import write_label
 
-    output = output_path_for(case, output_dir, settings.output_format)
     started = time.perf_counter()
     result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
                         str(output), "ok")

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
-from ..batch import Case, CaseResult, BatchSettings, check_batch, output_path_for, segment_case, write_summary
+from ..batch import Case, CaseResult, BatchSettings, check_batch, segment_case, write_summary
 from ..errors import InputError
 from .cluster import TORCH_THREADS_VARIABLE, open_cluster
 from .qc_report import CaseQC, QCThresholds, measure_output, write_report
@@ -96,7 +96,7 @@ def preload(client, settings: BatchSettings) -> dict:
     return client.run(load)
 
 
-def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, qc: bool = False) -> tuple[CaseResult, CaseQC | None]:
+def segment_on_worker(case: Case, output: str, settings: BatchSettings, qc: bool = False) -> tuple[CaseResult, CaseQC | None]:
     """The task: one case through :func:`~MedFMSegmentLib.batch.segment_case` with this worker's model.
 
     Returns the case's result and, with ``qc``, its QC figures (measured from the mask just
@@ -110,9 +110,8 @@ def segment_on_worker(case: Case, output_dir: str, settings: BatchSettings, qc: 
     except (InputError, RuntimeError, ValueError, OSError) as exc:
         image, read_error = None, exc
     measured: list[CaseQC] = []
-    output = output_path_for(case, Path(output_dir), settings.output_format)
     on_mask = (lambda img, mask: measured.append(measure_output(img, mask, output, case.name))) if qc else None
-    result = segment_case(case, image, read_error, Path(output_dir), settings, model, adapter_info,
+    result = segment_case(case, image, read_error, Path(output), settings, model, adapter_info,
                           PredictorSettings(box3d_strategy=settings.box3d_strategy), on_mask=on_mask)
     if qc and result.status == "skipped":
         measured.append(measure_output(image, None, result.output, case.name))
@@ -138,7 +137,7 @@ def run_batch_on_cluster(inputs: Iterable[str | os.PathLike], output_dir: str | 
     Returns:
         One :class:`ClusterCaseResult` per case, in input order.
     """
-    cases, output_dir, _ = check_batch(inputs, output_dir, settings)
+    cases, outputs, output_dir, _ = check_batch(inputs, output_dir, settings)
     if settings.adapter is not None:
         from ..finetune.adapters import read_metadata
 
@@ -158,7 +157,7 @@ def run_batch_on_cluster(inputs: Iterable[str | os.PathLike], output_dir: str | 
                 i = order.pop(0)
                 attempts[i] += 1
                 key = f"medfmsegment-case-{token}-{i}-{attempts[i]}"
-                future = client.submit(segment_on_worker, cases[i], str(output_dir), settings, report,
+                future = client.submit(segment_on_worker, cases[i], str(outputs[i]), settings, report,
                                        key=key, pure=False)
                 index_of[key] = i
                 running.add(future)
@@ -177,10 +176,10 @@ def run_batch_on_cluster(inputs: Iterable[str | os.PathLike], output_dir: str | 
                     order.insert(0, i)  # again, before anything else
                     fill()
                     continue
-                result, qc = _lost(cases[i], output_dir, settings, f"its worker died {attempts[i]} times"), None
+                result, qc = _lost(cases[i], outputs[i], f"its worker died {attempts[i]} times"), None
             except Exception as exc:  # noqa: BLE001 - a task's unexpected error fails its case, not the batch
                 message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                result, qc = _lost(cases[i], output_dir, settings, message), None
+                result, qc = _lost(cases[i], outputs[i], message), None
             future.release()
             results[i] = ClusterCaseResult(**dataclasses.asdict(result), attempts=attempts[i], worker=worker)
             if qc is not None:
@@ -201,9 +200,9 @@ def _worker_of(client, future) -> str:
     return who[0] if who else ""
 
 
-def _lost(case: Case, output_dir: Path, settings: BatchSettings, error: str) -> CaseResult:
+def _lost(case: Case, output: Path, error: str) -> CaseResult:
     label = case.source if case.dicom_files is None else f"{case.source} (DICOM series)"
-    return CaseResult(label, str(output_path_for(case, output_dir, settings.output_format)), "failed", error=error)
+    return CaseResult(label, str(output), "failed", error=error)
 
 
 def _qc_row(case: Case, result: CaseResult, qc: CaseQC | None) -> CaseQC:
