@@ -33,7 +33,7 @@ from .io import IMAGE_2D_EXTENSIONS, MedicalImage, find_dicom_series, read_dicom
 from .prompts import Prompts
 from .records import file_identity, folder_identity, output_checksum, record_matches, record_path, write_record
 
-OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd")
+OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dcm")  # dcm: DICOM SEG (cohort/dicom_seg.py)
 _VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") + IMAGE_2D_EXTENSIONS
 SUMMARY_FIELDS = ("input", "output", "status", "seconds", "foreground_voxels", "error")
 
@@ -313,21 +313,8 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
         One :class:`CaseResult` per case, in input order.
     """
     from .api import load_segmenter
-    from .predictor import PredictorSettings
 
-    predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
-    if settings.output_format not in OUTPUT_FORMATS:
-        raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
-    inputs = [str(p) for p in inputs]
-    output_dir = Path(output_dir)
-    if settings.adapter is None and not settings.prompts:
-        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
-    cases = discover_cases(inputs)
-    if not cases:
-        raise InputError("no input cases given")
-    outputs = _check_outputs(cases, output_dir, settings, inputs)
-    check_output_folder(output_dir)
-    sweep_leftovers(output_dir)
+    cases, outputs, output_dir, predictor_settings = check_batch(inputs, output_dir, settings)
     adapter_info = None
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
@@ -341,32 +328,76 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
             image, read_error = pending.result()
             if index + 1 < len(cases):
                 pending = reader.submit(_read_case, cases[index + 1])  # overlaps reading with compute
-            started = time.perf_counter()
-            result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
-                                str(output), "ok")
-            try:
-                provenance = _provenance(case, settings, model)
-                if settings.resume and record_matches(output, provenance):
-                    result.status = "skipped"
-                else:
-                    if read_error is not None:
-                        raise read_error
-                    mask = _segment_case(case, image, output, provenance, settings, model, adapter_info,
-                                         predictor_settings, cancel)
-                    result.foreground_voxels = int(mask.sum())
-            except (CancelledError, MemoryError, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the others
-                message = str(exc).splitlines()[0] if str(exc) else ""
-                if not isinstance(exc, InputError):
-                    message = f"{type(exc).__name__}: {message}"
-                result.status, result.error = "failed", message
-            result.seconds = time.perf_counter() - started
+            result = segment_case(case, image, read_error, output, settings, model, adapter_info,
+                                  predictor_settings, cancel=cancel)
             results.append(result)
             write_summary(results, output_dir / "summary.csv")
             if progress is not None:
                 progress(index + 1, len(cases), result)
     return results
+
+
+def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
+                settings: BatchSettings) -> tuple[list[Case], list[Path], Path, object]:
+    """Everything checkable before a model loads; then the output folder is made and swept.
+
+    Returns:
+        ``(cases, outputs, output_dir, predictor_settings)``.
+    """
+    from .predictor import PredictorSettings
+
+    predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
+    if settings.output_format not in OUTPUT_FORMATS:
+        raise InputError(f"unknown format {settings.output_format!r}: use one of {', '.join(OUTPUT_FORMATS)}")
+    inputs = [str(p) for p in inputs]
+    output_dir = Path(output_dir)
+    if settings.adapter is None and not settings.prompts:
+        raise InputError("batch work needs --adapter (automatic segmentation) or --prompts FILE")
+    cases = discover_cases(inputs)
+    if not cases:
+        raise InputError("no input cases given")
+    if settings.output_format == "dcm":
+        from .cohort.dicom_seg import check_dicom_inputs
+
+        check_dicom_inputs([(case.source, case.dicom_files) for case in cases])
+    outputs = _check_outputs(cases, output_dir, settings, inputs)
+    check_output_folder(output_dir)
+    sweep_leftovers(output_dir)
+    return cases, outputs, output_dir, predictor_settings
+
+
+def segment_case(case: Case, image: MedicalImage | None, read_error: Exception | None, output: Path,
+                 settings: BatchSettings, model, adapter_info, predictor_settings, cancel=None,
+                 on_mask: Callable[[MedicalImage, np.ndarray], None] | None = None) -> CaseResult:
+    """One case of a batch: resume check, prompts, segmentation, atomic write, record; never raises on bad input.
+
+    ``image``/``read_error`` are what :meth:`Case.read` gave. ``on_mask(image, mask)`` is called
+    after the output is written (the cluster batch's QC report uses it).
+    """
+    started = time.perf_counter()
+    result = CaseResult(case.source if case.dicom_files is None else f"{case.source} (DICOM series)",
+                        str(output), "ok")
+    try:
+        provenance = _provenance(case, settings, model)
+        if settings.resume and record_matches(output, provenance):
+            result.status = "skipped"
+        else:
+            if read_error is not None:
+                raise read_error
+            mask = _segment_case(case, image, output, provenance, settings, model, adapter_info,
+                                 predictor_settings, cancel)
+            result.foreground_voxels = int(mask.sum())
+            if on_mask is not None:
+                on_mask(image, mask)
+    except (CancelledError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - one case's failure must not stop the others
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        if not isinstance(exc, InputError):
+            message = f"{type(exc).__name__}: {message}"
+        result.status, result.error = "failed", message
+    result.seconds = time.perf_counter() - started
+    return result
 
 
 def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dict, settings: BatchSettings,
@@ -389,7 +420,13 @@ def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dic
                          settings=predictor_settings, cancel=cancel)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
     write_record(output, provenance, pending=True)
-    write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
+    if settings.output_format == "dcm":
+        from .cohort.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(mask, image.geometry, case.dicom_files, output, segment_name=name,
+                        adapter_metadata=adapter_info.metadata if adapter_info is not None else None)
+    else:
+        write_label(mask, image.geometry, output, is_2d=image.is_2d, segment_name=name)
     write_record(output, provenance)
     return mask
 
@@ -436,10 +473,15 @@ def register_cli(commands) -> None:
     parser.set_defaults(handler=_cmd_batch)
 
 
+def settings_from_args(args: argparse.Namespace) -> BatchSettings:
+    """The :class:`BatchSettings` the ``batch`` command's flags ask for (also used by ``--cluster``)."""
+    return BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
+                         device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
+                         box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
-    settings = BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
-                             device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
-                             box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
+    settings = settings_from_args(args)
 
     def report(done: int, total: int, result: CaseResult) -> None:
         detail = result.error if result.status == "failed" else f"{result.foreground_voxels} voxels"

@@ -110,7 +110,7 @@ def _register_optional_commands(commands) -> None:
     import importlib
 
     for module_name in ("MedFMSegmentLib.demo", "MedFMSegmentLib.finetune.cli", "MedFMSegmentLib.evaluation",
-                        "MedFMSegmentLib.batch", "MedFMSegmentLib.service.server"):
+                        "MedFMSegmentLib.batch", "MedFMSegmentLib.service.server", "MedFMSegmentLib.cohort.cli"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
