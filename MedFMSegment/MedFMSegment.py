@@ -516,7 +516,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         """The :class:`~MedFMSegmentLib.predictor.EmbeddingCache` every volume's session shares: its
         budget is ``PredictorSettings.cache_bytes`` for the model's device (1 GiB on a CPU)."""
         if self._embeddingCache is None:
-            from MedFMSegmentLib.predictor import EmbeddingCache, PredictorSettings
+            from MedFMSegmentLib.inference import EmbeddingCache, PredictorSettings
 
             budget = PredictorSettings().cache_bytes_for(self.load_model().device)
             self._embeddingCache = EmbeddingCache(budget)
@@ -524,7 +524,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
 
     def session_for(self, volume_node, axis: str = "auto"):
         """The cached session of a volume, rebuilt when the volume's voxels or geometry changed."""
-        from MedFMSegmentLib.predictor import SegmentationSession
+        from MedFMSegmentLib.inference import SegmentationSession
         from MedFMSegmentLib.slicer_bridge import volume_node_to_image
 
         model = self.load_model()
@@ -551,7 +551,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         Returns:
             ``(voxel_axis, index)`` of the focused slice, or None.
         """
-        from MedFMSegmentLib.background import BackgroundEmbedder
+        from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder
         from MedFMSegmentLib.slicer_bridge import slice_view_voxel_slice
 
         if self.model is None or volume_node is None or volume_node.GetImageData() is None:

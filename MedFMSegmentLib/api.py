@@ -11,7 +11,7 @@ import numpy as np
 from .errors import InputError
 from .io import MedicalImage, label_format, read_image, write_label
 from .models import DEFAULT_MODEL, PromptableModel, load_model
-from .predictor import PredictorSettings, SegmentationSession
+from .inference import PredictorSettings, SegmentationSession
 from .preprocessing import IntensitySettings
 from .prompts import Prompts
 
@@ -69,7 +69,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
     if prompts.is_empty:
         if adapter_info is None or not adapter_info.automatic:
             raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
-        from .finetune.automatic import segment_automatic
+        from .inference.automatic import segment_automatic
 
         return segment_automatic(session, keep=keep_components or adapter_info.keep_components,
                                  progress=progress, cancel=cancel)

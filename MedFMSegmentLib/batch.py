@@ -235,7 +235,7 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
     """
     from .api import load_segmenter, segment_image
     from .io import write_label
-    from .predictor import PredictorSettings
+    from .inference import PredictorSettings
 
     predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
     if settings.output_format not in OUTPUT_FORMATS:

@@ -32,7 +32,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
     """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
-    from .predictor import BOX3D_STRATEGIES, PredictorSettings
+    from .inference import BOX3D_STRATEGIES, PredictorSettings
 
     defaults = PredictorSettings()
     parser.add_argument("--box3d-strategy", default=defaults.box3d_strategy, choices=list(BOX3D_STRATEGIES),

@@ -27,7 +27,7 @@ from common import machine  # noqa: E402
 from MedFMSegmentLib.finetune.adapters import save_adapter  # noqa: E402
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+from MedFMSegmentLib.inference import SegmentationSession  # noqa: E402
 
 
 def test_embeddings(test, cache: Path, mirrored: bool = False) -> list[list[torch.Tensor]]:

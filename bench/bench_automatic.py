@@ -30,8 +30,8 @@ from common import emit, machine  # noqa: E402
 
 from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
 from MedFMSegmentLib.finetune.adapters import load_adapted_model  # noqa: E402
-from MedFMSegmentLib.finetune.automatic import AUTOMATIC_DEFAULTS, segment_automatic  # noqa: E402
-from MedFMSegmentLib.predictor import SegmentationSession  # noqa: E402
+from MedFMSegmentLib.inference.automatic import AUTOMATIC_DEFAULTS, segment_automatic  # noqa: E402
+from MedFMSegmentLib.inference import SegmentationSession  # noqa: E402
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E4
 
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession  # noqa: E402
+from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, mask_bbox  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = T
         seconds.append(t.seconds)
         box3d.append(dice(mask, truth))
         if not reference:
-            print(f"  {name}: 3D box {box3d[-1]:.3f} (axis {session.voxel_axis})", file=sys.stderr, flush=True)
+            print(f"  {name}: 3D box {box3d[-1]:.3f} (axis {session.axis_for(Prompts(box=box))})", file=sys.stderr, flush=True)
             continue
         session.set_axis("axial")
         every_slice_mask = np.zeros_like(truth)  # not `reference`: that flag is read again next case

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from MedFMSegmentLib.evaluation import evaluate_masks
-from MedFMSegmentLib.finetune.automatic import segment_automatic
+from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import ENCODER_MODES, FinetuneConfig, finetune
 from MedFMSegmentLib.io import read_image, read_label
 from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference import SegmentationSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR as DATA, emit, machine, peak_gpu_mb, peak_rss_mb  # noqa: E402

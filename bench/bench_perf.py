@@ -41,10 +41,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR, emit, Timer, dice, machine, peak_gpu_mb, peak_rss_mb  # noqa: E402
 
-from MedFMSegmentLib.background import BackgroundEmbedder  # noqa: E402
+from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
 from MedFMSegmentLib.models import load_model  # noqa: E402
-from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession  # noqa: E402
+from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import mask_bbox  # noqa: E402
 
 HC18 = DATA_DIR / "hc18_fetal_head_us"
@@ -202,7 +202,7 @@ def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
                 _sync(model.device)
             rates[label].append(count / t.seconds)
     result = {"case": name, "shape": list(image.array.shape), "box3d_strategy": propagation.settings.box3d_strategy,
-              "slicing_voxel_axis": propagation.voxel_axis,
+              "slicing_voxel_axis": propagation.axis_for(prompts),
               "propagation_s_plain": _median(seconds["plain"]), "propagation_s_accelerated": _median(seconds["fast"]),
               "dice_plain": dice(masks["plain"], truth), "dice_accelerated": dice(masks["fast"], truth),
               "batch_slices": count,

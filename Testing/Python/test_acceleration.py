@@ -20,7 +20,7 @@ from MedFMSegmentLib.acceleration import accelerate, weights_digest
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.io import read_image
 from MedFMSegmentLib.models import load_model, tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference import SegmentationSession
 from MedFMSegmentLib.prompts import mask_bbox
 
 openvino = pytest.importorskip("openvino")

@@ -464,7 +464,7 @@ def slice_roi(scene, geometry: VolumeGeometry, box) -> object:
 
 
 def test_logic_segments_hippocampus_like_the_library(scene, module_file, hippocampus, litemedsam):
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.inference import SegmentationSession
     from MedFMSegmentLib.prompts import Prompts
 
     image, label = hippocampus
@@ -599,7 +599,7 @@ def test_logic_passes_the_3d_box_strategy(scene, module_file):
     """Plumbing with a tiny random-weight model: the panel's "3D box" choice reaches the session,
     and the segment written is the library's consensus result, voxel for voxel."""
     from MedFMSegmentLib.models import tiny_random_model_for_tests
-    from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession
+    from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
     from MedFMSegmentLib.prompts import Prompts
 
     geometry = oblique_geometry(size=(40, 36, 24), spacing=(0.8, 0.9, 1.5))

@@ -190,7 +190,7 @@ def test_only_the_bridge_imports_slicer():
 def test_3d_box_combo_offers_every_library_strategy_and_the_default_first(ui_root):
     """The panel's "3D box" combo lists the library's strategies, its first item (what an unset
     parameter shows) is the library default, and the parameter's Choice names the same ones."""
-    from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings
+    from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings
 
     combo = next(w for w in ui_root.iter("widget") if w.get("name") == "box3dStrategyComboBox")
     items = [item.findtext("property/string") for item in combo.findall("item")]
