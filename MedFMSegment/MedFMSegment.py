@@ -500,7 +500,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
     def load_model(self):
         key = (self.model_name, self.checkpoint, self.device)
         if self.model is None or key != self._model_key:
-            from MedFMSegmentLib.models import load_model
+            from MedFMSegmentLib.loading import load_model
 
             self.model = load_model(self.model_name, self.checkpoint, self.device)
             self._model_key = key

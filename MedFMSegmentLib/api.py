@@ -10,7 +10,8 @@ import numpy as np
 
 from .errors import InputError
 from .io import MedicalImage, label_format, read_image, write_label
-from .models import DEFAULT_MODEL, PromptableModel, load_model
+from .loading import load_model
+from .models import DEFAULT_MODEL, PromptableModel
 from .inference import PredictorSettings, SegmentationSession
 from .preprocessing import IntensitySettings
 from .prompts import Prompts

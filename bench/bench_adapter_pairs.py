@@ -26,7 +26,7 @@ from common import machine  # noqa: E402
 
 from MedFMSegmentLib.finetune.adapters import save_adapter  # noqa: E402
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 from MedFMSegmentLib.inference import SegmentationSession  # noqa: E402
 
 

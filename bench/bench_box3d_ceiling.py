@@ -34,7 +34,7 @@ from common import DATA_DIR, dice, emit, machine, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.geometry import slice_from_volume  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 from MedFMSegmentLib.geometry import axes_by_extent, box_on_axis  # noqa: E402
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, expand_box, mask_bbox, smooth_box_track  # noqa: E402

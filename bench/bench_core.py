@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATA_DIR, emit, Timer, dice, machine, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.io import read_image  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, mask_bbox  # noqa: E402
 

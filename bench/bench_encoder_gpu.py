@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_gpu import log, real_inputs, throughput as gpu_throughput  # noqa: E402
 from common import Timer, emit, machine  # noqa: E402
 
-from MedFMSegmentLib.fast_encoder import fold_batchnorm, fuse_attention  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.backends.fast_encoder import fold_batchnorm, fuse_attention  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 
 
 def half_copy(encoder: torch.nn.Module, fused: bool, folded: bool) -> torch.nn.Module:

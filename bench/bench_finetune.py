@@ -19,7 +19,7 @@ from MedFMSegmentLib.evaluation import evaluate_masks
 from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import ENCODER_MODES, FinetuneConfig, finetune
 from MedFMSegmentLib.io import read_image, read_label
-from MedFMSegmentLib.models import load_model
+from MedFMSegmentLib.loading import load_model
 from MedFMSegmentLib.inference import SegmentationSession
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -39,7 +39,7 @@ from bench_perf import hc18_cases, hippocampus_cases  # noqa: E402
 from common import DATA_DIR, Timer, dice, emit, machine, peak_rss_mb  # noqa: E402
 
 from MedFMSegmentLib.io import read_image, write_label  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.preprocessing import IntensitySettings  # noqa: E402
 from MedFMSegmentLib.prompts import Prompts, mask_bbox  # noqa: E402

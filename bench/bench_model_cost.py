@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine  # noqa: E402
 
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 
 NO_OP_LAYERS = ("Dropout", "Identity")
 

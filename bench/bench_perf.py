@@ -43,7 +43,7 @@ from common import DATA_DIR, emit, Timer, dice, machine, peak_gpu_mb, peak_rss_m
 
 from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder  # noqa: E402
 from MedFMSegmentLib.io import read_image  # noqa: E402
-from MedFMSegmentLib.models import load_model  # noqa: E402
+from MedFMSegmentLib.loading import load_model  # noqa: E402
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession  # noqa: E402
 from MedFMSegmentLib.prompts import mask_bbox  # noqa: E402
 
@@ -229,7 +229,7 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int, partia
     names = sorted(p.name for p in (HIPPOCAMPUS / "labelsTr").glob("*.nii.gz"))[:2]
     cases = [(read_image(HIPPOCAMPUS / "imagesTr" / n), read_image(HIPPOCAMPUS / "labelsTr" / n)) for n in names]
     result = {"cases": names}
-    from MedFMSegmentLib.acceleration import cpu_has_native_bf16
+    from MedFMSegmentLib.backends import cpu_has_native_bf16
 
     runs = [("frozen", frozen_steps, None), ("lora", lora_steps, None), ("partial", partial_steps, None)]
     if torch.device(device).type == "cpu" and cpu_has_native_bf16():

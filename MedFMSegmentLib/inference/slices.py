@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..acceleration import quiet_torch_threads
+from ..backends import quiet_torch_threads
 from ..decoder_step import DecoderStep
 from ..errors import InputError
 from ..prompts import Box2D, apply_click_constraints, components_touching, expand_box, mask_bbox

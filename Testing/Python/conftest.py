@@ -27,7 +27,7 @@ def litemedsam():
     """The real embedded LiteMedSAM on the CPU, loaded once for the whole run."""
     import torch
 
-    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.loading import load_model
 
     torch.manual_seed(0)
     return load_model("litemedsam", device="cpu")

@@ -20,7 +20,7 @@ HIPPOCAMPUS = DATA_DIR / "msd_hippocampus_mri"
 
 @pytest.fixture(scope="module")
 def cuda_model():
-    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.loading import load_model
 
     return load_model("litemedsam", device="cuda")
 
