@@ -1,4 +1,4 @@
-"""Prompts in voxel indices and the 2D box arithmetic the predictor uses.
+"""Prompts in voxel indices and the 2D box arithmetic inference uses.
 
 A :class:`Prompts` holds what a user gives: at most one box (a 3D box, or a 2D box on one
 slice) and any number of positive and negative clicks, all as 0-based voxel indices

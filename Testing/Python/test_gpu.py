@@ -1,10 +1,6 @@
 """CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
 
 These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
-The first five passed on a lent H200 (``bench/results/gpu_h200_s4_run1.log``, ``gpu_h200_s4_run2.log``):
-the GPU-against-CPU 3D box test first failed there on a real bug (a decoder step built in
-inference mode could not be updated outside it), fixed and rerun. All seven (fine-tuning now in
-three modes) passed on a lent H100 (``bench/results/gpu_h100_s10_run1.log``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The predictor session: lazy cached embeddings, box and click prompts, 3D propagation."""
+"""The segmentation session: lazy cached embeddings, box and click prompts, 3D strategies, partial results."""
 
 from __future__ import annotations
 
@@ -404,8 +404,8 @@ def test_rebox_logits_decodes_each_masked_slice_with_its_own_box():
 
 
 def test_consensus_three_axis_rounds_raise_dice_on_a_real_hippocampus(litemedsam, data_dir):
-    """Re-boxing the middle axis from the combined mask, real MRI and real LiteMedSAM (case 019:
-    0.726 -> 0.790 in the session-12 one-off trial, bf16)."""
+    """Re-boxing the middle axis from the combined mask raises Dice clearly on a real MRI case
+    with the real LiteMedSAM."""
     from MedFMSegmentLib.io import read_image
 
     folder = data_dir / "msd_hippocampus_mri"
