@@ -12,8 +12,9 @@ from .errors import InputError
 from .files import check_output_file, refuse_overlap, sweep_leftovers
 from .integrity import check_finite
 from .io import MedicalImage, label_format, read_image, write_label
-from .models import DEFAULT_MODEL, PromptableModel, load_model
-from .predictor import PredictorSettings, SegmentationSession
+from .loading import load_model
+from .models import DEFAULT_MODEL, PromptableModel
+from .inference import PredictorSettings, SegmentationSession
 from .preprocessing import IntensitySettings
 from .prompts import Prompts
 
@@ -72,7 +73,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
     if prompts.is_empty:
         if adapter_info is None or not adapter_info.automatic:
             raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
-        from .finetune.automatic import segment_automatic
+        from .inference.automatic import segment_automatic
 
         return segment_automatic(session, keep=keep_components or adapter_info.keep_components,
                                  progress=progress, cancel=cancel)

@@ -344,7 +344,7 @@ def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLi
     Returns:
         ``(cases, outputs, output_dir, predictor_settings)``.
     """
-    from .predictor import PredictorSettings
+    from .inference import PredictorSettings
 
     predictor_settings = PredictorSettings(box3d_strategy=settings.box3d_strategy)  # checked before any work
     if settings.output_format not in OUTPUT_FORMATS:

@@ -33,7 +33,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
     """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
-    from .predictor import BOX3D_STRATEGIES, PredictorSettings
+    from .inference import BOX3D_STRATEGIES, PredictorSettings
 
     defaults = PredictorSettings()
     parser.add_argument("--box3d-strategy", default=defaults.box3d_strategy, choices=list(BOX3D_STRATEGIES),
@@ -44,11 +44,13 @@ def add_box3d_strategy_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_backend_option(parser: argparse.ArgumentParser) -> None:
-    """``--backend`` and ``--precision``: the inference engine (see :mod:`MedFMSegmentLib.acceleration`)."""
-    parser.add_argument("--backend", default=None, choices=["auto", "torch", "openvino"],
+    """``--backend`` and ``--precision``: the inference engine (see :mod:`MedFMSegmentLib.backends`)."""
+    from .backends import BACKENDS, PRECISIONS
+
+    parser.add_argument("--backend", default=None, choices=list(BACKENDS),
                         help="inference backend: auto (OpenVINO on a CPU when installed, else PyTorch; "
                              "default, or $MEDFMSEGMENT_BACKEND), torch or openvino")
-    parser.add_argument("--precision", default=None, choices=["auto", "f32", "bf16", "int8"],
+    parser.add_argument("--precision", default=None, choices=list(PRECISIONS),
                         help="OpenVINO's precision: auto (bf16 where the CPU computes it natively, else f32; "
                              "default, or $MEDFMSEGMENT_PRECISION), f32, bf16, or int8 (the encoder quantized "
                              "with NNCF, quantized once per machine; faster, slightly less accurate)")
@@ -83,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="positive click (repeatable)")
     seg.add_argument("--negative", nargs=3, type=float, action="append", default=[], metavar=("I", "J", "K"),
                      help="negative click (repeatable)")
-    seg.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"],
+    from .inference import AXES
+
+    seg.add_argument("--axis", default="auto", choices=list(AXES),
                      help="slicing orientation; auto (default): the slice a flat box lies on, else across a 3D box's "
                           "shortest side, else axial")
     seg.add_argument("--propagate", action="store_true",
@@ -166,7 +170,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import numpy
     import torch
 
-    from .acceleration import describe_backends
+    from .backends import describe_backends
     from .models import describe_models, resolve_device
 
     versions = {"medfmsegment": __version__, "python": platform.python_version(), "torch": torch.__version__,

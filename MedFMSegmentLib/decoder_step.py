@@ -5,8 +5,8 @@ overlap with the previous slice's mask, its tight box) and the mask itself only 
 written. :class:`DecoderStep` keeps the mask where the model runs and returns those numbers in
 one small transfer. On CUDA the whole step (prompt encoder, mask decoder, upsampling to the
 slice, statistics) is captured once in a CUDA graph and replayed: LiteMedSAM's decoder is a few
-hundred small kernels, whose launches cost more than their work: on an H200 the eager decoder
-call took 3.1 ms and the whole graphed step 1.06 ms (``bench/results/gpu_h200_s4_run1.json``).
+hundred small kernels, whose launches cost more than their work (``bench/bench_gpu.py`` times
+the eager call against the graphed step).
 Without CUDA, or if capture fails, the same computation runs eagerly.
 """
 
@@ -16,10 +16,12 @@ from typing import NamedTuple
 
 import torch
 
-from .acceleration import quiet_torch_threads
+from .backends import quiet_torch_threads
 from .models import PromptableModel
 from .preprocessing import SliceTransform
 from .prompts import Box2D
+
+__all__ = ["DecoderStep", "StepStats", "mask_statistics", "to_stats"]
 
 
 class StepStats(NamedTuple):

@@ -19,6 +19,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+__all__ = ["LPS_RAS_FLIP", "ORIENTATIONS", "Orientation", "VolumeGeometry", "array_axis", "axes_by_extent",
+           "box_on_axis", "in_plane_axes", "lps_to_ras", "mirror_slice_columns", "plane_to_voxel_slice",
+           "ras_lps_flip_4x4", "ras_to_lps", "slice_from_volume", "slice_into_volume", "to_slice_coords"]
+
 #: Diagonal that flips between LPS and RAS (it is its own inverse).
 LPS_RAS_FLIP = np.diag([-1.0, -1.0, 1.0])
 
@@ -240,9 +244,8 @@ def slice_into_volume(volume: np.ndarray, voxel_axis: int, index: int, plane: np
 
 
 def _slicer_tuple(voxel_axis: int, index: int) -> tuple:
-    array_axis = 2 - voxel_axis  # voxel axis I is array axis 2
     key: list = [slice(None)] * 3
-    key[array_axis] = index
+    key[array_axis(voxel_axis)] = index
     return tuple(key)
 
 
@@ -255,6 +258,33 @@ def to_slice_coords(ijk: Sequence[float], voxel_axis: int) -> tuple[float, float
     """Voxel (i, j, k) -> ``(column, row, slice_index)`` for slices normal to ``voxel_axis``."""
     row_axis, col_axis = in_plane_axes(voxel_axis)
     return (ijk[col_axis], ijk[row_axis], ijk[voxel_axis])
+
+
+def array_axis(voxel_axis: int) -> int:
+    """The numpy axis of a ``(K, J, I)`` array that runs along ``voxel_axis`` (I is array axis 2)."""
+    return 2 - voxel_axis
+
+
+def mirror_slice_columns(array: np.ndarray, voxel_axis: int) -> np.ndarray:
+    """A ``(K, J, I)`` array with the columns of every slice normal to ``voxel_axis`` reversed
+    (a left-right flip within the slices; the grid is unchanged), as a contiguous copy."""
+    _, column_axis = in_plane_axes(voxel_axis)
+    return np.ascontiguousarray(np.flip(np.asarray(array), axis=array_axis(column_axis)))
+
+
+def box_on_axis(box: Sequence[float], voxel_axis: int) -> tuple[tuple[float, float, float, float], int, int]:
+    """A voxel box ``(i0, j0, k0, i1, j1, k1)`` seen along ``voxel_axis``: its in-plane rectangle
+    ``(col0, row0, col1, row1)`` and its first and last slice index."""
+    lower, upper = to_slice_coords(box[:3], voxel_axis), to_slice_coords(box[3:], voxel_axis)
+    return (lower[0], lower[1], upper[0], upper[1]), int(lower[2]), int(upper[2])
+
+
+def axes_by_extent(box: Sequence[float], spacing: Sequence[float]) -> tuple[int, int, int]:
+    """Voxel axes of a 3D ``box`` (i0, j0, k0, i1, j1, k1) from its shortest to its longest physical
+    side; equal sides (to 1e-6 mm) put the higher axis first."""
+    extent = (np.asarray(box[3:], float) - np.asarray(box[:3], float) + 1) * np.asarray(spacing, float)
+    shortest, middle, longest = sorted((2, 1, 0), key=lambda a: (round(float(extent[a]), 6), -a))
+    return shortest, middle, longest
 
 
 # ---------------------------------------------------------------------- regions of interest

@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from .errors import InputError
+
+__all__ = ["DEFAULT_MODEL", "MODEL_SPECS", "ModelSpec", "PromptableModel", "build_model", "describe_models",
+           "file_sha256", "litemedsam_weights_path", "resolve_device", "tiny_random_model_for_tests"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class PromptableModel(nn.Module):
 
     Attributes:
         accelerator: Optional faster inference engine set by
-            :func:`MedFMSegmentLib.acceleration.accelerate`; its ``encode``/``decode`` return None
+            :func:`MedFMSegmentLib.backends.accelerate`; its ``encode``/``decode`` return None
             for calls it does not cover, which then run in PyTorch.
     """
 
@@ -113,12 +115,16 @@ class PromptableModel(nn.Module):
         self.mask_decoder = mask_decoder
         self.weights_sha256 = weights_sha256
         self.accelerator = None
+        #: The GPU encoder path (:class:`~MedFMSegmentLib.backends.cuda_half.HalfPrecisionEncoder`),
+        #: attached where the model is loaded; None: CUDA inputs run :meth:`encode`. Kept as a
+        #: plain attribute, so its float16 copy is not a submodule (not in ``state_dict()``).
+        self.half_encoder = None
         #: Optional trainable module between the image embedding and the prompt decoder (an
         #: adapter's :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter`); applied in
         #: :meth:`decode`, so cached embeddings stay the image encoder's own.
         self.embedding_adapter: nn.Module | None = None
         #: Names this loaded model (base or adapted) in shared embedding caches
-        #: (:class:`~MedFMSegmentLib.predictor.SessionCache`).
+        #: (:class:`~MedFMSegmentLib.inference.SessionCache`).
         self.cache_token = uuid.uuid4().hex
         self.register_buffer("pixel_mean", torch.tensor(_SAM_PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(_SAM_PIXEL_STD).view(1, 3, 1, 1), persistent=False)
@@ -151,37 +157,10 @@ class PromptableModel(nn.Module):
         return self.image_encoder(self.normalize(images))
 
     def encode_half(self, images: torch.Tensor) -> torch.Tensor:
-        """Image embeddings on a CUDA device from a float16, channels-last copy of the image encoder.
-
-        On an H200 this ran 640 slices/s against 475 under autocast (batch 64,
-        ``bench/results/gpu_h200.json``), 822 with fused window attention (the default;
-        ``MEDFMSEGMENT_FUSED_ENCODER=0`` turns it off); through the session its box-prompt Dice
-        changed by -0.0002 against float32 with it and -0.0003 without (``gpu_h200_s5.json``,
-        ``gpu_h200_s5_unfused.json``). The copy
-        is rebuilt whenever an encoder weight changes (tensor version counters), so fine-tuning
-        or loading an adapter never leaves it stale. Off CUDA this is :meth:`encode`.
-        """
-        if images.device.type != "cuda" or self.accelerator is not None:
+        """Image embeddings through :attr:`half_encoder` (float16, on CUDA inputs), else :meth:`encode`."""
+        if images.device.type != "cuda" or self.accelerator is not None or self.half_encoder is None:
             return self.encode(images)
-        fingerprint = tuple((id(p), p._version) for p in self.image_encoder.parameters())
-        cached = getattr(self, "_half_encoder", None)
-        if cached is None or cached[0] != fingerprint:
-            import copy
-
-            half = copy.deepcopy(self.image_encoder).half().eval().to(memory_format=torch.channels_last)
-            if os.environ.get("MEDFMSEGMENT_FUSED_ENCODER", "1") != "0":
-                from .fast_encoder import fuse_attention
-
-                # +30 % slices/s on an H200 (batch 64: 822 against 632), same embedding error;
-                # folding BatchNorm as well was slower there (755), so it is not done here
-                # (bench/bench_encoder_gpu.py, bench/results/encoder_gpu_h200.json).
-                fuse_attention(half)
-            for parameter in half.parameters():
-                parameter.requires_grad_(False)
-            # Kept in a tuple, so not a registered submodule: not in state_dict() or parameters().
-            cached = self._half_encoder = (fingerprint, half)
-        x = self.normalize(images).half().contiguous(memory_format=torch.channels_last)
-        return cached[1](x).contiguous()
+        return self.half_encoder(self, images)
 
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
                points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
@@ -245,35 +224,20 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _sha256_cached(str(path), stat.st_size, stat.st_mtime_ns)
 
 
-def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
-               device: str | torch.device = "auto", backend: str | None = None,
-               precision: str | None = None) -> PromptableModel:
-    """Build a registered model with its weights, in eval mode, on a device.
+def build_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None = None,
+                device: str | torch.device = "auto") -> PromptableModel:
+    """Build a registered model with its weights, in eval mode, on a device, in plain PyTorch
+    (:func:`MedFMSegmentLib.loading.load_model` adds the inference backend).
 
     Args:
         name: A key of :data:`MODEL_SPECS`.
         checkpoint: Weights file; required for SAM/MedSAM, ignored for the embedded LiteMedSAM
             unless given (then it replaces the embedded weights, e.g. a fine-tuned full model).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (or a ``torch.device``).
-        backend: Inference backend, see :func:`MedFMSegmentLib.acceleration.accelerate`: ``auto``
-            (OpenVINO on a CPU for LiteMedSAM when installed, else PyTorch), ``torch`` or
-            ``openvino``. None means ``$MEDFMSEGMENT_BACKEND``, else ``auto``. Falls back to
-            PyTorch with a logged warning when the faster backend cannot be used.
-        precision: OpenVINO's compute precision, ``auto`` (bf16 on CPUs that compute it
-            natively, else f32), ``f32``, ``bf16`` or ``int8`` (explicit only: the encoder
-            quantized with NNCF, :mod:`MedFMSegmentLib.quantization`); see
-            :func:`MedFMSegmentLib.acceleration.resolve_precision`. None means
-            ``$MEDFMSEGMENT_PRECISION``, else ``auto``.
 
     Raises:
-        InputError: unknown name, backend, precision, missing checkpoint, weights that do not fit.
+        InputError: unknown name, missing checkpoint, weights that do not fit.
     """
-    from .acceleration import BACKENDS, accelerate, default_backend, resolve_precision
-
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    resolve_precision(precision)  # an unknown name fails before the weights are read
     if name not in MODEL_SPECS:
         raise InputError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SPECS)}")
     spec = MODEL_SPECS[name]
@@ -300,7 +264,7 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
                          f"{len(missing)} weights missing (e.g. {missing[0]})")
     model = PromptableModel(spec, network.image_encoder, network.prompt_encoder, network.mask_decoder,
                             weights_sha256=file_sha256(checkpoint))
-    return accelerate(model.to(torch_device).eval(), backend, precision)
+    return model.to(torch_device).eval()
 
 
 def _read_state_dict(path: Path) -> dict:
@@ -363,7 +327,3 @@ def tiny_random_model_for_tests(image_size: int = 64, seed: int = 0) -> Promptab
     spec = ModelSpec("tiny_random_for_tests", "random weights, plumbing tests only", image_size, "minmax",
                      trained_with_points=False)
     return PromptableModel(spec, encoder, prompt, decoder).eval()
-
-
-def as_numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().float().cpu().numpy()

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+__all__ = ["DEFAULT_CT_WINDOW", "IntensitySettings", "SliceTransform", "apply_intensity_window", "intensity_window",
+           "normalize_intensity"]
+
 #: Default CT window (level, width) in HU: soft tissue.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
 
@@ -152,12 +155,6 @@ class SliceTransform:
         c0, r0, c1, r1 = box
         return np.array([c0 * self.scale_cols, r0 * self.scale_rows,
                          (c1 + 1) * self.scale_cols - 1, (r1 + 1) * self.scale_rows - 1], dtype=np.float32)
-
-    def input_to_box(self, box: np.ndarray) -> tuple[float, float, float, float]:
-        """Inverse of :meth:`box_to_input`."""
-        x0, y0, x1, y1 = (float(v) for v in box)
-        return (x0 / self.scale_cols, y0 / self.scale_rows,
-                (x1 + 1) / self.scale_cols - 1, (y1 + 1) / self.scale_rows - 1)
 
     def points_to_input(self, points: np.ndarray) -> np.ndarray:
         """Pixel centres ``(N, 2)`` as ``(col, row)`` -> model-input ``(x, y)``."""

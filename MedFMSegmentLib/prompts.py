@@ -1,4 +1,4 @@
-"""Prompts in voxel indices and the 2D box arithmetic the predictor uses.
+"""Prompts in voxel indices and the 2D box arithmetic inference uses.
 
 A :class:`Prompts` holds what a user gives: at most one box (a 3D box, or a 2D box on one
 slice) and any number of positive and negative clicks, all as 0-based voxel indices
@@ -17,6 +17,9 @@ from scipy import ndimage
 
 from .errors import InputError
 from .geometry import VolumeGeometry
+
+__all__ = ["Box2D", "Prompts", "apply_click_constraints", "components_touching", "expand_box", "mask_bbox",
+           "scale_box", "smooth_box_track"]
 
 Box2D = tuple[float, float, float, float]
 
@@ -104,15 +107,6 @@ def scale_box(box: Box2D, factor: float, shape: tuple[int, int]) -> Box2D:
     centre_c, centre_r = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half_c, half_r = (box[2] - box[0]) / 2 * factor, (box[3] - box[1]) / 2 * factor
     return expand_box((centre_c - half_c, centre_r - half_r, centre_c + half_c, centre_r + half_r), 0.0, shape)
-
-
-def box_iou(a: Box2D, b: Box2D) -> float:
-    """Intersection over union of two inclusive pixel boxes."""
-    ic = min(a[2], b[2]) - max(a[0], b[0]) + 1
-    ir = min(a[3], b[3]) - max(a[1], b[1]) + 1
-    inter = max(0.0, ic) * max(0.0, ir)
-    area = lambda x: (x[2] - x[0] + 1) * (x[3] - x[1] + 1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter) if inter > 0 else 0.0
 
 
 def components_touching(mask: np.ndarray, points: Iterable[Sequence[float]]) -> np.ndarray:

@@ -26,8 +26,8 @@ from .finetune import auto_dice, box_dice
 
 from MedFMSegmentLib.finetune.adapters import save_adapter
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.inference import SegmentationSession
 
 
 def test_embeddings(test, cache: Path, mirrored: bool = False) -> list[list[torch.Tensor]]:

@@ -28,8 +28,8 @@ from .data import hc18_split, hippocampus_split
 
 from MedFMSegmentLib.evaluation import evaluate_masks
 from MedFMSegmentLib.finetune.adapters import load_adapted_model
-from MedFMSegmentLib.finetune.automatic import AUTOMATIC_DEFAULTS, segment_automatic
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference.automatic import AUTOMATIC_DEFAULTS, segment_automatic
+from MedFMSegmentLib.inference import SegmentationSession
 
 
 def main(argv: list[str] | None = None) -> int:

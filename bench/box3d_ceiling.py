@@ -32,9 +32,9 @@ from .common import add_output_option, dice, peak_rss_mb, save
 from .data import bbox3d, hippocampus_case, hippocampus_names, require_data
 
 from MedFMSegmentLib.geometry import slice_from_volume
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import (PredictorSettings, SegmentationSession, axes_by_extent,
-                                        box_on_axis)
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.geometry import axes_by_extent, box_on_axis
+from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
 from MedFMSegmentLib.prompts import Prompts, expand_box, mask_bbox, smooth_box_track
 
 

@@ -24,8 +24,8 @@ import torch
 from .common import Timer, add_output_option, dice, peak_rss_mb, save
 from .data import bbox3d, hc18_case, hc18_names, hippocampus_case, hippocampus_names, require_data
 
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
 
@@ -74,7 +74,7 @@ def bench_hippocampus(model, count: int, axis: str = "auto", reference: bool = T
         seconds.append(t.seconds)
         box3d.append(dice(mask, truth))
         if not reference:
-            print(f"  {name}: 3D box {box3d[-1]:.3f} (axis {session.voxel_axis})", file=sys.stderr, flush=True)
+            print(f"  {name}: 3D box {box3d[-1]:.3f} (axis {session.axis_for(Prompts(box=box))})", file=sys.stderr, flush=True)
             continue
         session.set_axis("axial")
         every_slice_mask = np.zeros_like(truth)  # not `reference`: that flag is read again next case

@@ -29,8 +29,8 @@ import torch
 from .gpu import log, real_inputs, throughput as gpu_throughput
 from .common import Timer, add_output_option, machine, save
 
-from MedFMSegmentLib.fast_encoder import fold_batchnorm, fuse_attention
-from MedFMSegmentLib.models import load_model
+from MedFMSegmentLib.backends.fast_encoder import fold_batchnorm, fuse_attention
+from MedFMSegmentLib.loading import load_model
 
 
 def half_copy(encoder: torch.nn.Module, fused: bool, folded: bool) -> torch.nn.Module:

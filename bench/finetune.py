@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from MedFMSegmentLib.evaluation import evaluate_masks
-from MedFMSegmentLib.finetune.automatic import segment_automatic
+from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import ENCODER_MODES, FinetuneConfig, finetune
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.inference import SegmentationSession
 
 from .common import add_output_option, peak_gpu_mb, peak_rss_mb, save
 from .data import hc18_split, hippocampus_split, require_data

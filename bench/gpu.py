@@ -39,8 +39,8 @@ from .common import Timer, add_output_option, dice, machine, peak_rss_mb, save
 from .data import CT_VOLUME as CT, HIPPOCAMPUS, bbox3d, hc18_case, hc18_names, hippocampus_case, hippocampus_largest, require_data
 
 from MedFMSegmentLib.io import read_image, write_label
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
 from MedFMSegmentLib.preprocessing import IntensitySettings
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 

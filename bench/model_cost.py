@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .common import add_output_option, machine, save
 
-from MedFMSegmentLib.models import load_model
+from MedFMSegmentLib.loading import load_model
 
 NO_OP_LAYERS = ("Dropout", "Identity")
 

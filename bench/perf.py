@@ -42,9 +42,9 @@ from .common import Timer, add_output_option, dice, machine, peak_gpu_mb, peak_r
 from .data import (hc18_case, hc18_names, hippocampus_case, hippocampus_largest, hippocampus_names,
                    hippocampus_split, require_data)
 
-from MedFMSegmentLib.background import BackgroundEmbedder
-from MedFMSegmentLib.models import load_model
-from MedFMSegmentLib.predictor import PredictorSettings, SegmentationSession
+from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
 from MedFMSegmentLib.prompts import mask_bbox
 
 
@@ -127,7 +127,7 @@ def bench_session_latency(plain, fast, case, repeats: int) -> dict:
                 with Timer() as t:
                     session.predict_slice(k, box)
                 later[name].append(t.seconds * 1000)
-    # The viewer's design (MedFMSegmentLib.background): the shown slice is embedded in the background
+    # The viewer's design (MedFMSegmentLib.inference.prefetch): the shown slice is embedded in the background
     # while the user moves to it. Timed: from focus until the slice is embedded, then the first prompt.
     background, after = [], []
     for _ in range(repeats):
@@ -199,7 +199,7 @@ def bench_volume(plain, fast, repeats: int, batch_slices: int) -> dict:
                 _sync(model.device)
             rates[label].append(count / t.seconds)
     result = {"case": name, "shape": list(image.array.shape), "box3d_strategy": propagation.settings.box3d_strategy,
-              "slicing_voxel_axis": propagation.voxel_axis,
+              "slicing_voxel_axis": propagation.axis_for(prompts),
               "propagation_s_plain": _median(seconds["plain"]), "propagation_s_accelerated": _median(seconds["fast"]),
               "dice_plain": dice(masks["plain"], truth), "dice_accelerated": dice(masks["fast"], truth),
               "batch_slices": count,
@@ -225,7 +225,7 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int, partia
 
     cases, _ = hippocampus_split(2, 0)
     result = {"cases": [Path(image.source).name for image, _ in cases]}
-    from MedFMSegmentLib.acceleration import cpu_has_native_bf16
+    from MedFMSegmentLib.backends import cpu_has_native_bf16
 
     runs = [("frozen", frozen_steps, None), ("lora", lora_steps, None), ("partial", partial_steps, None)]
     if torch.device(device).type == "cpu" and cpu_has_native_bf16():

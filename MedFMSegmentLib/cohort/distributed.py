@@ -102,7 +102,7 @@ def segment_on_worker(case: Case, output: str, settings: BatchSettings, qc: bool
     Returns the case's result and, with ``qc``, its QC figures (measured from the mask just
     written, or from the existing output of a case skipped by ``--resume``).
     """
-    from ..predictor import PredictorSettings
+    from ..inference import PredictorSettings
 
     model, adapter_info = _worker_model(settings)
     try:

@@ -11,7 +11,8 @@ import torch
 
 from ..errors import InputError
 from ..io import new_sibling
-from ..models import PromptableModel, load_model
+from ..loading import load_model
+from ..models import PromptableModel
 from ..preprocessing import IntensitySettings
 
 WEIGHTS_FILE = "adapter.safetensors"
@@ -173,7 +174,7 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
     ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
     the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.models.load_model`).
     """
-    from ..acceleration import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
+    from ..backends import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
                                 weights_digest)
 
     backend = default_backend() if backend is None else backend

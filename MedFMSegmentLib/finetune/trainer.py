@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ..errors import CancelledError, InputError
 from ..geometry import slice_from_volume
 from ..io import MedicalImage
-from ..models import PromptableModel, load_model, resolve_device, tiny_random_model_for_tests
+from ..loading import load_model
+from ..models import PromptableModel, resolve_device, tiny_random_model_for_tests
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
 from .adapters import add_embedding_adapter, inject_lora, is_trained, trainable_state
 from .encoder_split import check_first_stage, encode_head, encode_tail
@@ -116,7 +117,7 @@ def _load_base(config: FinetuneConfig, mode: str) -> PromptableModel:
     # (load_adapted_model later runs a frozen-encoder adapter on this same encoder graph).
     model = load_model(config.model_name, config.checkpoint, config.device, backend="torch")
     if mode == "frozen":
-        from ..acceleration import accelerate, default_backend
+        from ..backends import accelerate, default_backend
 
         accelerate(model, default_backend(), parts=("encoder",))
     return model
@@ -380,7 +381,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     # --finetune-only, bench/results/perf_finetune_steps_cpu_s14.json). The frozen mode's
     # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
     if model.device.type == "cpu" and mode in ("lora", "partial"):
-        from ..acceleration import cpu_has_native_bf16
+        from ..backends import cpu_has_native_bf16
 
         cpu_bf16 = cpu_has_native_bf16() if config.cpu_bf16_autocast is None else config.cpu_bf16_autocast
     else:

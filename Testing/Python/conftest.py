@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from MedFMSegmentLib.metrics import dice  # noqa: F401 - the tests' one Dice, imported from here
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = Path(os.environ.get("MEDFMSEGMENT_DATA", PROJECT_ROOT.parent / "shared" / "data"))
 
@@ -25,7 +27,7 @@ def litemedsam():
     """The real embedded LiteMedSAM on the CPU, loaded once for the whole run."""
     import torch
 
-    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.loading import load_model
 
     torch.manual_seed(0)
     return load_model("litemedsam", device="cpu")
@@ -52,10 +54,6 @@ def ellipsoid_mask(shape_kji, center_kji, radii_kji) -> np.ndarray:
     return dist <= 1.0
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else 2.0 * (a & b).sum() / total
 
 
 def write_dicom_series(image, folder, shuffle_names=False, modality="MR", series_uid="1.2.826.0.1.3680043.2.1125.1.2",

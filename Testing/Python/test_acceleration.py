@@ -15,12 +15,15 @@ import pytest
 import torch
 
 from conftest import dice
-from MedFMSegmentLib import acceleration, quantization
-from MedFMSegmentLib.acceleration import accelerate, weights_digest
+from MedFMSegmentLib import backends
+from MedFMSegmentLib.backends import accelerate, weights_digest
+from MedFMSegmentLib.backends import int8 as quantization
+from MedFMSegmentLib.backends import openvino as acceleration
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.io import read_image
-from MedFMSegmentLib.models import load_model, tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.loading import load_model
+from MedFMSegmentLib.models import tiny_random_model_for_tests
+from MedFMSegmentLib.inference import SegmentationSession
 from MedFMSegmentLib.prompts import mask_bbox
 
 openvino = pytest.importorskip("openvino")
@@ -72,25 +75,25 @@ def real_sessions(real_cases, f32_litemedsam, torch_litemedsam):
 
 def test_litemedsam_uses_openvino_by_default_on_cpu(litemedsam, torch_litemedsam, f32_litemedsam):
     assert litemedsam.backend == "openvino"
-    assert litemedsam.accelerator.precision == ("bf16" if acceleration.cpu_has_native_bf16() else "f32")
+    assert litemedsam.accelerator.precision == ("bf16" if backends.cpu_has_native_bf16() else "f32")
     assert f32_litemedsam.backend == "openvino" and f32_litemedsam.accelerator.precision == "f32"
     assert torch_litemedsam.backend == "torch" and torch_litemedsam.accelerator is None
 
 
 def test_precision_names(monkeypatch):
-    assert acceleration.resolve_precision("f32") == "f32"
-    native = acceleration.cpu_has_native_bf16()
+    assert backends.resolve_precision("f32") == "f32"
+    native = backends.cpu_has_native_bf16()
     # bf16 is never emulated: without native support it means f32.
-    assert acceleration.resolve_precision("bf16") == acceleration.resolve_precision("auto") == ("bf16" if native else "f32")
-    monkeypatch.setenv(acceleration.PRECISION_ENV, "f32")
-    assert acceleration.resolve_precision(None) == "f32"
+    assert backends.resolve_precision("bf16") == backends.resolve_precision("auto") == ("bf16" if native else "f32")
+    monkeypatch.setenv(backends.PRECISION_ENV, "f32")
+    assert backends.resolve_precision(None) == "f32"
     with pytest.raises(InputError, match="unknown precision"):
-        acceleration.resolve_precision("int4")
+        backends.resolve_precision("int4")
     with pytest.raises(InputError, match="unknown precision"):
         load_model("litemedsam", device="cpu", precision="fp8")
 
 
-needs_bf16 = pytest.mark.skipif(not acceleration.cpu_has_native_bf16(),
+needs_bf16 = pytest.mark.skipif(not backends.cpu_has_native_bf16(),
                                 reason="this CPU has no native bfloat16 (AVX-512-BF16 or AMX)")
 
 
@@ -150,7 +153,7 @@ def test_int8_without_nncf_is_a_clear_input_error(monkeypatch, tmp_path, capsys,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "needs NNCF" in err and "Traceback" not in err
     assert not out.exists()
-    assert acceleration.resolve_precision("auto") != "int8"  # never chosen on its own
+    assert backends.resolve_precision("auto") != "int8"  # never chosen on its own
 
 
 @needs_nncf
@@ -418,13 +421,13 @@ def test_quiet_torch_threads_only_around_openvino(f32_litemedsam, torch_litemeds
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        with acceleration.quiet_torch_threads(f32_litemedsam):
+        with backends.quiet_torch_threads(f32_litemedsam):
             assert torch.get_num_threads() == 1
         assert torch.get_num_threads() == 2
-        with pytest.raises(RuntimeError), acceleration.quiet_torch_threads(f32_litemedsam):
+        with pytest.raises(RuntimeError), backends.quiet_torch_threads(f32_litemedsam):
             raise RuntimeError("inside")
         assert torch.get_num_threads() == 2
-        with acceleration.quiet_torch_threads(torch_litemedsam):
+        with backends.quiet_torch_threads(torch_litemedsam):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

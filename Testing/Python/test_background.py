@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from MedFMSegmentLib.background import BackgroundEmbedder, nearest_first
+from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder, nearest_first
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference import SegmentationSession
 
 
 def _volume(seed: int = 0) -> MedicalImage:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 
-from MedFMSegmentLib.box_decoder import image_to_token_attention, token_to_image_attention, two_way_block
+from MedFMSegmentLib.backends.box_decoder import image_to_token_attention, token_to_image_attention, two_way_block
 
 
 def _randomized(module: torch.nn.Module, seed: int) -> torch.nn.Module:

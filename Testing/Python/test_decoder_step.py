@@ -8,7 +8,7 @@ import torch
 from MedFMSegmentLib.decoder_step import DecoderStep, mask_statistics, to_stats
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference import SegmentationSession
 from MedFMSegmentLib.prompts import mask_bbox
 
 

@@ -60,3 +60,28 @@ def test_cli(tmp_path):
                           str(tmp_path / "c.nii.gz"), "--label", str(tmp_path / "a.nii.gz")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_metrics_module_matches_the_hand_computed_values():
+    from MedFMSegmentLib.metrics import MaskMetrics, dice, hd95
+
+    pred = np.zeros((1, 10, 10), bool)
+    label = np.zeros((1, 10, 10), bool)
+    pred[0, 0:4, 0:4] = True
+    label[0, 2:6, 0:4] = True
+    assert dice(pred, label) == pytest.approx(0.5)
+    assert dice(np.zeros((2, 2), bool), np.zeros((2, 2), bool)) == 1.0
+    assert hd95(pred, label, (1.0, 1.0, 1.0)) == pytest.approx(2.0)
+    assert hd95(pred, np.zeros_like(label)) is None
+    shifted_pred, shifted_label = np.zeros((1, 10, 10), bool), np.zeros((1, 10, 10), bool)
+    shifted_pred[0, 2:4, 0:4] = True
+    shifted_label[0, 2:4, 1:5] = True  # one voxel along I: the first spacing value
+    assert hd95(shifted_pred, shifted_label, (0.5, 1.0, 1.0)) == pytest.approx(0.5)
+    metrics = MaskMetrics(hd95=True)
+    assert metrics(pred, label, (1.0, 1.0, 1.0)) == {"dice": pytest.approx(0.5), "hd95": pytest.approx(2.0)}
+    metrics(pred, pred)
+    assert metrics.aggregate() == {"cases": 2, "dice": pytest.approx(0.75), "hd95": pytest.approx(1.0)}
+    with pytest.raises(InputError):
+        dice(pred, label[:, :5])
+    evaluated = evaluate_masks(pred, label, (1.0, 1.0, 1.0))
+    assert (evaluated["dice"], evaluated["hd95"]) == (pytest.approx(dice(pred, label)), pytest.approx(hd95(pred, label)))

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from MedFMSegmentLib.fast_encoder import (fold_batchnorm, for_openvino, fuse_attention, permute_around_convolutions,
+from MedFMSegmentLib.backends.fast_encoder import (fold_batchnorm, for_openvino, fuse_attention, permute_around_convolutions,
                                           split_qkv)
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 
 
 @pytest.fixture(scope="module")
 def torch_encoder():
-    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.loading import load_model
 
     return load_model("litemedsam", device="cpu", backend="torch").image_encoder
 

@@ -12,11 +12,11 @@ import torch
 
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.finetune.adapters import EmbeddingAdapter, load_adapted_model, save_adapter
-from MedFMSegmentLib.finetune.automatic import segment_automatic
+from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
 from MedFMSegmentLib.io import MedicalImage, read_image, read_label
 from MedFMSegmentLib.models import tiny_random_model_for_tests
-from MedFMSegmentLib.predictor import SegmentationSession
+from MedFMSegmentLib.inference import SegmentationSession
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
 TINY = "tiny_random_for_tests"
@@ -348,7 +348,7 @@ def test_automatic_box_threshold_places_the_first_box():
 def test_automatic_defaults_differ_for_volumes_and_2d_images():
     """Plumbing (tiny random model): arguments left out take AUTOMATIC_DEFAULTS of the image's kind,
     and box scales reach the decoder (a scale search changes the result here)."""
-    from MedFMSegmentLib.finetune.automatic import AUTOMATIC_DEFAULTS, BOX_SCALES
+    from MedFMSegmentLib.inference.automatic import AUTOMATIC_DEFAULTS, BOX_SCALES
 
     model = tiny_random_model_for_tests()
     volume = _synthetic_case(0)[0]

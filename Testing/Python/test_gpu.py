@@ -1,10 +1,6 @@
 """CUDA paths with the real LiteMedSAM: batched float16 embedding, LoRA training under autocast.
 
 These run only where a CUDA GPU is present (CI has none: they skip there, with the reason).
-The first five passed on a lent H200 (``bench/results/gpu_h200_s4_run1.log``, ``gpu_h200_s4_run2.log``):
-the GPU-against-CPU 3D box test first failed there on a real bug (a decoder step built in
-inference mode could not be updated outside it), fixed and rerun. All seven (fine-tuning now in
-three modes) passed on a lent H100 (``bench/results/gpu_h100_s10_run1.log``).
 """
 from __future__ import annotations
 
@@ -20,7 +16,7 @@ HIPPOCAMPUS = DATA_DIR / "msd_hippocampus_mri"
 
 @pytest.fixture(scope="module")
 def cuda_model():
-    from MedFMSegmentLib.models import load_model
+    from MedFMSegmentLib.loading import load_model
 
     return load_model("litemedsam", device="cuda")
 
@@ -41,7 +37,7 @@ def _bbox(mask: np.ndarray) -> tuple[int, ...]:
 
 def test_batched_float16_embeddings_match_float32_reference(cuda_model):
     """GPU batch path (resize on the GPU, float16 encoder) against the float32 one-slice CPU path."""
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.inference import SegmentationSession
 
     image, _ = _case(1)
     fast = SegmentationSession(cuda_model, image, axis="axial")
@@ -59,7 +55,7 @@ def test_batched_float16_embeddings_match_float32_reference(cuda_model):
 
 def test_gpu_3d_box_matches_cpu(cuda_model, litemedsam):
     """The same 3D box on GPU (prefetched float16 batches) and on CPU (lazy float32): same mask."""
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.inference import SegmentationSession
     from MedFMSegmentLib.prompts import Prompts
 
     image, label = _case(3)
@@ -81,7 +77,7 @@ def test_finetune_on_gpu_reloads_identically(tmp_path, encoder, adapter_channels
     then acted on every prompt, as "all" does)."""
     from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
     from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.inference import SegmentationSession
 
     cases = [_case(1), _case(3)]
     model, metadata = finetune(cases, FinetuneConfig(steps=20, validate_every=10, device="cuda", encoder=encoder,
@@ -112,7 +108,7 @@ def test_finetune_on_gpu_reloads_identically(tmp_path, encoder, adapter_channels
 def test_graphed_decoder_step_matches_eager(cuda_model):
     """The CUDA-graph decoder step gives the eager step's masks and statistics, box after box."""
     from MedFMSegmentLib.decoder_step import DecoderStep
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.inference import SegmentationSession
 
     image, label = _case(3)
     session = SegmentationSession(cuda_model, image, axis="axial")

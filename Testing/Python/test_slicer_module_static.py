@@ -163,7 +163,7 @@ def test_ui_bindings_name_parameter_fields_and_choices_match(ui_root):
 
 
 def test_3d_box_strategies_are_the_librarys(ui_root):
-    from MedFMSegmentLib.predictor import BOX3D_STRATEGIES, PredictorSettings
+    from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings
 
     combo = next(w for w in ui_root.iter("widget") if w.get("name") == "box3dStrategyComboBox")
     items = [item.findtext("property/string") for item in combo.findall("item")]

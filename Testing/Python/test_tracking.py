@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from MedFMSegmentLib.tracking import _ncc_convolution, track_shift
+from MedFMSegmentLib.inference.tracking import _ncc_convolution, track_shift
 
 
 def _moved_pair(rng, rows, cols, shift, smoothing):

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.common import dice
     from bench.data import hc18_case, require_data
-    from MedFMSegmentLib.models import load_model
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.loading import load_model
+    from MedFMSegmentLib.inference import SegmentationSession
     from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
     require_data()

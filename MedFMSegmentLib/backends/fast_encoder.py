@@ -13,13 +13,11 @@ For throughput on a GPU:
 For the graph OpenVINO runs on the CPU (:func:`split_qkv` and :func:`permute_around_convolutions`,
 applied together by :func:`for_openvino`): TinyViT turns tokens ``(B, H*W, C)`` into images for
 its convolutions with 3D transposes, and splits one fused query/key/value projection per head.
-OpenVINO ran both with reference kernels (generic ``Transpose``, ``VariadicSplit``). In a bf16
-profile on the 2-core AVX-512-BF16 EPYC they took 30 and 7 ms of a 318 ms encoder; with the
-rewrites the whole encoder took 271 ms (one-off profile, not a benchmark). PyTorch gives the
-same embedding bit for bit.
+OpenVINO ran both with slow reference kernels (generic ``Transpose``, ``VariadicSplit``); the
+rewrites avoid them. PyTorch gives the same embedding bit for bit.
 
 They are meant for a frozen inference copy (e.g. the float16 copy of
-:meth:`MedFMSegmentLib.models.PromptableModel.encode_half`, or the copy converted for OpenVINO):
+:class:`~.cuda_half.HalfPrecisionEncoder`, or the copy converted for OpenVINO):
 folding drops the BatchNorm statistics, and the attention rewrites read the bias buffer that eval
 mode caches. Never apply them to a model that will be trained.
 """
@@ -32,6 +30,8 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+__all__ = ["fold_batchnorm", "for_openvino", "fuse_attention", "permute_around_convolutions", "split_qkv"]
 
 
 def _is_tinyvit_attention(module: nn.Module) -> bool:

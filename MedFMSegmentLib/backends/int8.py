@@ -6,18 +6,8 @@ and the library ships no patient data. :func:`calibration_images` draws smooth t
 ellipses of random size, contrast and orientation, speckle-like noise and zero borders (what a
 padded ultrasound frame or MR slice looks like to the encoder), deterministic for a seed.
 
-Measured on the 2-core AMD EPYC with AVX-512-BF16 and VNNI (one-off trials while choosing the
-method, not a benchmark; ``bench/bench_perf.py --precision int8`` gives the benchmark figures):
-LiteMedSAM's encoder in INT8 (with bfloat16 for what stays in floating point) took 210 ms against
-287 ms in bfloat16. Calibrated on 64 generated images, the mean Dice of tight-box masks moved by
-+0.006 on 30 HC18 images and +0.005 on 20 hippocampus slices against float32, but single images
-moved by up to -0.05; with 32 images hippocampus moved by -0.007. Calibrating on real images
-(NNCF's transformer preset) gave +0.009 / +0.016. The benchmark, with the patch embedding kept
-in float (two runs, ``perf_cpu_int8_s6_stem_run*.json``): encoder 4.7x / 6.3x faster than
-PyTorch float32 (bfloat16: 4.5x / 4.2x), first prompt on a new slice 274 / 240 ms, mean Dice
-change +0.0097 (HC18) / +0.0060 (hippocampus), single images losing up to 0.022 / 0.037
-(bfloat16: 0.011). With session 7's rearranged graphs (``perf_cpu_int8_s7*.json``): encoder
-6.75x / 6.86x, first prompt 222 / 250 ms, single images losing up to 0.041 (bfloat16: 0.013).
+INT8 runs the encoder faster than bfloat16 on CPUs with VNNI but moves single images' Dice more
+(``bench/bench_perf.py --precision int8`` measures both), with the patch embedding kept in float.
 INT8 is therefore an explicit choice (``precision="int8"``), never what ``auto`` picks.
 """
 
@@ -29,6 +19,9 @@ from typing import Any
 
 import numpy as np
 from scipy.ndimage import gaussian_filter
+
+__all__ = ["CALIBRATION_IMAGES", "CALIBRATION_SEED", "CALIBRATION_VERSION", "calibration_image",
+           "calibration_images", "nncf_available", "nncf_version", "quantize_encoder", "stem_convolutions"]
 
 # Bump when the calibration set or the quantization settings change: cached graphs are keyed by it.
 CALIBRATION_VERSION = 2
@@ -91,10 +84,7 @@ def quantize_encoder(model: Any, size: int, float_stem: int = 2) -> Any:
     Uses NNCF's transformer preset (SmoothQuant, float softmax and normalisation), which kept the
     LiteMedSAM embedding closer to float32 than the default preset. The first ``float_stem``
     convolutions (TinyViT's patch embedding has two, a ViT's one) stay in floating point.
-    In one-off trials (not a benchmark; 30 HC18 images and 20 hippocampus slices, tight boxes),
-    quantizing them too moved the mean Dice by +0.005 / +0.008 with the worst HC18 image at
-    -0.037. Keeping them in float moved it by +0.010 / +0.000 with the worst at -0.021, and cost
-    ~5 ms of ~250. Keeping the neck in float as well changed nothing.
+    Quantizing those too lost more Dice on the worst images for a few ms of speed.
 
     Raises:
         ImportError: NNCF is not installed.

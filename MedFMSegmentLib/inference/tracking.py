@@ -3,10 +3,9 @@
 LiteMedSAM fills whatever box it is given, so a box copied from the neighbouring slice cannot
 follow a structure that moves across slices. Normalised cross-correlation of the two slices
 inside the box finds the shift. There are two implementations of the same search, checked
-against each other by the tests: NumPy on the CPU (in a one-off timing on random boxes on the
-2-core project CPU, not a benchmark: 1.3 ms per slice pair, against 16 ms for the convolution
-below) and a grouped convolution for slices that
-live on a GPU, so that a GPU session tracks where its volume is, with no copy to the host.
+against each other by the tests: NumPy on the CPU (faster there than the convolution) and a
+grouped convolution for slices that live on a GPU, so that a GPU session tracks where its volume
+is, with no copy to the host.
 """
 
 from __future__ import annotations
@@ -15,7 +14,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .prompts import Box2D
+from ..prompts import Box2D
+
+__all__ = ["MAX_PATCH_SIDE", "track_shift"]
 
 #: The box content is subsampled to at most this many pixels per side before matching.
 MAX_PATCH_SIDE = 64

@@ -1,30 +1,18 @@
-"""Faster CPU inference behind :class:`~MedFMSegmentLib.models.PromptableModel`'s own API.
+"""The OpenVINO backend: the image encoder and the box-prompt decoder as OpenVINO graphs on the CPU.
 
-On a CPU, :func:`accelerate` runs the image encoder and the box-prompt decoder with OpenVINO
-instead of plain PyTorch. ``model.encode`` and ``model.decode`` keep their signatures, shapes and
-dtypes (torch float32 tensors); only the engine underneath changes. Anything the converted graphs
-do not cover falls back to PyTorch call by call: clicks, several boxes at once, a mask input,
-gradients, training mode, a GPU, half precision, or weights changed after conversion.
-
-Why OpenVINO: on a 2-core AMD EPYC with AVX2 only, the LiteMedSAM encoder ran 2.5x faster than
-PyTorch float32 and the decoder 1.55x on the idle CPU (``bench/bench_perf.py``,
-``bench/results/perf_cpu_idle.json``), with outputs equal to about 1e-5. On a host with
-AVX-512-BF16, OpenVINO in bfloat16 (the ``auto`` precision there), with the graphs arranged
-for the CPU (:mod:`MedFMSegmentLib.box_decoder`, :func:`~MedFMSegmentLib.fast_encoder.for_openvino`),
-ran the encoder 4.5-5.4x and the decoder 3.5-4.3x faster, with a mean Dice change of +0.0013 on
-30 HC18 images and +0.0055 on 10 hippocampus slices (``perf_cpu_bf16_s7_*.json``, four runs). In one-off trials during development (not a benchmark), ONNX Runtime was slower
-than OpenVINO on the same graphs, ``torch.compile`` and BatchNorm folding + channels_last gained
-less, and INT8 (NNCF) gave no speed on AVX2 while changing the embedding noticeably. On the
-AVX-512 host with VNNI, INT8 did speed the encoder up (210 vs 287 ms in bf16): it is offered as
-the explicit precision ``int8`` (:mod:`MedFMSegmentLib.quantization`), never chosen by ``auto``.
+``model.encode`` and ``model.decode`` keep their signatures, shapes and dtypes (torch float32
+tensors); only the engine underneath changes. Anything the converted graphs do not cover falls
+back to PyTorch call by call: clicks, several boxes at once, a mask input, gradients, training
+mode, a GPU, half precision, or weights changed after conversion. The graphs are arranged for
+the CPU (:mod:`.box_decoder`, :func:`~.fast_encoder.for_openvino`); precisions are ``f32``,
+``bf16`` (where the CPU computes it natively) and the explicit ``int8`` encoder (:mod:`.int8`).
+``bench/bench_perf.py`` measures speed and Dice against plain PyTorch.
 
 Conversion costs some seconds, so converted graphs are kept on disk in a user cache folder
 (``~/.cache/medfmsegment``, or ``$MEDFMSEGMENT_CACHE``), keyed by a SHA-256 of the weights that
-are actually in memory (not only the weights file: fine-tuning and adapters change them) and by
-the OpenVINO and PyTorch versions. A graph is written only after its outputs were checked
-against PyTorch, so a cached graph is a validated one.
-
-Set ``MEDFMSEGMENT_BACKEND=torch`` to turn acceleration off without changing code.
+are actually in memory (fine-tuning and adapters change them) and by the OpenVINO and PyTorch
+versions. A graph is written only after its outputs were checked against PyTorch, so a cached
+graph is a validated one.
 """
 
 from __future__ import annotations
@@ -36,50 +24,35 @@ import os
 import shutil
 import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
+from ..io import new_sibling
 from .box_decoder import BoxDecoder, image_tokens
-from .errors import InputError
 from .fast_encoder import for_openvino
-from .io import new_sibling
 
 if TYPE_CHECKING:
-    from .models import PromptableModel
+    from ..models import PromptableModel
+
+__all__ = ["CACHE_ENV", "DECODER_PART", "OpenVINOAccelerator", "cache_dir", "cpu_has_native_bf16", "openvino_version",
+           "weights_digest"]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "openvino")
-# OpenVINO's inference precision on the CPU. "auto" means bf16 where the CPU computes bfloat16
-# natively (AVX-512-BF16 or AMX; OpenVINO's "BF16" capability), else f32: on the 2-core AMD EPYC
-# with AVX-512-BF16 bf16 halved the encoder time and moved mean Dice by less than the issue's
-# 0.005 bound (bench/bench_perf.py, bench/results/perf_cpu_bf16.json).
-# "int8" (explicit only): the encoder quantized to INT8 with NNCF, the rest as "auto"; see
-# MedFMSegmentLib/quantization.py for what it costs in accuracy.
-PRECISIONS = ("auto", "f32", "bf16", "int8")
 CACHE_ENV = "MEDFMSEGMENT_CACHE"
-BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
-PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
-# A bf16 graph is checked against the f32 one on the example input by relative L2 error. bf16
-# keeps 8 bits of mantissa: in a one-off check (not a benchmark) the LiteMedSAM embedding differed
-# by about 6 % and the decoder logits by about 1 %, while bench_perf measured the Dice change
-# within 0.005; a broken kernel gives 100 % or NaN.
+# A bf16 graph is checked against the f32 one on the example input by relative L2 error: bf16
+# keeps 8 bits of mantissa (a few per cent on the embedding), a broken kernel gives 100 % or NaN.
 _BF16_MAX_RELATIVE_ERROR = 0.15
-# INT8 moves the embedding more (relative L2 about 0.25-0.3 on real slices in the trials of
-# quantization.py, with Dice within about 0.01 on average); a broken graph gives 1 or NaN.
+# INT8 moves the embedding more (see int8.py); a broken graph gives 1 or NaN.
 _INT8_MAX_RELATIVE_ERROR = 0.5
-# "auto" converts only the models whose speed-up and accuracy were measured (bench/bench_perf.py);
-# the 1024 px SAM models need several GB to convert and were never benchmarked here.
-AUTO_MODELS = frozenset({"litemedsam"})
 # Bump when the conversion below changes, so old cache entries are not reused.
 _CONVERSION_VERSION = 1
 # The decoder graph's part name, also its cache key: renamed whenever the graph's arithmetic
-# changes (box_decoder, box_decoder_tokens before), so that old entries are never reused.
+# changes, so that old entries are never reused.
 DECODER_PART = "box_decoder_reassociated"
 
 Inputs = tuple[torch.Tensor, ...]
@@ -89,7 +62,6 @@ _process_lock = threading.RLock()
 _core = None
 
 
-# ---------------------------------------------------------------------------- discovery
 def openvino_version() -> str | None:
     """Installed OpenVINO version, or None when it is missing or broken."""
     try:
@@ -98,22 +70,6 @@ def openvino_version() -> str | None:
         return None
     return openvino.get_version().split("-")[0] if hasattr(openvino, "get_version") else openvino.__version__
 
-
-def available_backends() -> list[str]:
-    """Backends usable in this process (``torch`` always)."""
-    return ["torch"] + (["openvino"] if openvino_version() else [])
-
-
-def default_backend() -> str:
-    """``$MEDFMSEGMENT_BACKEND`` when set to a known backend, else ``auto``."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
-    return value if value in BACKENDS else "auto"
-
-
-def default_precision() -> str:
-    """``$MEDFMSEGMENT_PRECISION`` when set to a known precision, else ``auto``."""
-    value = os.environ.get(PRECISION_ENV, "auto").strip().lower()
-    return value if value in PRECISIONS else "auto"
 
 
 def cpu_has_native_bf16() -> bool:
@@ -126,28 +82,6 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def resolve_precision(precision: str | None = None) -> str:
-    """``f32``, ``bf16`` or ``int8``: what ``precision`` (None: ``$MEDFMSEGMENT_PRECISION``) means here.
-
-    ``bf16`` asked for on a CPU without native bfloat16 gives ``f32``: OpenVINO would emulate it
-    slowly, or ignore it.
-
-    Raises:
-        InputError: unknown precision name, or ``int8`` without NNCF installed.
-    """
-    precision = default_precision() if precision is None else precision
-    if precision not in PRECISIONS:
-        raise InputError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    if precision == "f32":
-        return "f32"
-    if precision == "int8":
-        from .quantization import nncf_available
-
-        if not nncf_available():
-            raise InputError("precision int8 needs NNCF: pip install nncf")
-        return "int8"
-    return "bf16" if cpu_has_native_bf16() else "f32"
-
 
 def cache_dir() -> Path:
     """Folder of converted models: ``$MEDFMSEGMENT_CACHE``, else ``$XDG_CACHE_HOME/medfmsegment``."""
@@ -158,88 +92,6 @@ def cache_dir() -> Path:
     return Path(base) / "medfmsegment"
 
 
-def resolve_backend(backend: str, model: PromptableModel) -> str:
-    """The backend ``backend`` means for this model, without converting anything.
-
-    Raises:
-        InputError: unknown backend name.
-    """
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return "torch"
-    if model.device.type != "cpu":
-        # On a GPU PyTorch is the fast path; OpenVINO here targets the CPU only.
-        return "torch"
-    if backend == "auto" and model.spec.name not in AUTO_MODELS:
-        return "torch"
-    return "openvino" if openvino_version() else "torch"
-
-
-def describe_backends() -> dict:
-    """Backend facts for ``medfmsegment info``, without loading or converting a model.
-
-    ``in_use`` is what the default model gets on the default device (a failed conversion would
-    still fall back to ``torch``, with a warning).
-    """
-    from .models import DEFAULT_MODEL, resolve_device
-
-    requested = default_backend()
-    in_use = "torch"
-    if requested != "torch" and resolve_device("auto").type == "cpu" and openvino_version():
-        in_use = "openvino" if requested == "openvino" or DEFAULT_MODEL in AUTO_MODELS else "torch"
-    from .quantization import nncf_version
-
-    precision = "f32"
-    if in_use == "openvino":
-        try:
-            precision = resolve_precision(default_precision())
-        except InputError as exc:  # info reports the problem instead of failing on it
-            precision = f"unavailable ({exc})"
-    return {"requested": requested, "in_use": in_use, "available": available_backends(),
-            "openvino": openvino_version(), "nncf": nncf_version(), "precision": precision,
-            "cache_dir": str(cache_dir())}
-
-
-# ---------------------------------------------------------------------------- public entry point
-def accelerate(model: PromptableModel, backend: str = "auto", precision: str | None = None,
-               parts: tuple[str, ...] = ("encoder", "decoder")) -> PromptableModel:
-    """Attach a faster inference backend to ``model`` in place and return it.
-
-    Never fails for runtime reasons: when the backend is not installed, the model is not on the
-    CPU, or conversion or validation fails, a warning is logged and the model stays on PyTorch.
-
-    Args:
-        model: A loaded model in eval mode.
-        backend: ``auto`` (OpenVINO for the benchmarked models on a CPU when installed, else
-            PyTorch), ``torch`` (plain PyTorch), or ``openvino`` (try it for any model).
-        precision: OpenVINO's compute precision, see :func:`resolve_precision` (None:
-            ``$MEDFMSEGMENT_PRECISION``, else ``auto``). Ignored by PyTorch.
-        parts: What to convert: ``("encoder", "decoder")`` or ``("encoder",)`` (the decoder
-            stays in PyTorch, e.g. a fine-tuned decoder on the base encoder).
-
-    Returns:
-        The same model; ``model.backend`` tells which backend is active and
-        ``model.accelerator.precision`` in which precision.
-
-    Raises:
-        InputError: unknown backend or precision name.
-    """
-    chosen = resolve_backend(backend, model)
-    compute_precision = resolve_precision(precision)
-    model.accelerator = None
-    if chosen == "torch":
-        if backend == "openvino":
-            reason = "OpenVINO is not installed" if not openvino_version() else f"the device is {model.device}"
-            log.warning("backend openvino not used: %s; running plain PyTorch", reason)
-        return model
-    try:
-        model.accelerator = OpenVINOAccelerator.build(model, compute_precision, parts)
-    except Exception as exc:  # noqa: BLE001 - any conversion problem means: stay on PyTorch
-        message = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-        log.warning("OpenVINO acceleration failed (%s: %s); running plain PyTorch", type(exc).__name__, message)
-        model.accelerator = None
-    return model
 
 
 # ---------------------------------------------------------------------------- OpenVINO
@@ -247,7 +99,7 @@ class ImageEncoder(nn.Module):
     """Normalisation + image encoder, so the converted graph takes images in [0, 1] like ``encode``.
 
     Holds only the encoder's own weights, so its digest does not change with the decoder's. The
-    encoder is an eval-mode copy rewritten for OpenVINO (:func:`~MedFMSegmentLib.fast_encoder.for_openvino`:
+    encoder is an eval-mode copy rewritten for OpenVINO (:func:`~MedFMSegmentLib.backends.fast_encoder.for_openvino`:
     the same values, fewer reference kernels); the model's own encoder is untouched.
     """
 
@@ -263,32 +115,6 @@ class ImageEncoder(nn.Module):
             images = (images * 255.0 - self.pixel_mean) / self.pixel_std
         return self.image_encoder(images)
 
-
-@contextmanager
-def quiet_torch_threads(model: PromptableModel) -> Iterator[None]:
-    """Run the PyTorch work between a model's OpenVINO calls on one thread.
-
-    After a parallel PyTorch operation, PyTorch's OpenMP threads keep spinning for some
-    milliseconds; an OpenVINO graph started then shares the cores with them. One-off timings on the
-    2-core EPYC: the bf16 decoder graph took 11.9 ms after nothing, 15.5-18.1 ms right after
-    ``torch.equal`` on an embedding or the upsampling of a mask to its slice, and 11.9 ms after
-    the same upsampling on one thread (1.0 ms instead of 0.7). So the small PyTorch steps of a
-    prompt (upsampling, thresholding, statistics) run single-threaded when ``model`` runs on
-    OpenVINO; elsewhere this does nothing.
-
-    ``torch.set_num_threads`` is process-wide for threads that start meanwhile; the count is
-    restored on exit.
-    """
-    accelerator = getattr(model, "accelerator", None)
-    threads = torch.get_num_threads()
-    if getattr(accelerator, "name", None) != "openvino" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def weights_digest(*modules: nn.Module) -> str:
@@ -483,9 +309,7 @@ def _compile_config(precision: str = "f32") -> dict:
 
 # Extra compile settings per part. The decoder graph runs without OpenVINO's "snippets" fusion:
 # it fused the reassociated attention's small products with the adds and normalisations around
-# them into kernels several times slower (2.4 ms against 0.34 ms for one product in a bf16 profile
-# on the 2-core EPYC; the whole graph 11.9 -> 11.4 ms, one-off). SNIPPETS_MODE is a CPU plugin
-# setting that OpenVINO accepts at compile time without listing it; a version that refuses it
+# them into kernels several times slower. SNIPPETS_MODE is a CPU plugin setting that OpenVINO accepts at compile time without listing it; a version that refuses it
 # compiles with defaults.
 _PART_CONFIG = {DECODER_PART: {"SNIPPETS_MODE": "DISABLE"}}
 
@@ -546,7 +370,7 @@ def _compiled(part: str, model: PromptableModel, module: nn.Module, example_fn: 
 
 def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: torch.Tensor,
                            float_precision: str) -> Any:
-    """The encoder quantized to INT8 (:mod:`MedFMSegmentLib.quantization`), compiled with
+    """The encoder quantized to INT8 (:mod:`.int8`), compiled with
     ``float_precision`` for the operations that stay in floating point.
 
     Quantizing takes minutes, so the INT8 graph is cached on disk beside the float one, keyed by
@@ -554,7 +378,7 @@ def _compiled_int8_encoder(model: PromptableModel, module: nn.Module, images: to
     example image is checked against the float32 graph's (relative L2 below
     ``_INT8_MAX_RELATIVE_ERROR``).
     """
-    from .quantization import CALIBRATION_VERSION, nncf_version, quantize_encoder
+    from .int8 import CALIBRATION_VERSION, nncf_version, quantize_encoder
 
     digest = weights_digest(module)
     key = ("encoder-int8", model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), float_precision)
@@ -705,7 +529,7 @@ class OpenVINOAccelerator:
             return None
         with self._decoder_lock:
             # share_inputs: OpenVINO reads the 4 MB token array in place instead of copying it on
-            # every prompt (within the timing noise in a one-off comparison; it saves a copy).
+            # every prompt (it saves a copy).
             result = self._decoder_request.infer({0: self._tokens_of(embedding),
                                                   1: boxes.detach().contiguous().numpy()}, share_inputs=True)
             logits = torch.from_numpy(np.array(result[0], copy=True))
@@ -720,9 +544,7 @@ class OpenVINOAccelerator:
 
         NumPy on purpose, single-threaded: a PyTorch operation here leaves PyTorch's OpenMP threads
         spinning for some milliseconds while OpenVINO's threads start the graph on the same cores.
-        One-off timings on the 2-core EPYC: the bf16 decoder graph took 11.9 ms after nothing or a
-        NumPy comparison, 15.5-17.6 ms right after ``torch.equal``. The comparison costs ~0.2 ms,
-        the transposition of a new slice ~2.9 ms (PyTorch: 1.5 ms plus that slowdown).
+        The comparison costs far less than that slowdown.
         """
         values = embedding.detach().numpy()
         last = self._last_tokens

@@ -6,8 +6,7 @@ cheap per-prompt graph:
 
 * **Token-major embedding.** It takes the image embedding as ``(1, H*W, C)``, the layout the
   two-way transformer works in. With ``(1, C, H, W)``, OpenVINO transposed the 4 MB embedding twice
-  on every prompt (two generic Transpose kernels, 3.3 ms of 19.4 in a bf16 profile on the 2-core
-  AVX-512-BF16 EPYC). The caller transposes once per slice (:func:`image_tokens`).
+  on every prompt; the caller transposes once per slice instead (:func:`image_tokens`).
 * **Reassociated cross-attention.** Each cross-attention joins a few prompt tokens (``n = 7`` for a
   box: IoU token, mask tokens, two corners) with ``N = H*W = 4096`` image tokens. Written as
   segment-anything writes it, every such layer projects all 4096 image tokens twice (256 -> 128
@@ -17,12 +16,9 @@ cheap per-prompt graph:
   ``4096 x 256 x (heads * n) = 4096 x 256 x 56`` take their place. The arithmetic is the same up to
   rounding: equal to ~1e-5 in float32.
 
-The change is worth it on the CPU, where the decoder is compute-bound. On the 2-core
-AVX-512-BF16 EPYC in bf16, the graph alone took 15.8 ms before and 10.7 ms after (best of 8
-rounds, one-off), with OpenVINO's "snippets" fusion turned off for this graph (see
-``acceleration``): it fused the new small products with their neighbours into slower kernels.
-``bench/bench_perf.py`` measured a prompt with a cached embedding at 13.8 ms (4.2x PyTorch;
-``perf_cpu_bf16_s7.json``), against 23.3-24.2 ms with the previous graph.
+The change is worth it on the CPU, where the decoder is compute-bound (``bench/bench_perf.py``
+measures it), with OpenVINO's "snippets" fusion turned off for this graph (see :mod:`.openvino`):
+it fused the new small products with their neighbours into slower kernels.
 """
 
 from __future__ import annotations
@@ -31,6 +27,8 @@ import math
 
 import torch
 from torch import nn
+
+__all__ = ["BoxDecoder", "image_to_token_attention", "image_tokens", "token_to_image_attention", "two_way_block"]
 
 
 def _per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:

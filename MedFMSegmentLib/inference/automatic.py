@@ -1,15 +1,24 @@
-"""Prompt-free segmentation with an adapter trained for it."""
+"""Automatic (prompt-free) segmentation with an adapter trained for it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import CancelledError, InputError
+from ..errors import InputError
 from ..geometry import slice_into_volume
+from ..prompts import expand_box, mask_bbox, scale_box
+from .settings import ProgressCallback, UpdateCallback, check_cancel, emit_changes
 
+if TYPE_CHECKING:
+    from .session import SegmentationSession
+
+__all__ = ["AUTOMATIC_DEFAULTS", "BOX_SCALES", "AutomaticSettings", "keep_largest_component", "segment_automatic"]
+
+#: Re-prompt box scales worth trying (an option: several scales cost one decoder call with more boxes).
 BOX_SCALES = (1.0, 1.1, 1.2, 1.3, 1.45, 1.6)
 
 
@@ -23,11 +32,9 @@ class AutomaticSettings:
     flip: bool = False
 
 
-#: Defaults for a volume's slices and for a single 2D image, each measured on one dataset.
-#: Volumes: a first box from logits above -1 rather than 0 gave hippocampus +0.012
-#: (``bench/results/automatic_hippocampus_cpu_bf16_s12.json``); on HC18 it lost 0.001-0.003.
-#: :data:`BOX_SCALES` on two re-prompts gave HC18 +0.027 on one adapter and -0.006 on another,
-#: at 5.5x the decoding time (``automatic_hc18_seed*_cpu_bf16_s13.json``): an option, not a default.
+#: Defaults for a volume's slices and for a single 2D image, each measured on one dataset: a
+#: first box from logits above -1 rather than 0 helped 3D MRI and slightly hurt 2D ultrasound;
+#: :data:`BOX_SCALES` helped one adapter and hurt another at several times the decoding time.
 AUTOMATIC_DEFAULTS = {
     "volume": AutomaticSettings(box_threshold=-1.0, refine_iterations=1),
     "image": AutomaticSettings(box_threshold=0.0, refine_iterations=1),
@@ -35,6 +42,7 @@ AUTOMATIC_DEFAULTS = {
 
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a bool mask (the mask itself when it has one or none)."""
     from scipy import ndimage
 
     labels, count = ndimage.label(mask)
@@ -45,9 +53,10 @@ def keep_largest_component(mask: np.ndarray) -> np.ndarray:
 
 
 @torch.inference_mode()
-def segment_automatic(session, keep: str = "largest", refine_iterations: int | None = None,
+def segment_automatic(session: "SegmentationSession", keep: str = "largest", refine_iterations: int | None = None,
                       box_threshold: float | None = None, box_scales: Sequence[float] | None = None,
-                      flip: bool | None = None, progress=None, cancel=None) -> np.ndarray:
+                      flip: bool | None = None, progress: ProgressCallback | None = None, cancel=None,
+                      on_update: UpdateCallback | None = None) -> np.ndarray:
     """Segment every slice with no prompt, re-prompt it with a box, then keep the largest 3D component.
 
     Prompt-free output of a frozen-encoder adapter tends to be precise but incomplete, so a box
@@ -58,7 +67,8 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
     or a single 2D image.
 
     Args:
-        session: A :class:`~MedFMSegmentLib.predictor.SegmentationSession` on an adapted model.
+        session: A :class:`~MedFMSegmentLib.inference.SegmentationSession` on an adapted model;
+            its slices along its :attr:`~MedFMSegmentLib.inference.SegmentationSession.voxel_axis` are segmented.
         keep: ``"largest"`` keeps the largest 3D connected component; ``"all"`` keeps everything.
         refine_iterations: Times each slice is re-segmented from the box of its current mask
             (largest 2D component, scaled, plus the usual margin), starting from the prompt-free
@@ -69,17 +79,18 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
         box_scales: Scales of the re-prompt box (about its centre) tried on each re-prompt, the
             decoder's predicted IoU picking one; ``(1.0,)`` re-prompts with the mask's own box.
         flip: Test-time flip: average each slice's prompt-free logits with those of the slice
-            mirrored left-right (:meth:`~MedFMSegmentLib.predictor.SegmentationSession.mirrored`),
+            mirrored left-right (:meth:`~MedFMSegmentLib.inference.SegmentationSession.mirrored`),
             at one more encoder call per slice.
         progress: Called with (slices done, slices in total).
         cancel: A ``threading.Event``; set it to stop with :class:`CancelledError`.
+        on_update: Called with ``(voxel_axis, index, plane)`` as each slice is written, then for
+            the slices that keeping the largest component changes.
 
     Returns:
         ``(K, J, I)`` boolean mask.
     """
-    from ..prompts import expand_box, mask_bbox, scale_box
-
     n = session.num_slices
+    axis = session.voxel_axis
     defaults = AUTOMATIC_DEFAULTS["image" if n == 1 else "volume"]
     box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
     refine_iterations = defaults.refine_iterations if refine_iterations is None else refine_iterations
@@ -93,8 +104,7 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
     if mirror is not None:
         mirror.prefetch(range(n), cancel=cancel)
     for index in range(n):
-        if cancel is not None and cancel.is_set():
-            raise CancelledError("automatic segmentation cancelled")
+        check_cancel(cancel, "automatic segmentation")
         logits = session.prompt_free_logits(index)
         if mirror is not None:
             logits = (logits + mirror.prompt_free_logits(index)[:, ::-1]) / 2
@@ -109,9 +119,13 @@ def segment_automatic(session, keep: str = "largest", refine_iterations: int | N
             if not refined.any():
                 break
             plane = source = refined
-        slice_into_volume(result, session.voxel_axis, index, plane)
+        slice_into_volume(result, axis, index, plane)
+        if on_update is not None:
+            on_update(axis, index, np.array(plane, dtype=bool))
         if progress is not None:
             progress(index + 1, n)
     if keep == "largest" and result.any():
-        result = keep_largest_component(result)
+        kept = keep_largest_component(result)
+        emit_changes(result, kept, axis, on_update)
+        result = kept
     return result

@@ -1,8 +1,7 @@
 """Embed the slice the user is looking at, and its neighbours, before the user prompts.
 
-On a CPU the encoder dominates the first prompt on a new slice (283-346 ms with OpenVINO
-bfloat16, 923 ms in float32 on an AVX2-only CPU: ``bench/results/perf_cpu_bf16_s7_*.json``,
-``perf_cpu_idle.json``), the decoder the later ones (12-19 ms in bfloat16, 57 ms in float32). A viewer that calls
+On a CPU the encoder dominates the first prompt on a new slice, the decoder the later ones
+(``bench/bench_perf.py`` measures both). A viewer that calls
 :meth:`BackgroundEmbedder.focus` whenever the shown slice changes gets that slice embedded while
 the user moves the mouse to it, so the first prompt usually costs only the decoder.
 
@@ -19,7 +18,9 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .predictor import SegmentationSession
+    from .session import SegmentationSession
+
+__all__ = ["BackgroundEmbedder", "nearest_first"]
 
 log = logging.getLogger(__name__)
 
