@@ -31,9 +31,12 @@ def _run(args: argparse.Namespace) -> int:
     if len(images) != len(labels):
         raise InputError(f"every --image needs its --label ({len(images)} images, {len(labels)} labels)")
     output = Path(args.output)
-    if output.parent.is_dir():
-        sweep_leftovers(output)  # what an interrupted earlier save left: recovered or removed
     check_output_folder(output, args.overwrite)
+    try:
+        sweep_leftovers(output)  # what an interrupted earlier save left: recovered or removed
+    except OSError as exc:
+        raise InputError(f"cannot tidy the hidden leftovers beside {output}: {exc.strerror or exc}") from None
+    check_output_folder(output, args.overwrite)  # a recovered adapter now counts as existing
     if args.parent is not None:
         from .continual import config_from_parent, load_parent, replay_cases
 

@@ -46,7 +46,7 @@ class FinetuneConfig:
     # stage, its input cached) or "auto" (see resolve_encoder_mode)
     encoder: str = "auto"
     # frozen encoder: slice embeddings computed; flipped, then augmented copies fill what slices leave
-    # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average; adapter_pairs_cpu_bf16_s11.jsonl)
+    # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average)
     embedding_budget: int = 240
     lora_rank: int = 4
     lora_alpha: float = 8.0
@@ -55,7 +55,7 @@ class FinetuneConfig:
     embedding_adapter_channels: int | None = None  # None: DEFAULT_EMBEDDING_ADAPTER of the mode; 0: none
     # "automatic": the embedding adapter acts on prompt-free decoding only, box prompts see the raw
     # embedding (seed 0: HC18 box 0.910 -> 0.927 and automatic 0.816 -> 0.806, hippocampus box
-    # 0.850 -> 0.853 and automatic 0.766 -> 0.775; bench/results/adapter_pairs_cpu_bf16_s10.jsonl);
+    # 0.850 -> 0.853 and automatic 0.766 -> 0.775);
     # "all": every decoder call.
     embedding_adapter_scope: str = "automatic"
     # bfloat16 autocast of LoRA steps ("lora", "partial") on a CPU; None: where it computes bf16 natively
@@ -73,7 +73,7 @@ class FinetuneConfig:
     # Validation checks before this fraction of the planned steps neither become the saved state
     # nor count towards early stopping: prompt-free output rises late, and a tiny validation set
     # (2 images on HC18) once rated step 100 best, whose automatic Dice was 0.861 where 800 steps
-    # give 0.92 (bench/results/finetune_gpu_h100_lora_adapter_hc18_s10.json).
+    # give 0.92 on an H100.
     select_after_fraction: float = 0.5
     automatic_fraction: float = 0.5
     foreground_fraction: float = 0.8
@@ -401,7 +401,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     use_amp = model.device.type == "cuda"
     # bfloat16 autocast on a CPU that computes it natively: a LoRA step took 1.25 s against 2.36 s
     # in float32, a last-stage ("partial") step 0.45 s against 0.70 s (bench_perf.py
-    # --finetune-only, bench/results/perf_finetune_steps_cpu_s14.json). The frozen mode's
+    # --finetune-only). The frozen mode's
     # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
     if model.device.type == "cpu" and mode in ("lora", "partial"):
         from ..acceleration import cpu_has_native_bf16
