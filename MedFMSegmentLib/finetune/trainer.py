@@ -53,10 +53,8 @@ class FinetuneConfig:
     lora_targets: tuple = ("qkv", "proj")
     encoder_stages: tuple | None = None  # None: every stage ("partial": PARTIAL_STAGES); e.g. (2, 3)
     embedding_adapter_channels: int | None = None  # None: DEFAULT_EMBEDDING_ADAPTER of the mode; 0: none
-    # "automatic": the embedding adapter acts on prompt-free decoding only, box prompts see the raw
-    # embedding (seed 0: HC18 box 0.910 -> 0.927 and automatic 0.816 -> 0.806, hippocampus box
-    # 0.850 -> 0.853 and automatic 0.766 -> 0.775);
-    # "all": every decoder call.
+    # "automatic": the embedding adapter acts on prompt-free decoding only (box prompts see the raw
+    # embedding: better box Dice on both benchmark parts); "all": every decoder call.
     embedding_adapter_scope: str = "automatic"
     # bfloat16 autocast of LoRA steps ("lora", "partial") on a CPU; None: where it computes bf16 natively
     cpu_bf16_autocast: bool | None = None
@@ -72,8 +70,7 @@ class FinetuneConfig:
     early_stopping_patience: int = 4
     # Validation checks before this fraction of the planned steps neither become the saved state
     # nor count towards early stopping: prompt-free output rises late, and a tiny validation set
-    # (2 images on HC18) once rated step 100 best, whose automatic Dice was 0.861 where 800 steps
-    # give 0.92 on an H100.
+    # can rate an early step best.
     select_after_fraction: float = 0.5
     automatic_fraction: float = 0.5
     foreground_fraction: float = 0.8

@@ -3,9 +3,6 @@
 The tiny random model stands in for LiteMedSAM (``test_finetune.tiny_model_by_name``); Dice
 figures of continuing on real data are the learning-curve benchmark's (bench/learning_curves.py).
 """
-import json
-
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +18,7 @@ from MedFMSegmentLib.finetune.trainer import prepare_model
 from MedFMSegmentLib.io import MedicalImage
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 from test_finetune import _synthetic_case, tiny_model_by_name  # noqa: F401 (fixture)
-from test_reliability_finetune import _finetune_args, _write_case, case_files, trained  # noqa: F401
+from test_reliability_finetune import _write_case, case_files, trained  # noqa: F401
 
 
 def test_continuing_starts_from_the_parents_weights(trained):

@@ -8,20 +8,17 @@ import hashlib
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
 from MedFMSegmentLib.cli import main
 from MedFMSegmentLib.errors import InputError
-from MedFMSegmentLib.finetune import adapter_format
 from MedFMSegmentLib.finetune.adapter_format import (METADATA_FILE, WEIGHTS_FILE, read_metadata, sweep_leftovers,
                                                       write_adapter)
 from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter, trainable_state
