@@ -7,7 +7,8 @@ zero-shot box figure, training time and process peak memory per point. Then the 
 loop: start from ``loop_start`` cases, segment a pool of unseen cases automatically, add the
 ``loop_add`` worst with their labels as the user's correction, continue the adapter
 (``continue_adapter``, the parent's cases replayed), repeat; test Dice and the first cases' Dice
-(the forgetting check) after each round.
+(the forgetting check) after each round and, outside ``--quick``, the test Dice of an adapter
+trained on the same cases at once.
 
 Usage: python -m bench.learning_curves [--quick] [--parts hippocampus,hc18] [-o FILE]
 (``--quick``: few steps, cases and test cases, one seed; labelled ``"quick": true``.)
@@ -39,10 +40,10 @@ __all__ = ["main", "SETTINGS", "QUICK", "plot"]
 RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
 SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
             "steps": None, "embedding_budget": None, "loop_start": 3, "loop_add": 2, "loop_rounds": 3,
-            "loop_candidates": 6, "forgetting_cases": 3}
+            "loop_candidates": 6, "forgetting_cases": 3, "loop_at_once": True}
 QUICK = {"sizes": [1, 3], "seeds": [0], "pool": 5, "test": {"hippocampus": 1, "hc18": 3}, "steps": 30,
          "embedding_budget": 8, "loop_start": 3, "loop_add": 2, "loop_rounds": 1, "loop_candidates": 2,
-         "forgetting_cases": 3}
+         "forgetting_cases": 3, "loop_at_once": False}
 
 
 def _log(line: str) -> None:
@@ -156,6 +157,9 @@ def _correction_loop(pool, test, settings, embeddings, folder: Path, start_point
                        "test": _adapted_scores(model, test, embeddings, with_box=False)["automatic"],
                        "first_cases": _adapted_scores(model, first, embeddings, with_box=False)["automatic"]})
         rounds[-1]["first_cases_drop"] = round(rounds[0]["first_cases"] - rounds[-1]["first_cases"], 4)
+        if settings.get("loop_at_once"):  # the same cases trained at once, for comparison
+            at_once, _ = finetune(train, _config(settings, 0))
+            rounds[-1]["test_trained_at_once"] = _adapted_scores(at_once, test, embeddings, with_box=False)["automatic"]
         _log(f"correction round {n}: {rounds[-1]}")
         print(f"correction round {n}: {len(train)} cases, test automatic Dice {rounds[-1]['test']:.3f}, "
               f"first cases {rounds[-1]['first_cases']:.3f}", flush=True)
