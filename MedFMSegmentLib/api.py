@@ -36,7 +36,7 @@ def load_segmenter(model_name: str = DEFAULT_MODEL, checkpoint: str | os.PathLik
     """Load a model and, when given, apply a fine-tuned adapter to it.
 
     ``backend`` and ``precision`` choose the inference engine (see
-    :func:`MedFMSegmentLib.models.load_model`).
+    :func:`MedFMSegmentLib.loading.load_model`).
 
     Returns:
         ``(model, adapter_info)``; ``adapter_info`` is None without an adapter, else the

@@ -1,22 +1,25 @@
-"""Adapter files: LoRA + trained decoder weights (safetensors) and metadata.json."""
+"""Adapter surgery: LoRA in the image encoder, the embedding adapter, and loading an adapter.
+
+The files themselves (reading, checking, crash-safe writing) are :mod:`.adapter_format`'s.
+"""
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .. import loading
 from ..errors import InputError
-from ..io import new_sibling
-from ..loading import load_model
 from ..models import PromptableModel
 from ..preprocessing import IntensitySettings
+from .adapter_format import (METADATA_FILE, WEIGHTS_FILE, model_identity, read_metadata, read_weights,
+                             write_adapter)
 
-WEIGHTS_FILE = "adapter.safetensors"
-METADATA_FILE = "metadata.json"
+__all__ = ["AdapterInfo", "EmbeddingAdapter", "add_embedding_adapter", "inject_lora", "is_trained",
+           "trainable_state", "save_adapter", "apply_adapter", "load_trained_state", "check_base",
+           "load_adapted_model", "read_metadata", "WEIGHTS_FILE", "METADATA_FILE"]
 
 
 @dataclass
@@ -104,46 +107,18 @@ def trainable_state(model: PromptableModel) -> dict:
     return state
 
 
-def save_adapter(model: PromptableModel, folder, metadata: dict) -> Path:
-    """Write ``adapter.safetensors`` + ``metadata.json`` atomically (temp dir beside it, then rename)."""
-    from safetensors.torch import save
-
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_sibling(folder, directory=True)
-    try:
-        # Bytes written by us, not save_file: safetensors 0.8 creates the file 0600 (owner only),
-        # and an adapter is meant to be shared.
-        (tmp / WEIGHTS_FILE).write_bytes(save(trainable_state(model)))
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+def save_adapter(model: PromptableModel, folder: str | os.PathLike, metadata: dict) -> Path:
+    """Write the model's trained weights and ``metadata`` as an adapter folder, crash-safe
+    (see :func:`.adapter_format.write_adapter`)."""
+    return write_adapter(folder, trainable_state(model), metadata)
 
 
-def read_metadata(adapter_dir) -> dict:
-    adapter_dir = Path(adapter_dir)
-    path = adapter_dir / METADATA_FILE
-    if not path.is_file() or not (adapter_dir / WEIGHTS_FILE).is_file():
-        raise InputError(f"{adapter_dir} is not an adapter folder (needs {WEIGHTS_FILE} and {METADATA_FILE})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON: {exc}") from None
-
-
-def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> PromptableModel:
-    from safetensors.torch import load_file
-
+def apply_adapter(model: PromptableModel, adapter_dir: str | os.PathLike, metadata: dict,
+                  state: dict | None = None) -> PromptableModel:
+    """Add the adapter's LoRA layers and embedding adapter to ``model`` and load its weights
+    (``state``: already read with :func:`.adapter_format.read_weights`)."""
+    if state is None:
+        state = read_weights(adapter_dir, metadata)
     lora = metadata.get("lora", {})
     if lora is not None:  # None: a decoder-only adapter (frozen image encoder)
         inject_lora(model, int(lora.get("rank", 4)), float(lora.get("alpha", 8)),
@@ -152,19 +127,38 @@ def apply_adapter(model: PromptableModel, adapter_dir, metadata: dict) -> Prompt
     if embedding_adapter:
         add_embedding_adapter(model, int(embedding_adapter["channels"]),
                               bool(embedding_adapter.get("prompt_free_only", False)))
-    state = load_file(str(Path(adapter_dir) / WEIGHTS_FILE))
+    load_trained_state(model, state, f"adapter {adapter_dir}")
+    return model.eval()
+
+
+def load_trained_state(model: PromptableModel, state: dict, where: str) -> None:
+    """Load adapter weights into a model prepared for them; a mismatch is one :class:`InputError`."""
     device = model.device
-    missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong shape
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), "")
+        raise InputError(f"{where}: its weights do not fit its metadata.json ({detail or 'shape mismatch'})") from None
     missing = [key for key in missing if is_trained(key)]
     if missing or unexpected:
         # strict=False alone would drop unknown weights or keep untrained ones without a word
-        raise InputError(f"adapter {adapter_dir}: its weights do not match its metadata.json "
+        raise InputError(f"{where}: its weights do not match its metadata.json "
                          f"({len(missing)} missing, {len(unexpected)} unexpected, e.g. {(missing + unexpected)[0]})")
-    return model.to(device).eval()
 
 
-def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=None, device="auto",
-                       backend: str | None = None, precision: str | None = None):
+def check_base(metadata: dict, model: PromptableModel, where: str) -> None:
+    """Refuse an adapter trained on another base model than ``model``."""
+    base = metadata.get("base_model", {})
+    sha = model_identity(model)
+    if base.get("name") != model.spec.name or base.get("sha256") != sha:
+        raise InputError(f"{where} was trained on base model {base.get('name')} "
+                         f"(SHA-256 {str(base.get('sha256'))[:12]}...) but the loaded model is {model.spec.name} "
+                         f"(SHA-256 {sha[:12]}...)")
+
+
+def load_adapted_model(adapter_dir: str | os.PathLike, model_name: str = "litemedsam", checkpoint=None,
+                       device="auto", backend: str | None = None, precision: str | None = None,
+                       base_model: PromptableModel | None = None):
     """Load the base model and apply an adapter: ``(PromptableModel, AdapterInfo)``.
 
     ``backend``: ``auto`` (the default) converts nothing new: an adapter that left the image
@@ -172,7 +166,8 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
     graph, already converted and cached, and its own decoder in PyTorch; a LoRA adapter, whose
     encoder would need its own conversion (about a minute on 2 cores), stays on PyTorch.
     ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
-    the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.models.load_model`).
+    the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.loading.load_model`).
+    ``base_model``: an already built base model to adapt in place instead of loading ``model_name``.
     """
     from ..backends import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
                                 weights_digest)
@@ -182,22 +177,15 @@ def load_adapted_model(adapter_dir, model_name: str = "litemedsam", checkpoint=N
         raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     resolve_precision(precision)  # an unknown name fails before anything is loaded
     metadata = read_metadata(adapter_dir)
-    if model_name == "tiny_random_for_tests":
-        from ..models import tiny_random_model_for_tests
-
-        model = tiny_random_model_for_tests()
-    else:
-        # PyTorch first: the adapter changes the weights, so any conversion must come after it.
-        model = load_model(model_name, checkpoint, device, backend="torch")
-    base = metadata.get("base_model", {})
-    if base.get("name") != model.spec.name or base.get("sha256") != model.weights_sha256:
-        raise InputError(f"adapter {adapter_dir} was trained on base model {base.get('name')} "
-                         f"(SHA-256 {str(base.get('sha256'))[:12]}...) but the loaded model is {model.spec.name} "
-                         f"(SHA-256 {model.weights_sha256[:12]}...)")
+    state = read_weights(adapter_dir, metadata)  # damaged weights fail before any model is loaded
+    # PyTorch first: the adapter changes the weights, so any conversion must come after it.
+    model = base_model if base_model is not None else loading.load_model(model_name, checkpoint, device,
+                                                                         backend="torch")
+    check_base(metadata, model, f"adapter {adapter_dir}")
     base_encoder = None
     if backend == "auto" and resolve_backend("auto", model) == "openvino":
         base_encoder = weights_digest(model.image_encoder)
-    apply_adapter(model, adapter_dir, metadata)
+    apply_adapter(model, adapter_dir, metadata, state)
     if backend == "openvino":
         accelerate(model, backend, precision)
     elif base_encoder is not None and weights_digest(model.image_encoder) == base_encoder:

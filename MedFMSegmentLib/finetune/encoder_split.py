@@ -4,8 +4,7 @@ Fine-tuning with LoRA in the last encoder stage only (``FinetuneConfig.encoder="
 the head once per training slice and back-propagates through the tail alone. On the project's
 2-core CPU one LoRA step through the whole LiteMedSAM encoder took 1.25 s under bfloat16
 autocast (2.36 s in float32), and through its last stage only 0.45 s (0.70 s in float32); the
-head took 708 ms a slice (``bench/bench_perf.py --finetune-only``,
-``bench/results/perf_finetune_steps_cpu_s14.json``). TinyViT (LiteMedSAM) is cut before ``layers[first]``,
+head took 708 ms a slice (``bench/bench_perf.py --finetune-only``). TinyViT (LiteMedSAM) is cut before ``layers[first]``,
 segment-anything's ViT (SAM, MedSAM and the tiny test model) before ``blocks[first]``.
 """
 from __future__ import annotations

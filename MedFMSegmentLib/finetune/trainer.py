@@ -14,13 +14,17 @@ import torch.nn.functional as F
 from ..errors import CancelledError, InputError
 from ..geometry import slice_from_volume
 from ..io import MedicalImage
-from ..loading import load_model
-from ..models import PromptableModel, resolve_device, tiny_random_model_for_tests
+from .. import loading
+from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
-from .adapters import add_embedding_adapter, inject_lora, is_trained, trainable_state
+from .adapter_format import LIMITS, model_identity
+from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
 from .encoder_split import check_first_stage, encode_head, encode_tail
+from .lineage import ParentAdapter, case_files, lineage
 
-TEST_MODEL = "tiny_random_for_tests"
+__all__ = ["FinetuneConfig", "check_cases", "check_config", "finetune", "prepare_model",
+           "resolve_encoder_mode", "DEFAULT_STEPS", "ENCODER_MODES"]
+MAX_STEPS = 1_000_000
 # Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
 # step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
 DEFAULT_STEPS = {"lora": 800, "frozen": 2000, "partial": 800}
@@ -42,17 +46,15 @@ class FinetuneConfig:
     # stage, its input cached) or "auto" (see resolve_encoder_mode)
     encoder: str = "auto"
     # frozen encoder: slice embeddings computed; flipped, then augmented copies fill what slices leave
-    # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average; adapter_pairs_cpu_bf16_s11.jsonl)
+    # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average)
     embedding_budget: int = 240
     lora_rank: int = 4
     lora_alpha: float = 8.0
     lora_targets: tuple = ("qkv", "proj")
     encoder_stages: tuple | None = None  # None: every stage ("partial": PARTIAL_STAGES); e.g. (2, 3)
     embedding_adapter_channels: int | None = None  # None: DEFAULT_EMBEDDING_ADAPTER of the mode; 0: none
-    # "automatic": the embedding adapter acts on prompt-free decoding only, box prompts see the raw
-    # embedding (seed 0: HC18 box 0.910 -> 0.927 and automatic 0.816 -> 0.806, hippocampus box
-    # 0.850 -> 0.853 and automatic 0.766 -> 0.775; bench/results/adapter_pairs_cpu_bf16_s10.jsonl);
-    # "all": every decoder call.
+    # "automatic": the embedding adapter acts on prompt-free decoding only (box prompts see the raw
+    # embedding: better box Dice on both benchmark parts); "all": every decoder call.
     embedding_adapter_scope: str = "automatic"
     # bfloat16 autocast of LoRA steps ("lora", "partial") on a CPU; None: where it computes bf16 natively
     cpu_bf16_autocast: bool | None = None
@@ -68,8 +70,7 @@ class FinetuneConfig:
     early_stopping_patience: int = 4
     # Validation checks before this fraction of the planned steps neither become the saved state
     # nor count towards early stopping: prompt-free output rises late, and a tiny validation set
-    # (2 images on HC18) once rated step 100 best, whose automatic Dice was 0.861 where 800 steps
-    # give 0.92 (bench/results/finetune_gpu_h100_lora_adapter_hc18_s10.json).
+    # can rate an early step best.
     select_after_fraction: float = 0.5
     automatic_fraction: float = 0.5
     foreground_fraction: float = 0.8
@@ -108,14 +109,31 @@ def check_cases(cases, label_value) -> None:
             raise InputError(f"label value {label_value} does not occur in {name} (values: {present})")
 
 
-def _load_base(config: FinetuneConfig, mode: str) -> PromptableModel:
-    if config.model_name == TEST_MODEL:
-        device = torch.device("cpu") if config.device in ("auto", "cpu") else torch.device(config.device)
-        return tiny_random_model_for_tests().to(device)
+def check_config(config: FinetuneConfig) -> None:
+    """Refuse settings that cannot train (before any model is loaded)."""
+    if config.steps is not None and (isinstance(config.steps, bool) or not 1 <= int(config.steps) <= MAX_STEPS):
+        raise InputError(f"training steps must be from 1 to {MAX_STEPS}, got {config.steps}")
+    if not 1 <= config.embedding_budget <= 100_000:
+        raise InputError(f"embedding budget must be from 1 to 100000, got {config.embedding_budget}")
+    if not 1 <= config.lora_rank <= LIMITS["lora_rank"]:
+        raise InputError(f"LoRA rank must be from 1 to {LIMITS['lora_rank']}, got {config.lora_rank}")
+    channels = config.embedding_adapter_channels
+    if channels is not None and not 0 <= channels <= LIMITS["embedding_adapter_channels"]:
+        raise InputError(f"embedding adapter channels must be from 0 to {LIMITS['embedding_adapter_channels']}, "
+                         f"got {channels}")
+    if config.embedding_adapter_scope not in ("automatic", "all"):
+        raise InputError(f"embedding adapter scope must be automatic or all, got {config.embedding_adapter_scope!r}")
+    if config.encoder not in ENCODER_MODES:
+        raise InputError(f"encoder mode must be one of {', '.join(ENCODER_MODES)}, got {config.encoder!r}")
+
+
+def _load_base(config: FinetuneConfig, mode: str, base_model: PromptableModel | None) -> PromptableModel:
+    if base_model is not None:
+        return base_model
     # Training needs autograd, which only PyTorch gives; a frozen encoder only embeds, so it may
     # run on the accelerated backend, while the decoder, about to be trained, stays in PyTorch
     # (load_adapted_model later runs a frozen-encoder adapter on this same encoder graph).
-    model = load_model(config.model_name, config.checkpoint, config.device, backend="torch")
+    model = loading.load_model(config.model_name, config.checkpoint, config.device, backend="torch")
     if mode == "frozen":
         from ..backends import accelerate, default_backend
 
@@ -255,20 +273,10 @@ def _plan_embeddings(train_fg: list, train_bg: list, budget: int, foreground_fra
 def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     """``lora`` on a GPU; ``frozen`` (decoder only) on a CPU.
 
-    A LoRA step back-propagates through the whole TinyViT encoder; on this project's 2-core CPU
-    the LoRA benchmark run did not finish within the session, so few steps fit a 15-minute
-    budget. With the encoder frozen, each training slice is embedded once and only the decoder
-    trains: 240 embeddings plus 2000 steps (the default) took 748 s on that CPU, idle
-    (``bench/results/finetune_cpu_2000steps.json``). On an H200, 800 LoRA steps (the default)
-    took 103 s on hippocampus and 92 s on HC18, and gave automatic Dice 0.805 and 0.923, against
-    0.484 and 0.869 after 200 steps (``bench/results/finetune_gpu_h200_lora800_*.json``,
-    ``finetune_gpu_h200_lora.json``). On an H100, 800 LoRA steps (with an embedding adapter)
-    took 130 s (``finetune_gpu_h100_lora_adapter_hippocampus_s10.json``).
-
-    ``partial`` (LoRA in the last TinyViT stage, the stages before it cached) is asked for by
-    name only: on hippocampus it gave automatic Dice 0.715 against the frozen mode's 0.779 on the
-    same 7 test cases, in 725 s of training
-    (``bench/results/finetune_cpu_partial_hippocampus_s14.log``).
+    A LoRA step back-propagates through the whole encoder, so on a CPU few steps fit a
+    15-minute budget; with the encoder frozen each training slice is embedded once and only the
+    decoder (and embedding adapter) trains. ``partial`` (LoRA in the last TinyViT stage, earlier
+    stages cached) is asked for by name only. Figures: ``docs/adaptation.md``.
     """
     if config.encoder not in ENCODER_MODES:
         raise InputError(f"encoder mode must be one of {', '.join(ENCODER_MODES)}, got {config.encoder!r}")
@@ -282,8 +290,39 @@ def _dice(pred: np.ndarray, target: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
 
 
+def prepare_model(config: FinetuneConfig, mode: str, base_model: PromptableModel | None = None,
+                  parent: ParentAdapter | None = None) -> tuple[PromptableModel, list[str], tuple | None, int]:
+    """The model about to train: base weights frozen, LoRA / embedding adapter added, the
+    parent's weights loaded when continuing. Returns ``(model, lora layers, stages, channels)``."""
+    adapter_channels = (DEFAULT_EMBEDDING_ADAPTER[mode] if config.embedding_adapter_channels is None
+                        else config.embedding_adapter_channels)
+    model = _load_base(config, mode, base_model)
+    # The base's identity before any surgery (of its tensors when it was not loaded from a file).
+    model.weights_sha256 = model_identity(model)
+    if parent is not None:
+        check_base(parent.metadata, model, f"parent adapter {parent.path}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    encoder_stages = config.encoder_stages
+    if mode == "partial":
+        encoder_stages = tuple(encoder_stages or PARTIAL_STAGES)
+        check_first_stage(model.image_encoder, min(encoder_stages))
+    targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, encoder_stages)
+               if mode in ("lora", "partial") else [])
+    if adapter_channels > 0:
+        add_embedding_adapter(model, adapter_channels, config.embedding_adapter_scope == "automatic")
+    model.to(model.pixel_mean.device)
+    if parent is not None:
+        load_trained_state(model, parent.state, f"parent adapter {parent.path}")
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_trained(name))
+    model.eval()
+    return model, targets, encoder_stages, adapter_channels
+
+
 def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneConfig | None = None,
-             progress=None, cancel: threading.Event | None = None):
+             progress=None, cancel: threading.Event | None = None, base_model: PromptableModel | None = None,
+             parent: ParentAdapter | None = None):
     """Fine-tune the mask decoder, with LoRA in the encoder's attention or the encoder frozen.
 
     Returns ``(model, metadata)``. ``config.encoder`` picks the mode (see
@@ -293,47 +332,28 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     augmented copies up to ``embedding_budget`` as augmentation. There an
     :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter` (``embedding_adapter_channels``,
     64 by default) trains with the decoder, since the frozen encoder cannot adapt the features
-    themselves: over five paired runs on the CPU it added 0.020 of automatic Dice on average
-    (better in three) and moved box Dice by -0.003 (``bench/results/adapter_pairs_cpu_bf16_s9.jsonl``).
-    Since session 10 it acts on prompt-free decoding only (``embedding_adapter_scope``), which
-    raised box Dice in three paired runs out of three (+0.012 on average) with automatic Dice
-    +0.003 on average (``adapter_pairs_cpu_bf16_s10.jsonl``).
+    themselves; by default it acts on prompt-free decoding only (``embedding_adapter_scope``).
+
+    ``base_model``: an already built base model to train (changed in place) instead of loading
+    ``config.model_name``. ``parent``: continue that adapter (see :mod:`.continual`); training
+    starts from its weights and the metadata records the lineage.
 
     The model stays in eval mode throughout (BatchNorm statistics frozen, no dropout), so the
     saved adapter reloads to exactly the trained outputs.
     """
     config = config or FinetuneConfig()
+    check_config(config)
     check_cases(cases, config.label_value)
     start = time.monotonic()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     mode = resolve_encoder_mode(config, resolve_device(config.device))
-    adapter_channels = (DEFAULT_EMBEDDING_ADAPTER[mode] if config.embedding_adapter_channels is None
-                        else config.embedding_adapter_channels)
-    if adapter_channels < 0:
-        raise InputError(f"embedding adapter channels must be 0 or more, got {adapter_channels}")
-    if config.embedding_adapter_scope not in ("automatic", "all"):
-        raise InputError(f"embedding adapter scope must be automatic or all, got {config.embedding_adapter_scope!r}")
+    model, targets, encoder_stages, adapter_channels = prepare_model(config, mode, base_model, parent)
     prompt_free_only = config.embedding_adapter_scope == "automatic"
-    model = _load_base(config, mode)
     base_name, base_sha = model.spec.name, model.weights_sha256
-    for p in model.parameters():
-        p.requires_grad_(False)
     steps = config.steps or DEFAULT_STEPS[mode]
     decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
-    encoder_stages = config.encoder_stages
-    if mode == "partial":
-        encoder_stages = tuple(encoder_stages or PARTIAL_STAGES)
-        check_first_stage(model.image_encoder, min(encoder_stages))
-    targets = (inject_lora(model, config.lora_rank, config.lora_alpha, config.lora_targets, encoder_stages)
-               if mode in ("lora", "partial") else [])
-    if adapter_channels > 0:
-        add_embedding_adapter(model, adapter_channels, prompt_free_only)
-    model.to(model.pixel_mean.device)
-    for name, p in model.named_parameters():
-        p.requires_grad_(is_trained(name))
-    model.eval()
 
     slices = _slices(cases, config)
     fg = [s for s in slices if s.has_foreground]
@@ -378,7 +398,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     use_amp = model.device.type == "cuda"
     # bfloat16 autocast on a CPU that computes it natively: a LoRA step took 1.25 s against 2.36 s
     # in float32, a last-stage ("partial") step 0.45 s against 0.70 s (bench_perf.py
-    # --finetune-only, bench/results/perf_finetune_steps_cpu_s14.json). The frozen mode's
+    # --finetune-only). The frozen mode's
     # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
     if model.device.type == "cpu" and mode in ("lora", "partial"):
         from ..backends import cpu_has_native_bf16
@@ -443,6 +463,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     from .. import __version__
 
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {
         "format": 1,
         "base_model": {"name": base_name, "sha256": base_sha},
@@ -450,7 +471,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "label_value": config.label_value,
         "intensity": config.intensity.to_dict(),
         "axis": config.axis,
-        "training_cases": {"count": len(cases), "names": names},
+        "training_cases": {"count": len(cases), "names": names, "files": case_files(cases)},
         "steps": steps_done,
         "steps_planned": steps,
         "decoder_lr": decoder_lr,
@@ -458,7 +479,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "best_step": best_step,
         "validation_slices": len(val),
         "library_version": __version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": date,
         "encoder": mode,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "targets": list(config.lora_targets),
                  "encoder_stages": list(encoder_stages) if encoder_stages is not None else None,
@@ -472,5 +493,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "training_seconds": round(time.monotonic() - start, 1),
         "device": str(model.device),
         "cpu_bfloat16_autocast": cpu_bf16,
+        "lineage": lineage(parent, names, date),
     }
     return model, metadata
+

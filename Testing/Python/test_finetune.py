@@ -15,11 +15,26 @@ from MedFMSegmentLib.finetune.adapters import EmbeddingAdapter, load_adapted_mod
 from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
 from MedFMSegmentLib.io import MedicalImage, read_image, read_label
+from MedFMSegmentLib import loading, models
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 from MedFMSegmentLib.inference import SegmentationSession
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
 TINY = "tiny_random_for_tests"
+
+
+@pytest.fixture(autouse=True)
+def tiny_model_by_name(monkeypatch):
+    """Plumbing: ``--model tiny_random_for_tests`` (or model_name=TINY) loads the tiny random model.
+
+    Production code knows no test model; the test replaces the model loader instead.
+    """
+    real = loading.load_model
+
+    def load(name=models.DEFAULT_MODEL, *args, **kwargs):
+        return tiny_random_model_for_tests() if name == TINY else real(name, *args, **kwargs)
+
+    monkeypatch.setattr(loading, "load_model", load)
 
 
 def _synthetic_case(seed=0):

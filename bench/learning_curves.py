@@ -1,0 +1,259 @@
+"""Learning curves: adapted LiteMedSAM against a from-scratch MONAI U-Net, and the correction loop.
+
+For hippocampus MRI (3D) and HC18 ultrasound (2D): adapted automatic and box Dice against the
+number of training cases (drawn per seed from a fixed training pool; the same test cases for
+every point), the MONAI baseline trained on the same cases for the adapter's training time, the
+zero-shot box figure, training time and process peak memory per point. Then the correction
+loop: start from ``loop_start`` cases, segment a pool of unseen cases automatically, add the
+``loop_add`` worst with their labels as the user's correction, continue the adapter
+(``continue_adapter``, the parent's cases replayed), repeat; test Dice and the first cases' Dice
+(the forgetting check) after each round and, outside ``--quick``, the test Dice of an adapter
+trained on the same cases at once.
+
+Usage: python -m bench.learning_curves [--quick] [--parts hippocampus,hc18] [-o FILE]
+(``--quick``: few steps, cases and test cases, one seed; labelled ``"quick": true``.)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_finetune import box_dice, hc18_split, hippocampus_split  # noqa: E402
+from common import DATA_DIR, machine, peak_rss_mb  # noqa: E402
+
+from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
+from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
+from MedFMSegmentLib.finetune.baseline import BaselineConfig, predict_baseline, train_baseline  # noqa: E402
+from MedFMSegmentLib.finetune.continual import continue_adapter  # noqa: E402
+from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
+from MedFMSegmentLib.inference import SegmentationSession  # noqa: E402
+
+__all__ = ["main", "SETTINGS", "QUICK", "plot"]
+
+RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
+SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
+            "steps": None, "embedding_budget": None, "loop_start": 3, "loop_add": 2, "loop_rounds": 3,
+            "loop_candidates": 6, "forgetting_cases": 3, "loop_at_once": True}
+QUICK = {"sizes": [1, 3], "seeds": [0], "pool": 5, "test": {"hippocampus": 1, "hc18": 3}, "steps": 30,
+         "embedding_budget": 8, "loop_start": 3, "loop_add": 2, "loop_rounds": 1, "loop_candidates": 2,
+         "forgetting_cases": 3, "loop_at_once": False}
+
+
+def _log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+class _Embeddings:
+    """Base-encoder embeddings of test images, computed once: a frozen-encoder adapter decodes them."""
+
+    def __init__(self, base) -> None:
+        self.base, self.store = base, {}
+
+    def session(self, model, image) -> SegmentationSession:
+        session = SegmentationSession(model, image, axis="axial")
+        key = image.source
+        if key not in self.store:
+            s0 = SegmentationSession(self.base, image, axis="axial")
+            s0.embed_slices(range(s0.num_slices))
+            self.store[key] = [s0.embedding(i) for i in range(s0.num_slices)]
+        for index, embedding in enumerate(self.store[key]):
+            session.store_embedding(index, embedding)
+        return session
+
+
+def _dice(pred, label) -> float:
+    return float(evaluate_masks(pred, label.array != 0, label.geometry.spacing)["dice"])
+
+
+def _adapted_scores(model, cases, embeddings: _Embeddings, with_box: bool = True) -> dict:
+    auto, box = [], []
+    for image, label in cases:
+        session = embeddings.session(model, image)
+        auto.append(_dice(segment_automatic(session), label))
+        if with_box:
+            box.append(box_dice(session, label.array != 0))
+    out = {"automatic": float(np.mean(auto)), "automatic_per_case": auto}
+    if with_box:
+        out["box"] = float(np.mean(box))
+    return out
+
+
+def _config(settings: dict, seed: int) -> FinetuneConfig:
+    config = FinetuneConfig(device="cpu", encoder="frozen", seed=seed, steps=settings["steps"])
+    return config if settings["embedding_budget"] is None else replace(config, embedding_budget=settings["embedding_budget"])
+
+
+def _progress(started: float):
+    def report(r: dict) -> None:
+        if r.get("stage") == "embedding" and r["done"] in (1, r["total"]):
+            _log(f"  embedded {r['done']}/{r['total']} at {time.monotonic() - started:.0f} s")
+        elif r.get("stage") != "embedding" and r["step"] in (1, r["steps"]):
+            _log(f"  step {r['step']}/{r['steps']} at {time.monotonic() - started:.0f} s")
+    return report
+
+
+def _point(train, test, settings, seed, embeddings) -> tuple[dict, object, dict]:
+    started = time.monotonic()
+    model, metadata = finetune(train, _config(settings, seed), progress=_progress(started))
+    seconds = time.monotonic() - started
+    _log(f"  adapter trained on {len(train)} cases in {seconds:.0f} s")
+    adapted = _adapted_scores(model, test, embeddings)
+    rss = peak_rss_mb()
+    _log(f"  adapter scored: {adapted['automatic']:.3f} automatic, {adapted['box']:.3f} box")
+    baseline = train_baseline(train, BaselineConfig(seconds=seconds, seed=seed))
+    scratch = [_dice(predict_baseline(baseline, image), label) for image, label in test]
+    row = {"cases": len(train), "seed": seed, "training_seconds": round(seconds, 1),
+           "steps": metadata["steps"], "adapted_automatic": adapted["automatic"], "adapted_box": adapted["box"],
+           "baseline_dice": float(np.mean(scratch)), "baseline_steps": baseline.steps,
+           "baseline_seconds": baseline.seconds, "process_peak_rss_mb": round(rss, 1)}
+    return row, model, metadata
+
+
+def _correction_loop(pool, test, settings, embeddings, folder: Path, start_point) -> list[dict]:
+    """Start from ``loop_start`` pool cases (the learning curve's adapter for them, when it made
+    one); each round add the ``loop_add`` worst automatic results with their labels."""
+    start = settings["loop_start"]
+    train, candidates = list(pool[:start]), list(pool[start:start + settings["loop_candidates"]])
+    if start_point is not None:
+        train, model, metadata = start_point
+        ids = {id(c) for c in train}
+        candidates = [c for c in pool if id(c) not in ids][:settings["loop_candidates"]]
+    else:
+        model, metadata = finetune(train, _config(settings, 0))
+    first = train[:settings["forgetting_cases"]]
+    adapter = folder / "round0"
+    from MedFMSegmentLib.finetune.adapters import save_adapter
+
+    save_adapter(model, adapter, metadata)
+    rounds = [{"round": 0, "cases": len(train), "training_seconds": metadata["training_seconds"],
+               "test": _adapted_scores(model, test, embeddings, with_box=False)["automatic"],
+               "first_cases": _adapted_scores(model, first, embeddings, with_box=False)["automatic"]}]
+    _log(f"correction round 0: {rounds[-1]}")
+    for n in range(1, settings["loop_rounds"] + 1):
+        if not candidates:
+            break
+        scores = _adapted_scores(model, candidates, embeddings, with_box=False)["automatic_per_case"]
+        worst = [candidates[i] for i in np.argsort(scores)[:settings["loop_add"]]]
+        candidates = [c for c in candidates if all(c is not w for w in worst)]
+        child = folder / f"round{n}"
+        overrides = {"device": "cpu"}
+        if settings["steps"] is not None:
+            overrides["steps"] = max(1, round(settings["steps"] * 0.4))
+        if settings["embedding_budget"] is not None:
+            overrides["embedding_budget"] = settings["embedding_budget"]
+        model, metadata = continue_adapter(adapter, worst, child, **overrides)
+        adapter = child
+        train += worst
+        rounds.append({"round": n, "cases": len(train), "added_automatic_dice": sorted(scores)[:len(worst)],
+                       "training_seconds": metadata["training_seconds"],
+                       "replayed": metadata["lineage"][-1]["cases_replayed"],
+                       "test": _adapted_scores(model, test, embeddings, with_box=False)["automatic"],
+                       "first_cases": _adapted_scores(model, first, embeddings, with_box=False)["automatic"]})
+        rounds[-1]["first_cases_drop"] = round(rounds[0]["first_cases"] - rounds[-1]["first_cases"], 4)
+        if settings.get("loop_at_once"):  # the same cases trained at once, for comparison
+            at_once, _ = finetune(train, _config(settings, 0))
+            rounds[-1]["test_trained_at_once"] = _adapted_scores(at_once, test, embeddings, with_box=False)["automatic"]
+        _log(f"correction round {n}: {rounds[-1]}")
+        print(f"correction round {n}: {len(train)} cases, test automatic Dice {rounds[-1]['test']:.3f}, "
+              f"first cases {rounds[-1]['first_cases']:.3f}", flush=True)
+    return rounds
+
+
+def run_part(part: str, settings: dict, folder: Path, loop: bool) -> dict:
+    from MedFMSegmentLib.loading import load_model
+
+    split = hippocampus_split if part == "hippocampus" else hc18_split
+    pool, test = split(settings["pool"], settings["test"][part])
+    base = load_model(device="cpu")  # the accelerated encoder the frozen-encoder training uses too
+    embeddings = _Embeddings(base)
+    zero_shot = float(np.mean([box_dice(embeddings.session(base, image), label.array != 0) for image, label in test]))
+    _log(f"{part} zero-shot box {zero_shot:.3f}")
+    points, start_point = [], None
+    for n in settings["sizes"]:
+        for seed in settings["seeds"]:
+            order = np.random.default_rng(seed).permutation(len(pool))
+            train = [pool[i] for i in order[:n]]
+            row, model, metadata = _point(train, test, settings, seed, embeddings)
+            points.append(row)
+            if n == settings["loop_start"] and start_point is None:
+                start_point = (train, model, metadata)
+            _log(f"{part} {row}")
+    result = {"train_pool": len(pool), "test_cases": [Path(image.source).name for image, _ in test],
+              "zero_shot_box": zero_shot, "points": points}
+    if loop:
+        result["correction_loop"] = _correction_loop(pool, test, settings, embeddings, folder / part,
+                                                     start_point)
+    return result
+
+
+def plot(result: dict, output: Path) -> list[Path]:
+    """Draw one learning-curve figure per part (Dice against training cases) as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for part in ("hippocampus", "hc18"):
+        if part not in result:
+            continue
+        points = result[part]["points"]
+        sizes = sorted({p["cases"] for p in points})
+        figure, axes = plt.subplots(figsize=(5, 3.5))
+        for key, name in (("adapted_automatic", "adapted, automatic"), ("adapted_box", "adapted, box"),
+                          ("baseline_dice", "MONAI U-Net from scratch")):
+            axes.plot(sizes, [np.mean([p[key] for p in points if p["cases"] == n]) for n in sizes], "o-", label=name)
+        axes.axhline(result[part]["zero_shot_box"], linestyle="--", color="grey", label="zero-shot box")
+        axes.set(xlabel="training cases", ylabel="Dice", title=part + (" (quick)" if result.get("quick") else ""))
+        axes.legend(fontsize=8)
+        path = output.with_name(f"{output.stem}_{part}.png")
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few steps, cases and test cases, one seed")
+    parser.add_argument("--parts", default=None, help="default: hippocampus,hc18 (--quick: hc18, the 2D part, "
+                        "whose test images embed in one encoder call each)")
+    parser.add_argument("--loop-parts", default=None, help="parts that run the correction loop (default: all; "
+                        "--quick: hc18)")
+    parser.add_argument("-o", "--output", default=str(RESULT))
+    args = parser.parse_args(argv)
+    if not DATA_DIR.is_dir():
+        print(f"learning_curves: data folder {DATA_DIR} is absent", file=sys.stderr)
+        return 2
+    settings = QUICK if args.quick else SETTINGS
+    parts = [p for p in (args.parts or ("hc18" if args.quick else "hippocampus,hc18")).split(",") if p]
+    loop_parts = (args.loop_parts or ",".join(parts)).split(",")
+    result = {"benchmark": "learning_curves", "quick": args.quick, "machine": machine(), "settings": settings,
+              "adapter": "frozen encoder + embedding adapter (CPU default)",
+              "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, the adapter's training time",
+              "memory_note": "process_peak_rss_mb: the benchmark process's peak so far, not the point's own"}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as folder:
+        for part in parts:
+            result[part] = run_part(part, settings, Path(folder), part in loop_parts)
+            result["seconds"] = round(time.monotonic() - started, 1)
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    result["machine"]["load_average_end"] = list(__import__("os").getloadavg())
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({part: {k: v for k, v in result[part].items() if k != "test_cases"} for part in parts}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
