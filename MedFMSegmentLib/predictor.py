@@ -633,8 +633,8 @@ class SegmentationSession:
     # ------------------------------------------------------------------ 3D
     def segment(self, prompts: Prompts, propagate: bool | None = None, progress: ProgressCallback | None = None,
                 cancel: threading.Event | None = None, on_update: Callable | None = None) -> np.ndarray:
-        """:meth:`_segment`; ``on_update(array_axis, index, plane)`` is called as each result slice is
-        written (``array_axis``: the numpy axis of the ``(K, J, I)`` result, 0 for K)."""
+        """:meth:`_segment`; ``on_update(voxel_axis, index, plane)`` is called as each result slice is
+        written (``voxel_axis`` 0 = I, 1 = J, 2 = K; ``plane`` as :func:`slice_from_volume` gives it)."""
         self._on_update = on_update
         try:
             return self._segment(prompts, propagate, progress, cancel)
@@ -903,8 +903,8 @@ class SegmentationSession:
 
     def _write(self, result: np.ndarray, index: int, plane: np.ndarray) -> None:
         slice_from_volume(result, self.voxel_axis, index)[...] = plane
-        if getattr(self, "_on_update", None) is not None:  # numpy axis of the (K, J, I) result
-            self._on_update(2 - self.voxel_axis, int(index), plane)
+        if getattr(self, "_on_update", None) is not None:
+            self._on_update(self.voxel_axis, int(index), plane)
 
 
 def axes_by_extent(box: Sequence[float], spacing: Sequence[float]) -> tuple[int, int, int]:

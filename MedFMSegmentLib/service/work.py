@@ -198,9 +198,10 @@ def prompt_job(state: ServiceState, volume_id: str, prompts: Prompts, options: d
     """The work of a 3D prompt: the mask, slices reported as they are written."""
     def work(job: Job) -> np.ndarray:
         session = _prepare(state, volume_id, options)
+        # on_update names the library's voxel axis (0 = I); clients get the numpy axis (0 = K).
         return _tracked(job, session, 0, lambda: session.segment(
             prompts, propagate=options.get("propagate"), progress=job.progress, cancel=job.cancel,
-            on_update=job.add_update))
+            on_update=lambda voxel_axis, index, plane: job.add_update(2 - voxel_axis, index, plane)))
 
     return work
 
