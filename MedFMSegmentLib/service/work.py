@@ -96,7 +96,7 @@ def resolve_axis(value: Any) -> str | int:
 
 
 def _strategy(value: Any) -> str | None:
-    from ..predictor import BOX3D_STRATEGIES
+    from .engine import BOX3D_STRATEGIES
 
     if value is not None and value not in BOX3D_STRATEGIES:
         raise InputError(f"box3d_strategy must be one of {', '.join(BOX3D_STRATEGIES)}")
@@ -144,7 +144,7 @@ def check_prompt(state: ServiceState, volume_id: str, prompts: Prompts, options:
     """Check a prompt against its volume (no model needed); ``(voxel_axis, index)`` when it segments
     one slice only (answered at once), None when it is a 3D job."""
     from ..geometry import to_slice_coords
-    from ..predictor import box_on_axis, choose_axis
+    from .engine import box_on_axis, choose_axis
 
     geometry = state.volume(volume_id).geometry
     prompts.validate(geometry)
@@ -171,7 +171,7 @@ def check_prompt(state: ServiceState, volume_id: str, prompts: Prompts, options:
 
 def _prepare(state: ServiceState, volume_id: str, options: dict):
     """The session for a prompt, its axis and settings set as an in-process call would set them."""
-    from ..predictor import PredictorSettings
+    from .engine import PredictorSettings
 
     session, _ = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
     session.set_axis(_axis(state, volume_id, options))
@@ -231,7 +231,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
     state.existing_adapter(options["adapter"])
 
     def work(job: Job) -> np.ndarray:
-        from ..finetune.automatic import segment_automatic
+        from .engine import segment_automatic
 
         session, info = state.session(volume_id, adapter=options["adapter"], intensity=options.get("intensity"))
         if not info.automatic:
