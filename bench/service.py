@@ -53,8 +53,8 @@ def _hippocampus():
 def round_trip(client, image, flat_box, repeats: int) -> dict:
     """Median ms of a 2D prompt on an embedded slice via the service and in process, measured
     alternately so that both see the same load; and of a bare request (HEAD of the volume)."""
-    from MedFMSegmentLib.models import load_model
-    from MedFMSegmentLib.predictor import SegmentationSession
+    from MedFMSegmentLib.loading import load_model
+    from MedFMSegmentLib.inference import SegmentationSession
     from MedFMSegmentLib.prompts import Prompts
 
     vid = client.upload_volume(image.array, image.geometry)

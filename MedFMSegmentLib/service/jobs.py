@@ -123,7 +123,7 @@ class JobManager:
         max_queued: Jobs waiting at most; more are refused (a client in a loop cannot fill memory).
     """
 
-    def __init__(self, lock: threading.RLock, keep: int = 32, max_queued: int = 64) -> None:
+    def __init__(self, lock: threading.RLock, keep: int = 8, max_queued: int = 64) -> None:
         self.lock = lock
         self.keep = keep
         self.max_queued = max_queued

@@ -167,7 +167,7 @@ def serve(args: argparse.Namespace) -> int:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if created:
+        if created and not args.token_file:  # a token file the user named is theirs: it stays for the next start
             token_path.unlink(missing_ok=True)
     return 0
 

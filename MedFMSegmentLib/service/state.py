@@ -67,7 +67,7 @@ class ServiceState:
     def __init__(self, models: dict[str, str | None], adapter_dir: Path, device: str = "auto",
                  backend: str | None = None, precision: str | None = None, limits: Limits | None = None) -> None:
         from ..models import resolve_device
-        from ..predictor import EmbeddingCache, PredictorSettings
+        from ..inference import EmbeddingCache, PredictorSettings
 
         self.model_specs = dict(models)
         self.default_model = next(iter(self.model_specs))
@@ -88,7 +88,7 @@ class ServiceState:
     # ------------------------------------------------------------------ models and adapters
     def model(self, name: str | None = None):
         """The loaded model ``name`` (default: the first one served), loaded on first use."""
-        from ..models import load_model
+        from ..loading import load_model
 
         name = name or self.default_model
         if name not in self.model_specs:
@@ -197,7 +197,7 @@ class ServiceState:
     def session(self, volume_id: str, model: str | None = None, adapter: str | None = None,
                 intensity: dict | None = None):
         """``(SegmentationSession, adapter_info or None)`` for a volume and a model or an adapter."""
-        from ..predictor import SegmentationSession
+        from ..inference import SegmentationSession
         from ..preprocessing import IntensitySettings
 
         image = self.volume(volume_id)
@@ -238,7 +238,7 @@ class FocusWorker:
     def focus(self, session, voxel_axis: int, index: int, radius: int) -> int:
         """Plan slice ``index`` along ``voxel_axis`` and ``radius`` neighbours each side; returns
         how many of them are not embedded yet."""
-        from ..background import nearest_first
+        from ..inference.prefetch import nearest_first
 
         size = session.image.geometry.size[voxel_axis]
         plan = [(session, voxel_axis, i) for i in nearest_first(int(index), radius, size)

@@ -96,7 +96,7 @@ def resolve_axis(value: Any) -> str | int:
 
 
 def _strategy(value: Any) -> str | None:
-    from ..predictor import BOX3D_STRATEGIES
+    from ..inference import BOX3D_STRATEGIES
 
     if value is not None and value not in BOX3D_STRATEGIES:
         raise InputError(f"box3d_strategy must be one of {', '.join(BOX3D_STRATEGIES)}")
@@ -143,8 +143,8 @@ def _axis(state: ServiceState, volume_id: str, options: dict) -> str | int:
 def check_prompt(state: ServiceState, volume_id: str, prompts: Prompts, options: dict) -> tuple[int, int] | None:
     """Check a prompt against its volume (no model needed); ``(voxel_axis, index)`` when it segments
     one slice only (answered at once), None when it is a 3D job."""
-    from ..geometry import to_slice_coords
-    from ..predictor import box_on_axis, choose_axis
+    from ..geometry import box_on_axis, to_slice_coords
+    from ..inference import choose_axis
 
     geometry = state.volume(volume_id).geometry
     prompts.validate(geometry)
@@ -171,7 +171,7 @@ def check_prompt(state: ServiceState, volume_id: str, prompts: Prompts, options:
 
 def _prepare(state: ServiceState, volume_id: str, options: dict):
     """The session for a prompt, its axis and settings set as an in-process call would set them."""
-    from ..predictor import PredictorSettings
+    from ..inference import PredictorSettings
 
     session, _ = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
     session.set_axis(_axis(state, volume_id, options))
@@ -183,24 +183,28 @@ def segment_2d(state: ServiceState, volume_id: str, prompts: Prompts, options: d
                where: tuple[int, int]) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Segment a one-slice prompt (``where`` from :func:`check_prompt`) now:
     ``(array_axis, index, plane, full mask)``."""
-    from ..geometry import slice_from_volume
+    from ..geometry import array_axis, slice_from_volume
 
     with state.inference_lock:
         session = _prepare(state, volume_id, options)
         mask = session.segment(prompts, propagate=options.get("propagate"))
     voxel_axis, index = where
-    if session.voxel_axis != voxel_axis:
-        raise RuntimeError(f"the prompt was planned on voxel axis {voxel_axis}, segmented on {session.voxel_axis}")
-    return 2 - voxel_axis, index, slice_from_volume(mask, voxel_axis, index), mask
+    if session.axis_for(prompts) != voxel_axis:
+        raise RuntimeError(f"the prompt was planned on voxel axis {voxel_axis}, "
+                           f"segmented on {session.axis_for(prompts)}")
+    return array_axis(voxel_axis), index, slice_from_volume(mask, voxel_axis, index), mask
 
 
 def prompt_job(state: ServiceState, volume_id: str, prompts: Prompts, options: dict) -> Callable[[Job], Any]:
     """The work of a 3D prompt: the mask, slices reported as they are written."""
+    from ..geometry import array_axis
+
     def work(job: Job) -> np.ndarray:
         session = _prepare(state, volume_id, options)
+        # on_update names the library's voxel axis (0 = I); clients get the numpy axis (0 = K).
         return _tracked(job, session, 0, lambda: session.segment(
             prompts, propagate=options.get("propagate"), progress=job.progress, cancel=job.cancel,
-            on_update=job.add_update))
+            on_update=lambda voxel_axis, index, plane: job.add_update(array_axis(voxel_axis), index, plane)))
 
     return work
 
@@ -230,7 +234,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
     state.existing_adapter(options["adapter"])
 
     def work(job: Job) -> np.ndarray:
-        from ..finetune.automatic import segment_automatic
+        from ..inference import segment_automatic
 
         session, info = state.session(volume_id, adapter=options["adapter"], intensity=options.get("intensity"))
         if not info.automatic:

@@ -245,3 +245,21 @@ def test_serve_bad_options_exit_2_with_one_line(tmp_path):
             assert len(lines) == 2 and "reachable from other machines" in lines[0]
         else:
             assert len(lines) == 1
+
+
+def test_default_token_file_is_private_and_removed_a_named_one_is_reused(tmp_path):
+    from MedFMSegmentLib.service.launch import start_local_service
+
+    service = start_local_service("--adapter-dir", str(tmp_path / "adapters"), timeout=120)
+    default = Path(service.token_file)
+    assert default.stat().st_mode & 0o777 == 0o600 and default.parent.stat().st_mode & 0o077 == 0
+    assert service.client().info()["models"] == ["litemedsam"]
+    assert service.stop() == 0 and not default.exists()
+    named = tmp_path / "token"
+    named.write_text("a-token-chosen-by-the-user-0123456789\n")
+    named.chmod(0o600)
+    service = start_local_service("--adapter-dir", str(tmp_path / "adapters"), "--token-file", str(named),
+                                  timeout=120)
+    assert service.token == "a-token-chosen-by-the-user-0123456789"
+    assert service.client().info()["device"] == "cpu"
+    assert service.stop() == 0 and named.exists()
