@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
            "box": round(float(scores[:, 1].mean()), 4), "train_s": round(train_s, 1),
            "steps": metadata["steps"], "val": [round(v, 3) for v in validation], "machine": machine()}
     path = Path(args.output) if args.output and args.output != "-" else RESULTS_DIR / "adapter_pairs.json"
-    runs = json.loads(path.read_text()).get("runs", []) if path.is_file() and args.output != "-" else []
+    runs = json.loads(path.read_text(encoding="utf-8")).get("runs", []) if path.is_file() and args.output != "-" else []
     save("adapter_pairs", {"runs": runs + [run]}, vars(args), args.output)
     return 0
 

@@ -33,7 +33,7 @@ def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     vector_flags: list[str] = []
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
             elif line.startswith("flags") and not vector_flags:
@@ -124,7 +124,7 @@ def save(suite: str, result: dict, settings: dict, output: str | None = None) ->
     path = None if output == "-" else Path(output) if output else RESULTS_DIR / f"{suite}.json"
     if path is not None and path.is_file():
         try:
-            history = json.loads(path.read_text()).get("history")
+            history = json.loads(path.read_text(encoding="utf-8")).get("history")
         except (ValueError, AttributeError):
             history = None
         if history:
@@ -134,6 +134,6 @@ def save(suite: str, result: dict, settings: dict, output: str | None = None) ->
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text + "\n")
+        partial.write_text(text + "\n", encoding="utf-8")
         partial.replace(path)
     return path

@@ -30,7 +30,7 @@ NO_OP_LAYERS = ("Dropout", "Identity")
 def cpu_peak_gflops() -> dict:
     """Float32 peak of this CPU: cores x clock x 2 FMA units x SIMD lanes x 2 (multiply and add)."""
     mhz, flags = None, set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
+    for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
         if line.startswith("cpu MHz") and mhz is None:
             mhz = float(line.split(":", 1)[1])
         elif line.startswith("flags") and not flags:

@@ -259,7 +259,7 @@ def process_peak_rss_mb() -> float:
     """Peak RSS of this process image: VmHWM, which, unlike ru_maxrss, does not carry over the
     parent's peak into a child started with fork + exec."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024.0
     except OSError:

@@ -31,7 +31,7 @@ HEADLINE_END = "<!-- end of headline results -->"
 
 def load_results(folder: Path = RESULTS_DIR) -> dict[str, dict]:
     """``{suite: result}`` for every ``<suite>.json`` in ``folder``."""
-    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+    return {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted(folder.glob("*.json"))}
 
 
 KNOWN = ("demo", "core", "perf", "adapter_pairs", "finetune", "automatic", "gpu", "encoder_gpu", "batch", "box3d_ceiling",
@@ -393,10 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = load_results()
     page = render(results)
-    readme = README.read_text() if README.exists() else ""
+    readme = README.read_text(encoding="utf-8") if README.exists() else ""
     new_readme = _readme_with_table(readme, headline_table(results))
     if args.check:
-        stale = [str(p.relative_to(ROOT)) for p, old, new in ((DOC, DOC.read_text() if DOC.exists() else "", page),
+        stale = [str(p.relative_to(ROOT)) for p, old, new in ((DOC, DOC.read_text(encoding="utf-8") if DOC.exists() else "", page),
                                                             (README, readme, new_readme)) if old != new]
         if stale:
             print(f"out of date: {', '.join(stale)} (run python -m bench report)", file=sys.stderr)
@@ -404,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
         print("docs/benchmarks.md and README's headline table match bench/results")
         return 0
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(page)
+    DOC.write_text(page, encoding="utf-8")
     if new_readme != readme:
-        README.write_text(new_readme)
+        README.write_text(new_readme, encoding="utf-8")
     written = [DOC]
     if not args.no_plots:
         from .plots import write_plots

@@ -63,7 +63,7 @@ def read_slurm_config(path: str | os.PathLike) -> dict:
     """Read and check a SLURM cluster config (YAML or JSON mapping of :data:`SLURM_KEYS`)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise InputError(f"cannot read SLURM config {path}: {exc.strerror or exc}") from None
     try:

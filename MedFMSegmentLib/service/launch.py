@@ -61,5 +61,5 @@ def start_local_service(*arguments: str, timeout: float = 300.0, stderr=None) ->
         process.kill()
         raise ServiceError(0, f"the service did not start (exit code {process.wait()})")
     ready = json.loads(line)
-    token = Path(ready["token_file"]).read_text().strip()
+    token = Path(ready["token_file"]).read_text(encoding="utf-8").strip()
     return LocalService(process, ready["url"], token, ready["token_file"])

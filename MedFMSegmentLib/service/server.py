@@ -43,7 +43,7 @@ def read_or_create_token(path: Path) -> tuple[str, bool]:
     """``(token, created)``: the token in ``path`` if it exists, else a new random one written there 0600."""
     if path.exists():
         try:
-            token = path.read_text().strip()
+            token = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"cannot read token file {path}: {exc}") from None
         if len(token) < 16:

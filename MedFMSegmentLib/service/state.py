@@ -145,7 +145,7 @@ class ServiceState:
             for path in sorted(self.adapter_dir.iterdir()):
                 if ADAPTER_NAME.match(path.name) and (path / WEIGHTS_FILE).is_file():
                     try:
-                        metadata = json.loads((path / METADATA_FILE).read_text())
+                        metadata = json.loads((path / METADATA_FILE).read_text(encoding="utf-8"))
                     except (OSError, ValueError):
                         continue
                     found.append({"name": path.name, "metadata": metadata})

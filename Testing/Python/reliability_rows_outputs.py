@@ -141,7 +141,7 @@ def _(tmp: Path) -> Expect:
         assert tiny_batch([x, y], tmp / "out", prompts) == ["ok", "ok"]
         assert tiny_batch([x, y], tmp / "out", prompts) == ["skipped", "skipped"]
         assert tiny_batch([y, x], tmp / "out", prompts) == ["ok", "ok"]
-        record = json.loads((tmp / "out" / RECORD.format("img.nii.gz")).read_text())
+        record = json.loads((tmp / "out" / RECORD.format("img.nii.gz")).read_text(encoding="utf-8"))
         assert record["provenance"]["input"][0]["path"] == os.path.realpath(y)
         return 0
 
@@ -213,7 +213,7 @@ def _(tmp: Path) -> Expect:
 
         label = read_label(tmp / "out.mhd")
         assert label.geometry.same_grid(read_image(image).geometry) and label.array[1].any()
-        assert "ElementDataFile = out.raw" in (tmp / "out.mhd").read_text()
+        assert "ElementDataFile = out.raw" in (tmp / "out.mhd").read_text(encoding="utf-8")
 
     return Expect(seg(image, tmp / "out.mhd"), code=0, message="wrote", creates={"out.mhd", "out.raw"}, check=check)
 

@@ -166,7 +166,7 @@ def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().out == ""  # NNCF's progress goes to stderr, never into the caller's stdout
     folders = list((tmp_path / "openvino").glob("*encoder-int8-*"))
     assert len(folders) == 1
-    meta = json.loads((folders[0] / "meta.json").read_text())
+    meta = json.loads((folders[0] / "meta.json").read_text(encoding="utf-8"))
     assert meta["precision"] == "int8" and 0 < meta["relative_error_vs_f32"] < acceleration._INT8_MAX_RELATIVE_ERROR
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():

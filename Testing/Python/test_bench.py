@@ -42,8 +42,8 @@ def test_a_new_module_with_main_is_a_suite(tmp_path, monkeypatch):
 def test_report_reproduces_the_committed_docs():
     """``python -m bench report`` on the committed results gives docs/benchmarks.md and README's table exactly."""
     results = report.load_results()
-    assert (ROOT / "docs" / "benchmarks.md").read_text() == report.render(results)
-    readme = (ROOT / "README.md").read_text()
+    assert (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8") == report.render(results)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert report.HEADLINE_START in readme
     assert report._readme_with_table(readme, report.headline_table(results)) == readme
     out = subprocess.run([sys.executable, "-m", "bench", "report", "--check"], cwd=ROOT, capture_output=True,
@@ -62,9 +62,9 @@ def test_every_headline_figure_names_its_hardware():
 def test_results_record_machine_versions_and_settings():
     """Results saved through ``common.save`` carry the machine, versions and settings of their runs."""
     for path in sorted((ROOT / "bench" / "results").glob("*.json")):
-        result = json.loads(path.read_text())
+        result = json.loads(path.read_text(encoding="utf-8"))
         module = ROOT / "bench" / f"{path.stem}.py"
-        if module.exists() and "save(" not in module.read_text():
+        if module.exists() and "save(" not in module.read_text(encoding="utf-8"):
             continue  # a suite with its own format; the report gives it a pointer to its JSON
         assert result["suite"] == path.stem
         assert "versions" in result and "settings" in result, path.name
@@ -77,7 +77,7 @@ def test_save_keeps_history_and_writes_atomically(tmp_path, monkeypatch):
     target = tmp_path / "core.json"
     target.write_text(json.dumps({"suite": "core", "figure": 1, "history": [{"label": "old", "figure": 0}]}))
     common.save("core", {"figure": 2}, {"hc18": 3, "output": str(target)}, str(target))
-    saved = json.loads(target.read_text())
+    saved = json.loads(target.read_text(encoding="utf-8"))
     assert saved["figure"] == 2 and saved["history"] == [{"label": "old", "figure": 0}]
     assert saved["settings"] == {"hc18": 3} and saved["machine"] == {"commit": "x"}
     assert saved["versions"]["medfmsegment"]
@@ -85,7 +85,7 @@ def test_save_keeps_history_and_writes_atomically(tmp_path, monkeypatch):
 
 
 def test_case_rules_match_the_committed_results(data_dir):
-    core = json.loads((ROOT / "bench" / "results" / "core.json").read_text())
+    core = json.loads((ROOT / "bench" / "results" / "core.json").read_text(encoding="utf-8"))
     assert data.hippocampus_names(20) == core["hippocampus"]["case_names"]
     offset = next(h for h in core["history"] if h["settings"].get("offset") == 5)
     assert data.hippocampus_names(20, 5) == offset["hippocampus"]["case_names"]

@@ -89,7 +89,7 @@ def test_cluster_batch_matches_single_process(client, litemedsam, data_dir, tmp_
     voxel_ml = [float(np.prod(read_image(p).geometry.spacing)) / 1000 for p in inputs]
     assert [float(r["volume_ml"]) for r in qc] == pytest.approx(
         [r.foreground_voxels * v for r, v in zip(single, voxel_ml)], abs=1e-3)
-    assert (tmp_path / "cluster" / "report.html").read_text().count("data:image/png;base64,") == 3
+    assert (tmp_path / "cluster" / "report.html").read_text(encoding="utf-8").count("data:image/png;base64,") == 3
 
 
 def _killer(client, targets: set[tuple[str, int]], killed: list, delay: float = 0.5):

@@ -133,7 +133,7 @@ def test_batch_format_dcm_matches_the_nifti_batch_and_resumes(ct, tmp_path, caps
     assert nifti[10].sum() > 1000 and np.array_equal(dcm, nifti)
     intersection = (dcm[10] & liver[10]).sum()
     assert 2 * intersection / (dcm[10].sum() + liver[10].sum()) > 0.8  # the liver, roughly as TotalSegmentator has it
-    report = (tmp_path / "dcm" / "report.html").read_text()
+    report = (tmp_path / "dcm" / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in report and folder.name in report
     before = seg_path.stat().st_mtime_ns
     assert main(["batch", *common, "-o", str(tmp_path / "dcm"), "--format", "dcm", "--resume"]) == 0

@@ -85,7 +85,7 @@ def test_flags_on_constructed_cases(tmp_path):
     assert flags["broken"] == ["failed"]
 
     page = write_report(cases, tmp_path)
-    text = page.read_text()
+    text = page.read_text(encoding="utf-8")
     assert text.count('src="data:image/png;base64,') == 8  # every case with a mask, not the failed one
     assert not re.search(r'(src|href)="(?!data:)', text) and "http" not in text  # no external assets
     assert text.count('class="flagged"') == 5

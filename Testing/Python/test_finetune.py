@@ -104,7 +104,7 @@ def test_tiny_frozen_encoder_trains_decoder_only_on_cached_embeddings(tmp_path):
     # loaded with the adapter's weights silently dropped.
     import json
 
-    meta = json.loads((folder / "metadata.json").read_text())
+    meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     meta["embedding_adapter"] = None
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="do not match its metadata"):
@@ -267,7 +267,7 @@ def test_real_litemedsam_adapter_roundtrip(tmp_path):
     # wrong base model: tampered SHA-256
     import json
 
-    meta = json.loads((folder / "metadata.json").read_text())
+    meta = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
     meta["base_model"]["sha256"] = "0" * 64
     (folder / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(InputError, match="SHA-256"):

@@ -109,7 +109,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
     started, kills = time.monotonic(), 0
     while kills < KILLS and time.monotonic() - started < KILL_LOOP_SECONDS:
         process, lines = _start(inputs, out, prompts, log)
-        assert _wait_for(lines, "ready") == "ready", log.read_text()
+        assert _wait_for(lines, "ready") == "ready", log.read_text(encoding="utf-8")
         time.sleep(rng.uniform(0.0, 1.5))
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -121,7 +121,7 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
     process, lines = _start(inputs, out, prompts, log)
     done = _wait_for(lines, "done")
     process.wait(timeout=120)
-    assert done is not None and process.returncode == 0, log.read_text()
+    assert done is not None and process.returncode == 0, log.read_text(encoding="utf-8")
     assert set(json.loads(done[len("done "):])) <= {"ok", "skipped"}
     _assert_consistent(out)
     assert [p.name for p in out.iterdir() if is_own_temporary(p)] == []
@@ -131,5 +131,5 @@ def test_sigkill_then_resume_loses_nothing(tmp_path):
     process, lines = _start(inputs, out, prompts, log)
     done = _wait_for(lines, "done")
     process.wait(timeout=120)
-    assert done is not None, log.read_text()
+    assert done is not None, log.read_text(encoding="utf-8")
     assert json.loads(done[len("done "):]) == ["skipped"] * CASES

@@ -24,7 +24,7 @@ def _blocks(text: str, language: str = "") -> list[str]:
 
 
 def _marked(name: str) -> str:
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     match = re.search(rf"^<!-- {name} -->\n```\n(.*?)\n```\n<!-- end {name} -->$", text, flags=re.S | re.M)
     assert match, f"README has no single code block between its '{name}' markers"
     return match.group(1)
@@ -32,7 +32,7 @@ def _marked(name: str) -> str:
 
 def _readme_commands() -> list[list[str]]:
     commands = []
-    for block in _blocks(README.read_text()):
+    for block in _blocks(README.read_text(encoding="utf-8")):
         for line in block.splitlines():
             for part in line.split("&&"):
                 words = shlex.split(part.strip())
@@ -42,12 +42,12 @@ def _readme_commands() -> list[list[str]]:
 
 
 def test_readme_is_short_and_speaks_of_the_project_only():
-    text = README.read_text()
+    text = README.read_text(encoding="utf-8")
     assert len(text.splitlines()) <= 200
     owned = [README, ROOT / "CHANGELOG.md", *DOCS, *(ROOT / "bench").glob("*.py"),
              ROOT / "MedFMSegmentLib" / "demo.py", ROOT / "MedFMSegmentLib" / "progress.py"]
     pattern = re.compile(r"session [0-9]|sessions [0-9]|one-off|_s[0-9]+\b", re.I)
-    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in owned for m in pattern.finditer(p.read_text())]
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in owned for m in pattern.finditer(p.read_text(encoding="utf-8"))]
     assert not hits
 
 
@@ -71,20 +71,20 @@ def test_ci_runs_readme_test_command_and_demo_installs_no_test_tools():
                                 "README.md | grep -v '^<!--' | grep -v '^```'"], cwd=ROOT, capture_output=True,
                                text=True, check=True).stdout.strip()
     assert extracted == test_command
-    ci = (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     assert "sed -n '/^<!-- test command -->$/,/^<!-- end test command -->$/p' README.md" in ci and 'eval "$command"' in ci
     demo = _marked("demo command")
     assert demo.endswith("medfmsegment demo") and "requirements-lock.txt ." in demo
     assert not re.search(r"pytest|\[test\]|requirements-test|slicer-core|nncf", demo)
-    user = {line.split("==")[0].lower() for line in (ROOT / "requirements-lock.txt").read_text().splitlines()
+    user = {line.split("==")[0].lower() for line in (ROOT / "requirements-lock.txt").read_text(encoding="utf-8").splitlines()
             if line and not line.startswith("#")}
     assert not user & {"pytest", "slicer-core", "vtk", "nncf", "hypothesis", "scikit-learn", "matplotlib"}
-    assert "-r requirements-lock.txt" in (ROOT / "requirements-test-lock.txt").read_text().splitlines()
+    assert "-r requirements-lock.txt" in (ROOT / "requirements-test-lock.txt").read_text(encoding="utf-8").splitlines()
 
 
 @pytest.mark.parametrize("page", [README, ROOT / "docs" / "python-api.md"], ids=lambda p: p.name)
 def test_python_snippets_import_what_they_use(page):
-    blocks = _blocks(page.read_text(), "python")
+    blocks = _blocks(page.read_text(encoding="utf-8"), "python")
     assert blocks
     for block in blocks:
         tree = ast.parse(block)
@@ -98,7 +98,7 @@ def test_python_snippets_import_what_they_use(page):
 def test_local_links_resolve():
     missing = []
     for page in [README, ROOT / "CHANGELOG.md", *DOCS]:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
             if re.match(r"[a-z]+://", target):
                 continue
             path = (page.parent / target).resolve()
@@ -116,8 +116,8 @@ def test_cli_reference_is_generated_from_the_parser():
 def test_limitations_quote_only_benchmark_figures():
     """Every Dice-like figure (0.ddd) and millisecond figure on the limitations page is in the generated
     benchmarks page, so it comes from a committed result."""
-    limitations = (ROOT / "docs" / "limitations.md").read_text()
-    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text()
+    limitations = (ROOT / "docs" / "limitations.md").read_text(encoding="utf-8")
+    benchmarks = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     figures = set(re.findall(r"\b0\.\d{3}\b", limitations)) | set(re.findall(r"\b(\d+(?:\.\d+)?) ms\b", limitations))
     assert figures
     assert sorted(f for f in figures if f not in benchmarks) == []

@@ -103,7 +103,7 @@ def test_existing_adapter_needs_overwrite_then_is_replaced_alone(trained, case_f
     old_sha = read_metadata(trained)["weights_sha256"]
     assert main(_finetune_args(case_files, trained, "--overwrite", "--seed", "1")) == 0
     assert sorted(p.name for p in trained.parent.iterdir()) == ["adapter", "other.txt"]
-    assert (trained.parent / "other.txt").read_text() == "beside the adapter"
+    assert (trained.parent / "other.txt").read_text(encoding="utf-8") == "beside the adapter"
     assert sorted(p.name for p in trained.iterdir()) == [WEIGHTS_FILE, METADATA_FILE]
     assert read_metadata(trained)["weights_sha256"] != old_sha
 
@@ -126,7 +126,7 @@ def test_bad_settings_are_refused_before_training(tmp_path, case_files, capsys, 
 # -- #10 / #12 damaged adapters --------------------------------------------------------------------
 
 def _tamper_metadata(folder: Path, change) -> None:
-    metadata = json.loads((folder / METADATA_FILE).read_text())
+    metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
     change(metadata)
     (folder / METADATA_FILE).write_text(json.dumps(metadata))
 

@@ -36,11 +36,11 @@ def start_server(tmp: Path, *extra: str, timeout: float = 120.0) -> tuple[subpro
     selector.register(process.stdout, selectors.EVENT_READ)
     if not selector.select(timeout):
         process.kill()
-        raise AssertionError(f"no ready line in {timeout} s: {(tmp / 'stderr.txt').read_text()[-2000:]}")
+        raise AssertionError(f"no ready line in {timeout} s: {(tmp / 'stderr.txt').read_text(encoding="utf-8")[-2000:]}")
     line = process.stdout.readline()
     if not line:
         process.wait(10)
-        raise AssertionError(f"server ended: {(tmp / 'stderr.txt').read_text()[-2000:]}")
+        raise AssertionError(f"server ended: {(tmp / 'stderr.txt').read_text(encoding="utf-8")[-2000:]}")
     return process, json.loads(line)
 
 
@@ -81,11 +81,11 @@ def service(tmp_path_factory):
     """One server for the module; its SIGTERM exit code is checked at the end."""
     tmp = tmp_path_factory.mktemp("service")
     process, ready = start_server(tmp)
-    ready["token"] = Path(ready["token_file"]).read_text().strip()
+    ready["token"] = Path(ready["token_file"]).read_text(encoding="utf-8").strip()
     ready["adapters"] = tmp / "adapters"
     yield ready
-    assert stop_server(process) == 0, (tmp / "stderr.txt").read_text()[-2000:]
-    assert Path(ready["token_file"]).read_text().strip() == ready["token"]  # a named token file stays
+    assert stop_server(process) == 0, (tmp / "stderr.txt").read_text(encoding="utf-8")[-2000:]
+    assert Path(ready["token_file"]).read_text(encoding="utf-8").strip() == ready["token"]  # a named token file stays
 
 
 @pytest.fixture(scope="module")

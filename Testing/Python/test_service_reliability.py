@@ -32,7 +32,7 @@ def small_service(tmp_path_factory):
     """A server with small body limits (1 MiB uploads, 4 MiB volumes)."""
     tmp = tmp_path_factory.mktemp("small_service")
     process, ready = start_server(tmp, "--max-upload-mb", "1", "--max-volume-mb", "4")
-    ready["token"] = Path(ready["token_file"]).read_text().strip()
+    ready["token"] = Path(ready["token_file"]).read_text(encoding="utf-8").strip()
     ready["tmp"] = tmp
     ready["process"] = process
     yield ready
@@ -211,7 +211,7 @@ def test_parent_death_stops_the_server_and_its_fine_tuning(tmp_path, data_dir):
     parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     process, ready = start_server(tmp_path, "--parent-pid", str(parent.pid))
     try:
-        client = ServiceClient(ready["url"], Path(ready["token_file"]).read_text().strip(), timeout=300)
+        client = ServiceClient(ready["url"], Path(ready["token_file"]).read_text(encoding="utf-8").strip(), timeout=300)
         start_long_finetune(client, data_dir, "orphan", (17, 19), "training")
         parent.kill()
         parent.wait(30)
@@ -221,7 +221,7 @@ def test_parent_death_stops_the_server_and_its_fine_tuning(tmp_path, data_dir):
             process.kill()
         if parent.poll() is None:
             parent.kill()
-    assert "parent process" in (tmp_path / "stderr.txt").read_text()
+    assert "parent process" in (tmp_path / "stderr.txt").read_text(encoding="utf-8")
     adapters = tmp_path / "adapters"
     assert not (adapters / "orphan").exists() and not list(adapters.iterdir())
 

@@ -72,10 +72,10 @@ def test_kill_tree_ends_the_real_child_behind_a_launcher(tmp_path):
         f"open({str(child_pid_file)!r}, 'w').write(str(child.pid))\n"
         "time.sleep(120)\n")])
     for _ in range(200):
-        if child_pid_file.is_file() and child_pid_file.read_text():
+        if child_pid_file.is_file() and child_pid_file.read_text(encoding="utf-8"):
             break
         time.sleep(0.05)
-    child = int(child_pid_file.read_text())
+    child = int(child_pid_file.read_text(encoding="utf-8"))
     killed = kill_tree(launcher.pid, timeout=5)
     assert set(killed) >= {launcher.pid, child}
     launcher.wait(timeout=10)

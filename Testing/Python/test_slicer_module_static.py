@@ -282,7 +282,7 @@ def test_requirements_file_is_derived_from_pyproject_and_the_lock():
     assert not names & {"torch", "simpleitk", "torchvision"}
     assert names <= dependencies.IMPORT_NAMES.keys(), f"no import name for {sorted(names - dependencies.IMPORT_NAMES.keys())}"
     assert all("==" in line for line in actual if dependencies.requirement_name(line) in
-               {dependencies.requirement_name(x) for x in (ROOT / "requirements-lock.txt").read_text().splitlines()})
+               {dependencies.requirement_name(x) for x in (ROOT / "requirements-lock.txt").read_text(encoding="utf-8").splitlines()})
 
 
 def test_model_choices_are_the_registry_and_checkpoint_needs_match():

@@ -187,7 +187,7 @@ def test_the_panels_serve_command_reads_its_ready_line_in_chunks_and_tree_kill_s
         if not chunk:
             break
         ready = next((r for r in map(parse_ready_line, buffer.feed(chunk.decode())) if r), None)
-    assert ready is not None, (tmp_path / "stderr.txt").read_text()[-2000:]
+    assert ready is not None, (tmp_path / "stderr.txt").read_text(encoding="utf-8")[-2000:]
     client = ServiceClient(ready["url"], read_token(ready["token_file"]))
     assert client.info()["models"] == ["litemedsam"]
     assert ready["pid"] in kill_tree(ready["pid"])

@@ -75,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     page = render()
     if args.check:
-        if not OUTPUT.exists() or OUTPUT.read_text() != page:
+        if not OUTPUT.exists() or OUTPUT.read_text(encoding="utf-8") != page:
             print("docs/cli.md is out of date: run python docs/tools/cli_reference.py", file=sys.stderr)
             return 1
         return 0
-    OUTPUT.write_text(page)
+    OUTPUT.write_text(page, encoding="utf-8")
     print(f"wrote {OUTPUT.relative_to(ROOT)}")
     return 0
 
