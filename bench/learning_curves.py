@@ -230,12 +230,20 @@ def main(argv: list[str] | None = None) -> int:
                         "whose test images embed in one encoder call each)")
     parser.add_argument("--loop-parts", default=None, help="parts that run the correction loop (default: all; "
                         "--quick: hc18)")
+    parser.add_argument("--steps", type=int, default=None, help="override the settings' training steps")
+    parser.add_argument("--embedding-budget", type=int, default=None, help="override the embedding budget")
+    parser.add_argument("--sizes", default=None, help="override the training-case counts, e.g. 3,5")
     parser.add_argument("-o", "--output", default=str(RESULT))
     args = parser.parse_args(argv)
     if not DATA_DIR.is_dir():
         print(f"learning_curves: data folder {DATA_DIR} is absent", file=sys.stderr)
         return 2
-    settings = QUICK if args.quick else SETTINGS
+    settings = dict(QUICK if args.quick else SETTINGS)
+    for name in ("steps", "embedding_budget"):
+        if getattr(args, name) is not None:
+            settings[name] = getattr(args, name)
+    if args.sizes:
+        settings["sizes"] = [int(n) for n in args.sizes.split(",")]
     parts = [p for p in (args.parts or ("hc18" if args.quick else "hippocampus,hc18")).split(",") if p]
     loop_parts = (args.loop_parts or ",".join(parts)).split(",")
     result = {"benchmark": "learning_curves", "quick": args.quick, "machine": machine(), "settings": settings,
