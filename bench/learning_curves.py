@@ -24,16 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_finetune import box_dice, hc18_split, hippocampus_split  # noqa: E402
-from common import DATA_DIR, machine, peak_rss_mb  # noqa: E402
+from MedFMSegmentLib.evaluation import evaluate_masks
+from MedFMSegmentLib.finetune.baseline import BaselineConfig, predict_baseline, train_baseline
+from MedFMSegmentLib.finetune.continual import continue_adapter
+from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+from MedFMSegmentLib.inference import SegmentationSession
+from MedFMSegmentLib.inference.automatic import segment_automatic
 
-from MedFMSegmentLib.evaluation import evaluate_masks  # noqa: E402
-from MedFMSegmentLib.finetune.automatic import segment_automatic  # noqa: E402
-from MedFMSegmentLib.finetune.baseline import BaselineConfig, predict_baseline, train_baseline  # noqa: E402
-from MedFMSegmentLib.finetune.continual import continue_adapter  # noqa: E402
-from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune  # noqa: E402
-from MedFMSegmentLib.inference import SegmentationSession  # noqa: E402
+from .common import DATA_DIR, machine, peak_rss_mb
+from .data import hc18_split, hippocampus_split
+from .finetune import box_dice
 
 __all__ = ["main", "SETTINGS", "QUICK", "plot"]
 

@@ -145,3 +145,37 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def headline_rows(result: dict) -> list[tuple[str, str, str]]:
+    """The service's rows of README's headline table (see :mod:`bench.report`)."""
+    from .report import hardware
+
+    figures = result["results"]
+    trip, first = figures["round_trip_2d"], figures["first_partial_3d_box"]
+    return [("`medfmsegment serve` on loopback: a 2D prompt on an embedded slice, time added over the "
+             "in-process call", f"{trip['added_ms']:.1f} ms ({trip['service_ms']:.1f} vs {trip['in_process_ms']:.1f} ms)",
+             hardware(result)),
+            ("Same service: a 3D box's first slice on screen / whole result (hippocampus, `propagate`)",
+             f"{first['first_update_seconds']:.1f} s / {first['total_seconds']:.1f} s", hardware(result))]
+
+
+def report_section(result: dict) -> list[str]:
+    """The service's part of docs/benchmarks.md (see :mod:`bench.report`)."""
+    from .report import _machine_line
+
+    figures = result["results"]
+    trip, upload, first = (figures["round_trip_2d"], figures["upload_512x512x300_int16"],
+                           figures["first_partial_3d_box"])
+    return ["## service", "", f"`python -m bench service` ({_machine_line(result)}): a real `medfmsegment serve` "
+            "on 127.0.0.1 against the same calls in process.", "",
+            "| measurement | result |", "|---|---|",
+            f"| 2D prompt on an embedded slice, through the service / in process (median of {trip['repeats']}) | "
+            f"{trip['service_ms']:.1f} ms / {trip['in_process_ms']:.1f} ms (+{trip['added_ms']:.1f} ms) |",
+            f"| a bare authenticated request | {trip['bare_request_ms']:.1f} ms |",
+            f"| upload of a 512 x 512 x 300 int16 volume ({upload['raw_mb']:.0f} MB) / again (already held) | "
+            f"{upload['seconds']:.2f} s / {upload['again_seconds']:.2f} s |",
+            f"| zlib level 1 on that volume, as a remote client sends it | {upload['zlib1_seconds']:.1f} s "
+            f"({upload['zlib1_mb']:.0f} MB) |",
+            f"| 3D box ({result['settings']['volume']}, `{result['settings']['box3d_strategy']}`): first slice update "
+            f"/ whole job | {first['first_update_seconds']:.2f} s / {first['total_seconds']:.1f} s |", ""]

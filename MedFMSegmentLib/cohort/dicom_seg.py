@@ -88,7 +88,7 @@ def write_dicom_seg(mask: np.ndarray, geometry: VolumeGeometry, dicom_files: Seq
     from pydicom.sr.codedict import codes
 
     from .. import __version__
-    from .files import atomic_target
+    from ..files import atomic_path
 
     path = Path(path)
     mask = np.asarray(mask).astype(bool)
@@ -112,7 +112,7 @@ def write_dicom_seg(mask: np.ndarray, geometry: VolumeGeometry, dicom_files: Seq
         manufacturer_model_name="MedFMSegment", software_versions=__version__, device_serial_number="0",
         series_description=f"MedFMSegment {segment_name}"[:64], content_label="MEDFMSEG",
         content_description=f"MedFMSegment {segment_name}"[:64], omit_empty_frames=bool(mask.any()))
-    with atomic_target(path, suffix=".partial.dcm") as tmp:
+    with atomic_path(path, extension=".dcm") as tmp:
         seg.save_as(tmp)
     return path
 

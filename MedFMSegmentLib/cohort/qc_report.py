@@ -200,7 +200,7 @@ median volume {median}.</p>
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    from .files import atomic_target
+    from ..files import atomic_path
 
-    with atomic_target(path) as tmp:
+    with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
