@@ -481,14 +481,11 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
+    from .progress import batch_progress
+
     settings = settings_from_args(args)
-
-    def report(done: int, total: int, result: CaseResult) -> None:
-        detail = result.error if result.status == "failed" else f"{result.foreground_voxels} voxels"
-        print(f"case {done}/{total} {result.status} {Path(result.output).name} {result.seconds:.1f} s {detail}",
-              flush=True)
-
-    results = run_batch(args.inputs, args.output_dir, settings, progress=report)
+    with batch_progress() as report:
+        results = run_batch(args.inputs, args.output_dir, settings, progress=report)
     failed = sum(r.status == "failed" for r in results)
     print(f"{len(results) - failed} of {len(results)} cases done; summary in {Path(args.output_dir) / 'summary.csv'}")
     return 1 if failed else 0

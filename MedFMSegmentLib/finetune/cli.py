@@ -7,18 +7,6 @@ from pathlib import Path
 from ..errors import InputError
 
 
-def _progress(report: dict) -> None:
-    if report.get("stage") == "embedding":
-        done, total = report["done"], report["total"]
-        if done == total or done % 10 == 0:
-            print(f"embedding training slices {done}/{total}", flush=True)
-        return
-    line = f"step {report['step']}/{report['steps']} loss {report['loss']:.4f}"
-    if report.get("val_dice") is not None:
-        line += f" val_dice {report['val_dice']:.3f}"
-    print(line, flush=True)
-
-
 def _run(args: argparse.Namespace) -> int:
     from ..io import read_image, read_label
     from .adapter_format import check_output_folder, sweep_leftovers
@@ -64,7 +52,10 @@ def _run(args: argparse.Namespace) -> int:
         check_config(config)
     cases = [(read_image(image_path), read_label(label_path)) for image_path, label_path in zip(images, labels)]
     check_cases(cases, config.label_value)
-    model, metadata = finetune(old + cases, config, progress=_progress, parent=parent)
+    from ..progress import finetune_progress
+
+    with finetune_progress() as progress:
+        model, metadata = finetune(old + cases, config, progress=progress, parent=parent)
     save_adapter(model, output, metadata)
     replayed = f", {len(old)} of the parent's cases replayed" if parent is not None else ""
     print(f"adapter written to {output} (validation Dice {metadata['validation_dice']}{replayed})", flush=True)

@@ -47,7 +47,7 @@ def test_readme_is_short_and_speaks_of_the_project_only():
     owned = [README, ROOT / "CHANGELOG.md", *DOCS, *(ROOT / "bench").glob("*.py"),
              ROOT / "MedFMSegmentLib" / "demo.py", ROOT / "MedFMSegmentLib" / "progress.py"]
     pattern = re.compile(r"session [0-9]|sessions [0-9]|one-off|_s[0-9]+\b", re.I)
-    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in owned for m in pattern.finditer(p.read_text(encoding="utf-8"))]
+    hits = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in owned for m in pattern.finditer(p.read_text(encoding='utf-8'))]
     assert not hits
 
 

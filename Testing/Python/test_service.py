@@ -36,11 +36,11 @@ def start_server(tmp: Path, *extra: str, timeout: float = 120.0) -> tuple[subpro
     selector.register(process.stdout, selectors.EVENT_READ)
     if not selector.select(timeout):
         process.kill()
-        raise AssertionError(f"no ready line in {timeout} s: {(tmp / 'stderr.txt').read_text(encoding="utf-8")[-2000:]}")
+        raise AssertionError(f"no ready line in {timeout} s: {(tmp / 'stderr.txt').read_text(encoding='utf-8')[-2000:]}")
     line = process.stdout.readline()
     if not line:
         process.wait(10)
-        raise AssertionError(f"server ended: {(tmp / 'stderr.txt').read_text(encoding="utf-8")[-2000:]}")
+        raise AssertionError(f"server ended: {(tmp / 'stderr.txt').read_text(encoding='utf-8')[-2000:]}")
     return process, json.loads(line)
 
 
