@@ -18,7 +18,7 @@ from typing import Iterable, Iterator
 
 from .errors import InputError
 
-__all__ = ["new_sibling", "atomic_path", "atomic_write_bytes", "atomic_write_text", "safe_name",
+__all__ = ["new_sibling", "process_alive", "atomic_path", "atomic_write_bytes", "atomic_write_text", "safe_name",
            "unique_names", "check_output_file", "check_output_folder", "refuse_overlap", "sweep_leftovers",
            "is_own_temporary"]
 
@@ -171,7 +171,9 @@ def is_own_temporary(path: Path) -> bool:
     return _TEMP_PATTERN.match(path.name) is not None
 
 
-def _pid_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie counts as gone; one owned by another
+    user counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -180,6 +182,12 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
+    if os.name == "posix":
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return True
     return True
 
 
@@ -201,7 +209,7 @@ def sweep_leftovers(folder: str | os.PathLike, names: Iterable[str] | None = Non
         match = _TEMP_PATTERN.match(entry.name)
         if match is None or (wanted is not None and match["name"] not in wanted):
             continue
-        if _pid_alive(int(match["pid"])):
+        if process_alive(int(match["pid"])):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():

@@ -86,23 +86,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def _watch_parent(pid: int, server, interval: float = 1.0) -> None:
     """Ask ``server`` to exit once process ``pid`` is gone (polled every ``interval`` seconds)."""
-    def alive() -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        if os.name == "posix":  # a zombie child of ours counts as gone
-            try:
-                with open(f"/proc/{pid}/stat") as handle:
-                    return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-            except OSError:
-                return True
-        return True
+    from ..files import process_alive
 
     while not server.should_exit:
-        if not alive():
+        if not process_alive(pid):
             print(f"medfmsegment serve: parent process {pid} is gone; stopping", file=sys.stderr, flush=True)
             server.should_exit = True
             return
