@@ -13,6 +13,7 @@ Rules, from the events Slicer really sends (see ``docs/slicer.md``):
 
 * an ROI counts only once its placement is complete (the first click defines a one-point box);
 * a PointRemoved that leaves the prompts unchanged (a preview point leaving a view) does nothing;
+* a box is read only once the ROI has settled (never the stale box of ``UpdateControlPointsFromBoxROI``);
 * drags count at their end (PointEndInteraction), never while moving (PointModified);
 * a two-click ROI is flattened onto the slice it was drawn in (the first corner's slice), so it
   runs in 2D; ``propagate`` makes it 3D;
@@ -231,6 +232,9 @@ class PromptController(PromptNodeObserver):
         roi = self._roi if self._roi is not None and self._roi.GetScene() is not None else None
         if roi is not None and roi.GetNumberOfControlPoints() > 0 and not roi.GetControlPointPlacementComplete():
             return None  # the box is still being placed
+        if roi is not None and not self.roi_settled():
+            self._dirty = True  # the box is being rewritten (a poll inside its events): read it next poll
+            return None
         positives = self._positives if self._positives is not None and self._positives.GetScene() else None
         negatives = self._negatives if self._negatives is not None and self._negatives.GetScene() else None
         try:

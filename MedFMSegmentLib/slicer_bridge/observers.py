@@ -5,8 +5,11 @@ Slicer's markups widgets really send:
 
 * an ROI counts only once its placement is complete (the first click defines a one-point box);
   the first click's position is kept, to find the slice the box was drawn on (:func:`drawn_slice`);
-* the PointRemoved of ``UpdateControlPointsFromBoxROI`` (a stale box) is skipped, its
-  PointPositionDefined follows;
+* the PointRemoved of ``UpdateControlPointsFromBoxROI`` comes while the box is stale (its new
+  size around its old centre): it marks the prompts dirty but records the ROI's modified time, and
+  the box is read only once the ROI has been modified since (:meth:`PromptNodeObserver.roi_settled`).
+  The PointPositionDefined that normally follows is not relied on: it does not always reach the
+  observer, and a placement must never be lost;
 * drags count at their end (PointEndInteraction), never while moving (PointModified).
 
 Observers are held on node objects with weak references to their owner, and dropped on the
@@ -63,6 +66,8 @@ class PromptNodeObserver:
         self._scene = None
         self._scene_tag: int | None = None
         self._first_corner: dict[int, np.ndarray] = {}  # id(roi node) -> first click (world RAS)
+        self._stale_roi_mtime: int | None = None  # the ROI's MTime when its box was last seen stale
+        self._stale_asked = False
         self._dirty = False
 
     def observe(self, volume_node, roi=None, positives=None, negatives=None) -> None:
@@ -93,6 +98,7 @@ class PromptNodeObserver:
         self._drop_observers()
         self._drop_scene_observer()
         self._dirty = False
+        self._stale_roi_mtime = None
         self.volume_node = None
         self._roi = self._positives = self._negatives = None
 
@@ -134,13 +140,31 @@ class PromptNodeObserver:
                 self._first_corner[id(node)] = np.array(position)
             return  # a box is a prompt only once both corners are placed
         if node is self._roi and name == "PointRemovedEvent" and node.GetNumberOfControlPoints() > 0:
-            return  # UpdateControlPointsFromBoxROI: a stale box; its PointPositionDefined follows
+            # UpdateControlPointsFromBoxROI: the box is stale now
+            self._stale_roi_mtime, self._stale_asked = node.GetMTime(), False
         self._dirty = True
+
+    def roi_settled(self) -> bool:
+        """False while the ROI's box is stale: it has not been modified since the PointRemoved of
+        ``UpdateControlPointsFromBoxROI`` (its centre is updated after that event).
+
+        Asked once more with the ROI still unmodified, it answers True: that PointRemoved was a
+        point deleted from a finished ROI, not the middle of a placement.
+        """
+        roi = self._roi
+        if self._stale_roi_mtime is None or roi is None:
+            return True
+        if roi.GetMTime() == self._stale_roi_mtime and not self._stale_asked:
+            self._stale_asked = True
+            return False
+        self._stale_roi_mtime, self._stale_asked = None, False
+        return True
 
     def _on_scene_close(self) -> None:
         """The scene is closing: drop the node observers (subclasses also stop their work)."""
         self._drop_observers()
         self._first_corner.clear()
+        self._stale_roi_mtime = None
         self._dirty = False
         self.volume_node = None
         self._roi = self._positives = self._negatives = None

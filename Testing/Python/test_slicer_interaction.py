@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import gc
-
 import numpy as np
 import pytest
 
@@ -126,9 +124,6 @@ def volume(scene):
 
 @pytest.fixture()
 def setup(scene, volume):
-    # Collect earlier tests' VTK garbage first: collected in the middle of a placement it can stop
-    # that placement's job from starting (a known lifetime bug, docs/limitations.md).
-    gc.collect()
     runner = BoxFillingRunner()
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S")
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
@@ -200,6 +195,34 @@ def test_poll_inside_the_point_removed_event_never_sends_a_stale_box(setup, volu
     roi.RemoveObserver(tag)
     controller.poll()
     assert [p.box for p, *_ in runner.prompts] == [(5, 6, 4, 25, 20, 4)]
+
+
+def test_a_placement_runs_even_when_the_trailing_point_defined_event_never_arrives(setup, volume):
+    """After UpdateControlPointsFromBoxROI's PointRemoved (a stale box), Slicer normally sends a
+    PointPositionDefined; the placement must run without it (it has been seen not to arrive)."""
+    controller, runner, _, roi, *_ = setup
+    steps = place_roi(roi, volume, (5, 6, 4), (25, 20, 4))
+    next(steps)
+    observed = next(o for o in controller._observed if o.node is roi)
+    defined = observed.tags[controller.EVENTS.index("PointPositionDefinedEvent")]
+    roi.RemoveObserver(defined)  # from now on the controller sees only the PointRemoved
+    next(steps)
+    controller.poll()
+    assert [p.box for p, *_ in runner.prompts] == [(5, 6, 4, 25, 20, 4)]
+
+
+def test_a_point_deleted_from_a_finished_roi_reads_the_roi_at_the_next_polls(setup, volume):
+    """A PointRemoved that leaves points, with no later change to the ROI, is not a placement:
+    the controller waits one poll for the box to settle, then reads it (it never stays busy)."""
+    controller, runner, _, roi, *_ = setup
+    for _step in place_roi(roi, volume, (5, 6, 4), (25, 20, 4)):
+        pass
+    controller.poll()
+    assert len(runner.prompts) == 1
+    roi.InvokeEvent(M.PointRemovedEvent)
+    controller.poll()
+    controller.poll()
+    assert not controller.busy and len(runner.prompts) == 1, "unchanged box: no second run"
 
 
 def test_propagate_sends_the_whole_roi_in_3d_and_drawn_slice_helper(setup, volume):

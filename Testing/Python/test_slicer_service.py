@@ -4,8 +4,6 @@ the library computes in process."""
 
 from __future__ import annotations
 
-import gc
-
 import time
 
 import numpy as np
@@ -52,7 +50,6 @@ def hippo(data_dir):
 
 @pytest.fixture()
 def scene_setup(client, hippo):
-    gc.collect()  # earlier tests' VTK garbage, see test_slicer_interaction.setup
     image, label = hippo
     scene = slicer.vtkMRMLScene()
     volume = bridge.image_to_volume_node(image, scene, "hippocampus")
