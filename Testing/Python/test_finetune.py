@@ -147,12 +147,12 @@ def test_partial_encoder_stage_out_of_range_is_one_clear_error():
 def test_finetune_cli_offers_the_trainer_encoder_modes():
     import argparse
 
-    from MedFMSegmentLib.finetune.cli import register_cli
+    from MedFMSegmentLib.cli import finetune as finetune_command
     from MedFMSegmentLib.finetune.trainer import ENCODER_MODES
 
     subparsers = argparse.ArgumentParser().add_subparsers()
-    register_cli(subparsers)
-    action = next(a for a in subparsers.choices["finetune"]._actions if "--encoder" in a.option_strings)
+    parser = finetune_command.register(subparsers)
+    action = next(a for a in parser._actions if "--encoder" in a.option_strings)
     assert tuple(action.choices) == ENCODER_MODES and action.default == "auto"
 
 
