@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DATA_DIR
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.finetune.adapters import EmbeddingAdapter, load_adapted_model, save_adapter
 from MedFMSegmentLib.inference.automatic import segment_automatic
@@ -19,7 +20,7 @@ from MedFMSegmentLib import loading, models
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 from MedFMSegmentLib.inference import SegmentationSession
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
+DATA = DATA_DIR / "msd_hippocampus_mri"
 TINY = "tiny_random_for_tests"
 
 
