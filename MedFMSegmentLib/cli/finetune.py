@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         trained = train_adapter_from_files(images, labels, args.output, config, parent=args.parent,
                                            overrides=overrides, replay=not args.no_replay, overwrite=args.overwrite,
                                            progress=progress)
-    replayed = f", {trained.replayed_cases} of the parent's cases replayed" if trained.replayed_cases is not None else ""
+    replayed = "" if trained.replayed_cases is None else f", {trained.replayed_cases} of the parent's cases replayed"
     print(f"adapter written to {trained.output} (validation Dice {trained.metadata['validation_dice']}{replayed})",
           flush=True)
     return EXIT_OK
