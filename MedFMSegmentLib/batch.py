@@ -8,7 +8,6 @@ coordinates). The next case is read in a background thread while the current one
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import io as _io
@@ -446,46 +445,3 @@ def write_summary(results: list[CaseResult], path: Path) -> None:
     for result in results:
         writer.writerow(result.row())
     atomic_write_text(path, buffer.getvalue())
-
-
-# ---------------------------------------------------------------------------- command line
-def register_cli(commands) -> None:
-    """Add the ``batch`` subcommand."""
-    parser = commands.add_parser("batch", help="segment many images (files, folders, DICOM series)",
-                                 description="Segment every case automatically with an adapter, or from "
-                                             "per-case prompts. Writes one label file per case and summary.csv.")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, DICOM folders")
-    parser.add_argument("-o", "--output-dir", required=True,
-                        help="output folder (created if missing; never an input or inside one)")
-    parser.add_argument("--adapter", help="adapter folder trained for automatic segmentation")
-    parser.add_argument("--prompts", help="JSON file mapping inputs to prompts or to Slicer .mrk.json files")
-    parser.add_argument("--format", default="nii.gz", choices=OUTPUT_FORMATS, help="output format")
-    parser.add_argument("--resume", action="store_true",
-                        help="skip cases whose output was made from the same input, prompts, model and settings")
-    parser.add_argument("--axis", default="auto", choices=["auto", "axial", "coronal", "sagittal"])
-    from .cli import add_backend_option, add_box3d_strategy_option
-
-    add_box3d_strategy_option(parser)
-    parser.add_argument("--model", default="litemedsam")
-    parser.add_argument("--checkpoint")
-    parser.add_argument("--device", default="auto")
-    add_backend_option(parser)
-    parser.set_defaults(handler=_cmd_batch)
-
-
-def settings_from_args(args: argparse.Namespace) -> BatchSettings:
-    """The :class:`BatchSettings` the ``batch`` command's flags ask for (also used by ``--cluster``)."""
-    return BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
-                         device=args.device, backend=args.backend, precision=args.precision, output_format=args.format, resume=args.resume, axis=args.axis,
-                         box3d_strategy=args.box3d_strategy, prompts=load_prompts_file(args.prompts) if args.prompts else {})
-
-
-def _cmd_batch(args: argparse.Namespace) -> int:
-    from .progress import batch_progress
-
-    settings = settings_from_args(args)
-    with batch_progress() as report:
-        results = run_batch(args.inputs, args.output_dir, settings, progress=report)
-    failed = sum(r.status == "failed" for r in results)
-    print(f"{len(results) - failed} of {len(results)} cases done; summary in {Path(args.output_dir) / 'summary.csv'}")
-    return 1 if failed else 0

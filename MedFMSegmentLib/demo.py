@@ -11,14 +11,15 @@ propagation across the box's shortest side, so only those slices pass through th
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_demo_volume", "write_overlay_png", "run_demo", "register_cli"]
+__all__ = ["DEFAULT_OUTPUT_DIR", "make_demo_volume", "write_overlay_png", "run_demo"]
+
+#: Where ``medfmsegment demo`` writes unless told (relative to the working folder).
+DEFAULT_OUTPUT_DIR = "medfmsegment-demo"
 
 
 def make_demo_volume(seed: int = 0):
@@ -89,24 +90,3 @@ def run_demo(output_dir: Path, device: str = "auto", progress=None) -> dict:
     return {"image": str(image_path), "segmentation": str(result.output), "picture": str(png), "box": list(box),
             "dice_vs_truth": round(float(overlap), 4), "seconds": round(seconds, 1),
             "device": result.device, "backend": result.backend, "model": "litemedsam (embedded)"}
-
-
-def register_cli(commands) -> None:
-    parser = commands.add_parser("demo", help="segment a generated volume with the embedded model",
-                                 description="Generate a CT-like volume, segment its organ from a 3D box with the "
-                                             "embedded LiteMedSAM (default settings), and write the image, the "
-                                             "segmentation, a PNG of the result and its Dice.")
-    parser.add_argument("-o", "--output-dir", default="medfmsegment-demo", help="where to write (default ./medfmsegment-demo)")
-    parser.add_argument("--device", default="auto")
-    parser.set_defaults(handler=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from .progress import slice_progress
-
-    with slice_progress("segmenting the demo volume") as progress:
-        report = run_demo(Path(args.output_dir), args.device, progress=progress)
-    print(json.dumps(report, indent=2))
-    print(f"segmentation written to {report['segmentation']} (open it in 3D Slicer over {report['image']}); "
-          f"picture: {report['picture']}")
-    return 0

@@ -1,12 +1,14 @@
 """Mask evaluation: Dice and 95th-percentile Hausdorff distance (MONAI metrics, mm)."""
 from __future__ import annotations
 
-import json
 import math
+import os
 
 import numpy as np
 
 from .errors import InputError
+
+__all__ = ["evaluate_files", "evaluate_masks", "json_safe"]
 
 
 def evaluate_masks(pred: np.ndarray, label: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict:
@@ -39,33 +41,29 @@ def evaluate_masks(pred: np.ndarray, label: np.ndarray, spacing=(1.0, 1.0, 1.0))
             "intersection_voxels": inter}
 
 
-def _run(args) -> int:
+def evaluate_files(prediction: str | os.PathLike, label: str | os.PathLike, label_value: int | None = None) -> dict:
+    """:func:`evaluate_masks` of two label files on one grid, JSON-ready (NaN as None).
+
+    With ``label_value`` the label's voxels of that value are the truth, and the prediction's
+    voxels of that value (else all its non-zero voxels) the prediction; without it, non-zero voxels.
+    """
     from .io import read_label
 
-    pred = read_label(args.prediction)
-    label = read_label(args.label)
-    if not pred.geometry.same_grid(label.geometry):
-        raise InputError("prediction and label grids differ: " + pred.geometry.describe_difference(label.geometry))
-    if args.label_value is None:
-        p, g = pred.array > 0, label.array > 0
+    pred = read_label(prediction)
+    truth = read_label(label)
+    if not pred.geometry.same_grid(truth.geometry):
+        raise InputError("prediction and label grids differ: " + pred.geometry.describe_difference(truth.geometry))
+    if label_value is None:
+        p, g = pred.array > 0, truth.array > 0
     else:
-        if not np.any(label.array == args.label_value):
-            raise InputError(f"label value {args.label_value} does not occur in {args.label}")
-        g = label.array == args.label_value
-        p = (pred.array == args.label_value) if np.any(pred.array == args.label_value) else pred.array > 0
-    print(json.dumps(json_safe(evaluate_masks(p, g, label.geometry.spacing)), allow_nan=False), flush=True)
-    return 0
+        if not np.any(truth.array == label_value):
+            raise InputError(f"label value {label_value} does not occur in {label}")
+        g = truth.array == label_value
+        p = (pred.array == label_value) if np.any(pred.array == label_value) else pred.array > 0
+    return json_safe(evaluate_masks(p, g, truth.geometry.spacing))
 
 
 def json_safe(values: dict) -> dict:
     """``values`` with NaN and infinite floats replaced by None (JSON null): NaN is not JSON."""
     return {key: (None if isinstance(value, float) and not math.isfinite(value) else value)
             for key, value in values.items()}
-
-
-def register_cli(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="Dice and HD95 of a prediction against a label")
-    parser.add_argument("--prediction", required=True)
-    parser.add_argument("--label", required=True)
-    parser.add_argument("--label-value", type=int, default=None)
-    parser.set_defaults(handler=_run)

@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import InputError
 
-__all__ = ["DEFAULT_MODEL", "MODEL_SPECS", "ModelSpec", "PromptableModel", "build_model", "describe_models",
+__all__ = ["DEFAULT_DEVICE", "DEFAULT_MODEL", "DEVICES", "MODEL_SPECS", "ModelSpec", "PromptableModel", "build_model", "describe_models",
            "file_sha256", "litemedsam_weights_path", "resolve_device", "tiny_random_model_for_tests"]
 
 
@@ -67,6 +67,9 @@ MODEL_SPECS: dict[str, ModelSpec] = {
     )
 }
 DEFAULT_MODEL = "litemedsam"
+#: Device names :func:`resolve_device` takes (``cuda:N`` picks one of several GPUs).
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_DEVICE = "auto"
 
 _SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 _SAM_PIXEL_STD = (58.395, 57.12, 57.375)
@@ -81,8 +84,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise InputError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise InputError(f"unknown device {device!r}: use {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError("device cuda was asked for but no CUDA GPU is available")
     if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DEFAULT_CT_WINDOW", "IntensitySettings", "SliceTransform", "apply_intensity_window", "intensity_window",
+__all__ = ["DEFAULT_CT_WINDOW", "INTENSITY_MODES", "IntensitySettings", "SliceTransform", "apply_intensity_window", "intensity_window",
            "normalize_intensity"]
 
 #: Default CT window (level, width) in HU: soft tissue.
 DEFAULT_CT_WINDOW = (40.0, 400.0)
+#: :attr:`IntensitySettings.mode` values.
+INTENSITY_MODES = ("auto", "percentile", "ct", "none")
 
 
 @dataclass(frozen=True)

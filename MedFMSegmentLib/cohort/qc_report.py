@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 __all__ = ["CaseQC", "QCThresholds", "measure", "measure_output", "read_output_mask", "flag_cases", "write_report",
-           "png_bytes"]
+           "report_from_outputs", "png_bytes"]
 
 QC_FIELDS = ("case", "input", "output", "status", "seconds", "volume_ml", "components", "flags")
 
@@ -168,6 +168,30 @@ def write_report(cases: Sequence[CaseQC], output_dir: str | os.PathLike, title: 
     page = output_dir / "report.html"
     _write_atomic(page, _html(cases, title))
     return page
+
+
+def report_from_outputs(inputs: Sequence[str | os.PathLike], output_dir: str | os.PathLike,
+                        thresholds: QCThresholds | None = None) -> Path:
+    """The QC report of a finished single-process batch, from ``summary.csv`` and the outputs
+    (re-reads each image); the cluster batch measures each case on its worker instead."""
+    from ..batch import discover_cases
+    from ..errors import InputError
+
+    output_dir = Path(output_dir)
+    with (output_dir / "summary.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    entries = []
+    for case, row in zip(discover_cases(inputs), rows):
+        entry = CaseQC(case.name)
+        if row["status"] != "failed":
+            try:
+                entry = measure_output(case.read(), None, row["output"], case.name)
+            except (InputError, RuntimeError, ValueError, OSError) as exc:
+                entry.not_measured = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        entry.input, entry.output, entry.status = row["input"], row["output"], row["status"]
+        entry.seconds = float(row["seconds"] or 0)
+        entries.append(entry)
+    return write_report(entries, output_dir, thresholds=thresholds)
 
 
 def _html(cases: Sequence[CaseQC], title: str) -> str:

@@ -23,7 +23,7 @@ from .encoder_split import check_first_stage, encode_head, encode_tail
 from .lineage import ParentAdapter, case_files, lineage
 
 __all__ = ["FinetuneConfig", "check_cases", "check_config", "finetune", "prepare_model",
-           "resolve_encoder_mode", "DEFAULT_STEPS", "ENCODER_MODES"]
+           "resolve_encoder_mode", "DEFAULT_STEPS", "EMBEDDING_ADAPTER_SCOPES", "ENCODER_MODES"]
 MAX_STEPS = 1_000_000
 # Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
 # step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
@@ -31,6 +31,7 @@ DEFAULT_STEPS = {"lora": 800, "frozen": 2000, "partial": 800}
 DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4, "partial": 1e-4}
 DEFAULT_EMBEDDING_ADAPTER = {"lora": 0, "frozen": 64, "partial": 64}
 ENCODER_MODES = ("auto", "lora", "frozen", "partial")
+EMBEDDING_ADAPTER_SCOPES = ("automatic", "all")  # FinetuneConfig.embedding_adapter_scope
 # "partial": LoRA in these TinyViT stages only (the last: 2 of its 12 blocks), earlier ones cached
 PARTIAL_STAGES = (3,)
 
@@ -121,7 +122,7 @@ def check_config(config: FinetuneConfig) -> None:
     if channels is not None and not 0 <= channels <= LIMITS["embedding_adapter_channels"]:
         raise InputError(f"embedding adapter channels must be from 0 to {LIMITS['embedding_adapter_channels']}, "
                          f"got {channels}")
-    if config.embedding_adapter_scope not in ("automatic", "all"):
+    if config.embedding_adapter_scope not in EMBEDDING_ADAPTER_SCOPES:
         raise InputError(f"embedding adapter scope must be automatic or all, got {config.embedding_adapter_scope!r}")
     if config.encoder not in ENCODER_MODES:
         raise InputError(f"encoder mode must be one of {', '.join(ENCODER_MODES)}, got {config.encoder!r}")

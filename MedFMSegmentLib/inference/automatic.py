@@ -16,8 +16,10 @@ from .settings import ProgressCallback, UpdateCallback, check_cancel, emit_chang
 if TYPE_CHECKING:
     from .session import SegmentationSession
 
-__all__ = ["AUTOMATIC_DEFAULTS", "BOX_SCALES", "AutomaticSettings", "keep_largest_component", "segment_automatic"]
+__all__ = ["AUTOMATIC_DEFAULTS", "BOX_SCALES", "KEEP_COMPONENTS", "AutomaticSettings", "keep_largest_component", "segment_automatic"]
 
+#: What automatic mode keeps of its 3D result (``keep``): the largest connected component, or all.
+KEEP_COMPONENTS = ("largest", "all")
 #: Re-prompt box scales worth trying (an option: several scales cost one decoder call with more boxes).
 BOX_SCALES = (1.0, 1.1, 1.2, 1.3, 1.45, 1.6)
 

@@ -11,7 +11,7 @@ import torch
 from ..errors import CancelledError, InputError
 from ..geometry import array_axis, slice_from_volume
 
-__all__ = ["AXES", "BOX3D_STRATEGIES", "NOT_SEGMENTED_LOGIT", "PredictorSettings", "ProgressCallback",
+__all__ = ["AXES", "BOX3D_STRATEGIES", "DEFAULT_AXIS", "NOT_SEGMENTED_LOGIT", "PredictorSettings", "ProgressCallback",
            "UpdateCallback", "check_cancel", "emit_changes"]
 
 #: ``progress(done, planned)``: slices (or stages) finished so far and planned in all.
@@ -26,6 +26,8 @@ NOT_SEGMENTED_LOGIT = -20.0
 BOX3D_STRATEGIES = ("auto", "propagate", "consensus")
 #: Slicing axes a session accepts by name (a voxel axis number 0, 1, 2 is accepted too).
 AXES = ("auto", "axial", "coronal", "sagittal")
+#: The axis a session slices along unless told (``auto``: see :func:`~MedFMSegmentLib.inference.choose_axis`).
+DEFAULT_AXIS = "auto"
 
 
 @dataclass

@@ -1,15 +1,14 @@
-"""``medfmsegment serve``: run the inference service (uvicorn) on a socket it binds itself.
+"""Running the inference service (uvicorn) on a socket it binds itself (``medfmsegment serve``).
 
-The process binds its socket first (``--port 0`` picks a free port), writes the bearer token to a
+The process binds its socket first (port 0 picks a free port), writes the bearer token to a
 0600 file, and once uvicorn accepts connections prints exactly one JSON line on stdout,
 ``{"url": ..., "token_file": ..., "pid": ...}``, for the parent process to read; everything else
-goes to stderr. SIGTERM and SIGINT cancel the jobs and end the process with exit code 0; with
-``--parent-pid`` it also ends when that process is gone (Slicer starting its own service).
+goes to stderr. SIGTERM and SIGINT cancel the jobs and end the process with exit code 0; with a
+parent process id it also ends when that process is gone (Slicer starting its own service).
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
@@ -20,13 +19,46 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from ..models import DEFAULT_DEVICE, DEFAULT_MODEL
+from .state import Limits
 
-__all__ = ["register_cli", "serve", "default_runtime_dir", "read_or_create_token", "is_loopback"]
+__all__ = ["DEFAULT_HOST", "LOG_LEVELS", "ServeSettings", "serve", "default_runtime_dir", "read_or_create_token",
+           "is_loopback"]
 
 log = logging.getLogger("medfmsegment.service")
+
+#: This machine only: other machines reach the service through an SSH tunnel.
+DEFAULT_HOST = "127.0.0.1"
+#: uvicorn's log levels, most severe first.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+#: Python packages the server needs beyond the library's own (the extra ``medfmsegment[service]``).
+SERVER_PACKAGES = ("fastapi", "uvicorn", "starlette", "pydantic")
+
+
+@dataclass
+class ServeSettings:
+    """What :func:`serve` runs.
+
+    ``models`` maps each served model's name to its checkpoint (None: LiteMedSAM's embedded
+    weights); ``port`` 0 picks a free port; ``adapter_dir`` and ``token_file`` default to a
+    per-user runtime folder; with ``parent_pid`` the service ends when that process does.
+    """
+
+    models: dict[str, str | None] = field(default_factory=lambda: {DEFAULT_MODEL: None})
+    host: str = DEFAULT_HOST
+    port: int = 0
+    device: str = DEFAULT_DEVICE
+    backend: str | None = None
+    precision: str | None = None
+    adapter_dir: str | os.PathLike | None = None
+    token_file: str | os.PathLike | None = None
+    parent_pid: int | None = None
+    limits: Limits = field(default_factory=Limits)
+    log_level: str = "warning"
 
 
 def default_runtime_dir() -> Path:
@@ -96,30 +128,40 @@ def _watch_parent(pid: int, server, interval: float = 1.0) -> None:
         time.sleep(interval)
 
 
-def serve(args: argparse.Namespace) -> int:
+def _import_server():
+    """uvicorn and the app factory; a missing optional package is one line (InputError)."""
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in SERVER_PACKAGES:
+            raise InputError(f"serve needs {exc.name.split('.')[0]}: pip install 'medfmsegment[service]'") from None
+        raise
+    return uvicorn, create_app
+
+
+def serve(settings: ServeSettings) -> int:
     """Run the service until a signal or the parent's end; returns the exit code."""
-    import uvicorn
-
-    from .app import create_app
+    uvicorn, create_app = _import_server()
     from .jobs import JobManager
-    from .state import FocusWorker, Limits, ServiceState
+    from .state import FocusWorker, ServiceState
 
-    models = _model_specs(args.model, args.checkpoint)
-    if not is_loopback(args.host):
-        print(f"medfmsegment serve: warning: listening on {args.host}, reachable from other machines; every "
+    if settings.log_level not in LOG_LEVELS:
+        raise InputError(f"unknown log level {settings.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+    if not is_loopback(settings.host):
+        print(f"medfmsegment serve: warning: listening on {settings.host}, reachable from other machines; every "
               "request still needs the token (an SSH tunnel to a loopback service is safer)", file=sys.stderr)
-    if args.parent_pid is not None and args.parent_pid <= 0:
-        raise InputError("--parent-pid must be a process id")
+    if settings.parent_pid is not None and settings.parent_pid <= 0:
+        raise InputError(f"parent process id {settings.parent_pid} is not a process id")
     runtime = default_runtime_dir()
-    adapter_dir = Path(args.adapter_dir) if args.adapter_dir else runtime / "adapters"
+    adapter_dir = Path(settings.adapter_dir) if settings.adapter_dir else runtime / "adapters"
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    token_path = Path(args.token_file) if args.token_file else runtime / f"token-{os.getpid()}"
-    sock = _bind(args.host, args.port)
+    token_path = Path(settings.token_file) if settings.token_file else runtime / f"token-{os.getpid()}"
+    sock = _bind(settings.host, settings.port)
     token, created = read_or_create_token(token_path)
-    mb = 1 << 20
-    limits = Limits(max_upload_bytes=args.max_upload_mb * mb, max_volume_bytes=args.max_volume_mb * mb,
-                    volume_memory_bytes=args.volume_memory_mb * mb)
-    state = ServiceState(models, adapter_dir, args.device, args.backend, args.precision, limits)
+    state = ServiceState(dict(settings.models), adapter_dir, settings.device, settings.backend, settings.precision,
+                         settings.limits)
     jobs = JobManager(state.inference_lock)
     focus = FocusWorker()
     app = create_app(state, jobs, focus, token)
@@ -145,16 +187,16 @@ def serve(args: argparse.Namespace) -> int:
                 self.force_exit = True
             self.should_exit = True
 
-    config = uvicorn.Config(app, log_level=args.log_level, access_log=False, lifespan="off",
+    config = uvicorn.Config(app, log_level=settings.log_level, access_log=False, lifespan="off",
                             timeout_graceful_shutdown=10, limit_concurrency=256)
     server = Server(config)
-    if args.parent_pid is not None:
-        threading.Thread(target=_watch_parent, args=(args.parent_pid, server), daemon=True).start()
+    if settings.parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(settings.parent_pid, server), daemon=True).start()
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
-        if created and not args.token_file:  # a token file the user named is theirs: it stays for the next start
+        if created and not settings.token_file:  # a token file the user named is theirs: it stays for the next start
             token_path.unlink(missing_ok=True)
     return 0
 
@@ -163,51 +205,3 @@ async def asyncio_to_thread(function, *args):
     import asyncio
 
     return await asyncio.to_thread(function, *args)
-
-
-def _model_specs(names: list[str] | None, checkpoints: list[str] | None) -> dict[str, str | None]:
-    """``--model NAME [--checkpoint PATH]`` pairs, in order; LiteMedSAM (embedded) by default."""
-    from ..models import DEFAULT_MODEL, MODEL_SPECS
-
-    names, checkpoints = names or [DEFAULT_MODEL], checkpoints or []
-    if len(checkpoints) > len(names):
-        raise InputError("every --checkpoint follows its --model")
-    specs: dict[str, str | None] = {}
-    for n, name in enumerate(names):
-        if name not in MODEL_SPECS:
-            raise InputError(f"unknown model {name!r}: use one of {', '.join(sorted(MODEL_SPECS))}")
-        checkpoint = checkpoints[n] if n < len(checkpoints) else None
-        if MODEL_SPECS[name].needs_checkpoint and checkpoint is None:
-            raise InputError(f"model {name} needs --checkpoint PATH after it")
-        if checkpoint is not None and not Path(checkpoint).is_file():
-            raise InputError(f"checkpoint {checkpoint} does not exist")
-        specs[name] = checkpoint
-    return specs
-
-
-def register_cli(subparsers) -> None:
-    """Add the ``serve`` subcommand."""
-    from ..cli import add_backend_option
-
-    parser = subparsers.add_parser("serve", help="run the inference service (HTTP, bearer token)",
-                                   description="Serve models, adapters and jobs over HTTP on HOST:PORT. Prints one "
-                                               "JSON line {url, token_file, pid} on stdout when ready; logs on "
-                                               "stderr.")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=0, help="port (default 0: a free one, printed when ready)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--model", action="append", help="model to serve (repeatable; default litemedsam)")
-    parser.add_argument("--checkpoint", action="append", help="weights of the preceding --model")
-    parser.add_argument("--adapter-dir", help="folder of the adapters clients may name (fine-tuning writes there; "
-                                              "default: a per-user runtime folder)")
-    parser.add_argument("--token-file", help="bearer token file: read if it exists, else created 0600 "
-                                             "(default: a new file in a per-user runtime folder)")
-    parser.add_argument("--parent-pid", type=int, help="exit when this process ends")
-    parser.add_argument("--max-upload-mb", type=int, default=2048, help="largest request body (default 2048)")
-    parser.add_argument("--max-volume-mb", type=int, default=4096, help="largest uploaded volume (default 4096)")
-    parser.add_argument("--volume-memory-mb", type=int, default=16384,
-                        help="memory for volumes kept; least recently used dropped beyond (default 16384)")
-    parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
-    add_backend_option(parser)
-    parser.set_defaults(handler=serve)

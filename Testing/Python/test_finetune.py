@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DATA_DIR
 from MedFMSegmentLib.errors import CancelledError, InputError
 from MedFMSegmentLib.finetune.adapters import EmbeddingAdapter, load_adapted_model, save_adapter
 from MedFMSegmentLib.inference.automatic import segment_automatic
@@ -19,7 +20,7 @@ from MedFMSegmentLib import loading, models
 from MedFMSegmentLib.models import tiny_random_model_for_tests
 from MedFMSegmentLib.inference import SegmentationSession
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "msd_hippocampus_mri"
+DATA = DATA_DIR / "msd_hippocampus_mri"
 TINY = "tiny_random_for_tests"
 
 
@@ -147,12 +148,12 @@ def test_partial_encoder_stage_out_of_range_is_one_clear_error():
 def test_finetune_cli_offers_the_trainer_encoder_modes():
     import argparse
 
-    from MedFMSegmentLib.finetune.cli import register_cli
+    from MedFMSegmentLib.cli import finetune as finetune_command
     from MedFMSegmentLib.finetune.trainer import ENCODER_MODES
 
     subparsers = argparse.ArgumentParser().add_subparsers()
-    register_cli(subparsers)
-    action = next(a for a in subparsers.choices["finetune"]._actions if "--encoder" in a.option_strings)
+    parser = finetune_command.register(subparsers)
+    action = next(a for a in parser._actions if "--encoder" in a.option_strings)
     assert tuple(action.choices) == ENCODER_MODES and action.default == "auto"
 
 

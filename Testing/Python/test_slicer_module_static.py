@@ -162,12 +162,33 @@ def test_ui_bindings_name_parameter_fields_and_choices_match(ui_root):
             assert ast.literal_eval(fields[name].value) == items[0], f"{name}: default is not the first item"
 
 
-def test_3d_box_strategies_are_the_librarys(ui_root):
-    from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings
+def library_choices() -> dict[str, tuple[tuple, object]]:
+    """Parameter node field -> (the library registry its choices are, the library's default)."""
+    from MedFMSegmentLib.finetune.trainer import FinetuneConfig
+    from MedFMSegmentLib.inference import AXES, BOX3D_STRATEGIES, PredictorSettings
+    from MedFMSegmentLib.inference.settings import DEFAULT_AXIS
+    from MedFMSegmentLib.models import DEFAULT_DEVICE, DEFAULT_MODEL, DEVICES
 
-    combo = next(w for w in ui_root.iter("widget") if w.get("name") == "box3dStrategyComboBox")
-    items = [item.findtext("property/string") for item in combo.findall("item")]
-    assert sorted(items) == sorted(BOX3D_STRATEGIES) and items[0] == PredictorSettings().box3d_strategy
+    return {"axis": (AXES, DEFAULT_AXIS), "box3dStrategy": (BOX3D_STRATEGIES, PredictorSettings().box3d_strategy),
+            "device": (DEVICES, DEFAULT_DEVICE), "modelName": (None, DEFAULT_MODEL),
+            "rank": (None, FinetuneConfig().lora_rank)}
+
+
+@pytest.mark.parametrize("name", ["axis", "box3dStrategy", "device", "modelName", "rank"])
+def test_parameter_node_choices_and_combo_boxes_are_the_librarys_registries(name, ui_root):
+    """The panel offers what the library (and so the command line) accepts, with the same default."""
+    registry, default = library_choices()[name]
+    field = parameter_fields()[name]
+    assert ast.literal_eval(field.value) == default
+    choice = re.search(r"Choice\((\[.*?\])\)", ast.unparse(field.annotation))
+    if registry is None:
+        assert choice is None
+        return
+    assert choice and ast.literal_eval(choice.group(1)) == list(registry)
+    combos = [w for w in ui_root.iter("widget") if w.get("class") == "QComboBox" and any(
+        p.get("name") == "SlicerParameterName" and p.findtext("string") == name for p in w.findall("property"))]
+    assert len(combos) == 1
+    assert [item.findtext("property/string") for item in combos[0].findall("item")] == list(registry)
 
 
 # ---------------------------------------------------------------------------- Python sources

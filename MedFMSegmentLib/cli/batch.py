@@ -1,0 +1,72 @@
+"""``medfmsegment batch``: many cases, one model load, ``summary.csv`` (:mod:`MedFMSegmentLib.batch`).
+
+:func:`settings_from_args` turns the flags into :class:`~MedFMSegmentLib.batch.BatchSettings`;
+:func:`run` sends them where the work is done: this process, or a Dask cluster (``--cluster``,
+:mod:`.cohort`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..batch import OUTPUT_FORMATS, BatchSettings
+from . import cohort
+from .options import EXIT_FAILURE, EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options
+
+__all__ = ["register", "run", "settings_from_args"]
+
+
+def register(commands) -> argparse.ArgumentParser:
+    defaults = BatchSettings()
+    parser = commands.add_parser("batch", help="segment many images (files, folders, DICOM series)",
+                                 description="Segment every case automatically with an adapter, or from "
+                                             "per-case prompts. Writes one label file per case and summary.csv.")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, DICOM folders")
+    parser.add_argument("-o", "--output-dir", required=True,
+                        help="output folder (created if missing; never an input or inside one)")
+    parser.add_argument("--adapter", help="adapter folder trained for automatic segmentation")
+    parser.add_argument("--prompts", help="JSON file mapping inputs to prompts or to Slicer .mrk.json files")
+    parser.add_argument("--format", default=defaults.output_format, choices=list(OUTPUT_FORMATS),
+                        help=f"output format (default {defaults.output_format}; dcm: DICOM SEG, for DICOM inputs)")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip cases whose output was made from the same input, prompts, model and settings")
+    add_axis_option(parser, default=defaults.axis)
+    add_box3d_strategy_option(parser, default=defaults.box3d_strategy)
+    add_engine_options(parser, default_model=defaults.model_name)
+    cohort.add_options(parser)
+    parser.set_defaults(handler=run)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> BatchSettings:
+    """The :class:`BatchSettings` the flags ask for (the prompts file read and checked)."""
+    from ..batch import load_prompts_file
+
+    return BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
+                         device=args.device, backend=args.backend, precision=args.precision,
+                         output_format=args.format, resume=args.resume, axis=args.axis,
+                         box3d_strategy=args.box3d_strategy,
+                         prompts=load_prompts_file(args.prompts) if args.prompts else {})
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.cluster:
+        return cohort.run_on_cluster(args.inputs, args.output_dir, settings, args.cluster, report=args.report)
+    code = run_here(args.inputs, args.output_dir, settings)
+    if args.report:
+        print(f"QC report in {cohort.report_after_batch(args.inputs, args.output_dir)}")
+    return code
+
+
+def run_here(inputs: list[str], output_dir: str, settings: BatchSettings) -> int:
+    """The batch in this process, one progress line (or bar) per case."""
+    from ..batch import run_batch
+    from ..progress import batch_progress
+
+    with batch_progress() as report:
+        results = run_batch(inputs, output_dir, settings, progress=report)
+    failed = sum(r.status == "failed" for r in results)
+    print(f"{len(results) - failed} of {len(results)} cases done; summary in {Path(output_dir) / 'summary.csv'}")
+    return EXIT_FAILURE if failed else EXIT_OK
