@@ -32,6 +32,10 @@ def register_cli(commands) -> None:
 def _wrap(single_process: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def handler(args: argparse.Namespace) -> int:
         if args.cluster:
+            if getattr(args, "server", None):
+                from ..errors import InputError
+
+                raise InputError("--cluster and --server cannot be combined: choose where the cases run")
             return _cmd_cluster_batch(args)
         code = single_process(args)
         if args.report:

@@ -14,6 +14,8 @@ def _run(args: argparse.Namespace) -> int:
     from .trainer import FinetuneConfig, check_cases, check_config, finetune
 
     images, labels = args.image or [], args.label or []
+    if args.server:
+        return _run_on_service(args, images, labels)
     if not images:
         raise InputError("finetune needs at least one --image IMG --label LBL pair")
     if len(images) != len(labels):
@@ -62,6 +64,32 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
+    """``finetune --server URL``: the same training on a service (see :mod:`..service.remote_finetune`)."""
+    from ..progress import finetune_progress
+    from ..service.remote_finetune import finetune_remote
+
+    if args.parent is not None:
+        raise InputError("--from cannot be used with --server (continue the adapter on this machine)")
+    if args.checkpoint is not None:
+        raise InputError("--checkpoint cannot be sent to a service: it serves the models it was started with")
+    settings = {"model": args.model, "steps": args.steps, "encoder": args.encoder, "rank": args.rank,
+                "embedding_adapter_channels": args.embedding_adapter,
+                "embedding_adapter_scope": args.embedding_adapter_scope, "label_value": args.label_value,
+                "seed": args.seed, "embedding_budget": args.embedding_budget,
+                "label_name": args.label_name or (f"label {args.label_value}" if args.label_value else "label")}
+
+    def started(job: str, name: str) -> None:
+        print(f"fine-tuning job {job} on {args.server} (adapter {name} there)", flush=True)
+
+    with finetune_progress() as progress:
+        output, metadata = finetune_remote(images, labels, args.output, server=args.server, token_file=args.token_file,
+                                           overwrite=args.overwrite, settings=settings, progress=progress,
+                                           on_started=started)
+    print(f"adapter written to {output} (validation Dice {metadata['validation_dice']})", flush=True)
+    return 0
+
+
 def register_cli(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help="fine-tune a LoRA adapter on a few labelled cases")
     parser.add_argument("--image", action="append", help="training image (repeat, each with its --label)")
@@ -98,4 +126,7 @@ def register_cli(subparsers) -> None:
                         help="with --from: train on the new cases only")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing adapter at -o (a folder holding other files is refused)")
+    from ..service.remote import add_server_options
+
+    add_server_options(parser, "trains with its device and models; the adapter also stays there")
     parser.set_defaults(handler=_run)

@@ -120,8 +120,8 @@ def serve(args: argparse.Namespace) -> int:
     limits = Limits(max_upload_bytes=args.max_upload_mb * mb, max_volume_bytes=args.max_volume_mb * mb,
                     volume_memory_bytes=args.volume_memory_mb * mb)
     state = ServiceState(models, adapter_dir, args.device, args.backend, args.precision, limits)
-    jobs = JobManager(state.inference_lock)
-    focus = FocusWorker()
+    jobs = JobManager(state.turns)
+    focus = FocusWorker(state.turns)
     app = create_app(state, jobs, focus, token)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host
