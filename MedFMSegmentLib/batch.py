@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import functools
 import io as _io
 import json
 import math
@@ -266,23 +267,32 @@ def output_path_for(case: Case, output_dir: Path, output_format: str) -> Path:
     return output_dir / f"{case.name}.{output_format}"
 
 
+def segments_elsewhere(model) -> bool:
+    """Whether ``model`` segments elsewhere (``service.remote_batch.RemoteSegmenter``): it has
+    ``identity()`` (for the records) and ``segment_image(image, prompts, **options)``, and
+    ``settings.adapter`` names its adapter, not a local folder."""
+    return callable(getattr(model, "identity", None)) and callable(getattr(model, "segment_image", None))
+
+
 def _provenance(case: Case, settings: BatchSettings, model) -> dict:
     """What the output of ``case`` depends on (see :mod:`MedFMSegmentLib.records`)."""
     return {"library": __version__, "input": file_identity(case.files),
             "prompts": _prompt_identity(_prompt_entry_for(case, settings.prompts)),
-            "model": {"name": model.spec.name, "weights_sha256": getattr(model, "weights_sha256", ""),
-                      "adapter": folder_identity(settings.adapter), "backend": settings.backend,
-                      "precision": settings.precision},
+            "model": model.identity() if segments_elsewhere(model) else {
+                "name": model.spec.name, "weights_sha256": getattr(model, "weights_sha256", ""),
+                "adapter": folder_identity(settings.adapter), "backend": settings.backend,
+                "precision": settings.precision},
             "settings": {"axis": settings.axis, "box3d_strategy": settings.box3d_strategy,
                          "format": settings.output_format}}
 
 
-def _check_outputs(cases: list[Case], output_dir: Path, settings: BatchSettings, inputs: list) -> list[Path]:
+def _check_outputs(cases: list[Case], output_dir: Path, settings: BatchSettings, inputs: list,
+                   local_adapter: bool = True) -> list[Path]:
     """Output paths for every case, after refusing any that would land on or inside an input."""
     outputs = [output_path_for(case, output_dir, settings.output_format) for case in cases]
     sources = [*inputs, *(f for case in cases for f in case.files)]
     sources += [f for value in settings.prompts.values() if isinstance(value, list) for f in value]
-    if settings.adapter is not None:
+    if settings.adapter is not None and local_adapter:
         sources.append(settings.adapter)
     refuse_overlap([output_dir, output_dir / "summary.csv", *outputs], sources)
     return outputs
@@ -290,7 +300,7 @@ def _check_outputs(cases: list[Case], output_dir: Path, settings: BatchSettings,
 
 def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike, settings: BatchSettings,
               progress: Callable[[int, int, CaseResult], None] | None = None,
-              cancel: threading.Event | None = None, model=None) -> list[CaseResult]:
+              cancel: threading.Event | None = None, model=None, adapter_info=None) -> list[CaseResult]:
     """Segment every case, writing one label file per case and ``summary.csv`` in ``output_dir``.
 
     Everything checkable is checked before the model loads: the format, the output folder (usable,
@@ -306,15 +316,16 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
         settings: Adapter, prompts, format, device, resume, slicing axis, 3D-box strategy.
         progress: Called as ``progress(done, total, result)`` after each case.
         cancel: Set it to stop after the current case (raises :class:`CancelledError`).
-        model: An already loaded model to reuse (the Slicer module passes its own).
+        model: An already loaded model to reuse (the Slicer module passes its own), or a segmenter
+            elsewhere (:func:`segments_elsewhere`), with its adapter's ``adapter_info``.
 
     Returns:
         One :class:`CaseResult` per case, in input order.
     """
     from .api import load_segmenter
 
-    cases, outputs, output_dir, predictor_settings = check_batch(inputs, output_dir, settings)
-    adapter_info = None
+    cases, outputs, output_dir, predictor_settings = check_batch(inputs, output_dir, settings,
+                                                                 not segments_elsewhere(model))
     if model is None:
         model, adapter_info = load_segmenter(settings.model_name, settings.checkpoint, settings.adapter,
                                              settings.device, settings.backend, settings.precision)
@@ -337,8 +348,9 @@ def run_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike
 
 
 def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLike,
-                settings: BatchSettings) -> tuple[list[Case], list[Path], Path, object]:
-    """Everything checkable before a model loads; then the output folder is made and swept.
+                settings: BatchSettings, local_adapter: bool = True) -> tuple[list[Case], list[Path], Path, object]:
+    """Everything checkable before a model loads; then the output folder is made and swept
+    (``local_adapter=False``: ``settings.adapter`` is a service's adapter name, no file here).
 
     Returns:
         ``(cases, outputs, output_dir, predictor_settings)``.
@@ -359,7 +371,7 @@ def check_batch(inputs: Iterable[str | os.PathLike], output_dir: str | os.PathLi
         from .cohort.dicom_seg import check_dicom_inputs
 
         check_dicom_inputs([(case.source, case.dicom_files) for case in cases])
-    outputs = _check_outputs(cases, output_dir, settings, inputs)
+    outputs = _check_outputs(cases, output_dir, settings, inputs, local_adapter)
     check_output_folder(output_dir)
     sweep_leftovers(output_dir)
     return cases, outputs, output_dir, predictor_settings
@@ -415,8 +427,9 @@ def _segment_case(case: Case, image: MedicalImage, output: Path, provenance: dic
     if prompts.is_empty and (adapter_info is None or not adapter_info.automatic):
         raise InputError("no prompts for this case and no automatic adapter")
     prompts.validate(image.geometry)
-    mask = segment_image(model, image, prompts, axis=settings.axis, adapter_info=adapter_info,
-                         settings=predictor_settings, cancel=cancel)
+    segment = model.segment_image if segments_elsewhere(model) else functools.partial(segment_image, model)
+    mask = segment(image, prompts, axis=settings.axis, adapter_info=adapter_info, settings=predictor_settings,
+                   cancel=cancel)
     name = adapter_info.label_name if adapter_info is not None else "Segment_1"
     write_record(output, provenance, pending=True)
     if settings.output_format == "dcm":

@@ -5,7 +5,9 @@
 * upload of a 512 x 512 x 300 int16 volume (hash, frame, loopback, decode; uncompressed on
   loopback, with the zlib level 1 time a remote client would add), and the same call again once
   the server holds it (only an existence check is sent);
-* time from a 3D box prompt to its first partial result (a slice update), and to its end.
+* time from a 3D box prompt to its first partial result (a slice update), and to its end;
+* the 2D round trip while a 3D box job runs on another volume of the same service (the prompt
+  waits for the job's current slice, not for the job), with the load average around it.
 
 Run: ``python -m bench.service [--repeats N]``; writes ``bench/results/service.json``.
 """
@@ -13,7 +15,7 @@ Run: ``python -m bench.service [--repeats N]``; writes ``bench/results/service.j
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import sys
 import time
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import DATA_DIR, machine  # noqa: E402
+from common import DATA_DIR, save  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
 
@@ -37,11 +39,11 @@ def _median_ms(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _hippocampus():
+def _hippocampus(number: int = 1):
     from MedFMSegmentLib.io import read_image, read_label
 
-    image = read_image(DATA_DIR / "msd_hippocampus_mri" / "imagesTr" / "hippocampus_001.nii.gz")
-    label = read_label(DATA_DIR / "msd_hippocampus_mri" / "labelsTr" / "hippocampus_001.nii.gz").array > 0
+    image = read_image(DATA_DIR / "msd_hippocampus_mri" / "imagesTr" / f"hippocampus_{number:03d}.nii.gz")
+    label = read_label(DATA_DIR / "msd_hippocampus_mri" / "labelsTr" / f"hippocampus_{number:03d}.nii.gz").array > 0
     ks, js, is_ = np.nonzero(label)
     k = int(np.median(ks))
     ys, xs = np.nonzero(label[k])
@@ -117,6 +119,39 @@ def first_partial(client, image, box3d) -> dict:
             "total_seconds": round(time.perf_counter() - started, 3), "updates": cursor}
 
 
+def round_trip_during_job(service, image, flat_box, job_image, job_box) -> dict:
+    """2D prompts on an embedded slice of ``image``, one after another, while a 3D box job
+    (``propagate``, its slices not embedded yet) runs on ``job_image``, 0-1 s apart (random, so they
+    arrive anywhere in a slice): median and worst ms of those answered while the job ran, the
+    job's seconds and slices, the load average."""
+    prompter, runner = service.client(), service.client()
+    vid = prompter.upload_volume(image.array, image.geometry)
+    prompter.prompt(vid, {"box": flat_box})  # embeds the slice
+    job_vid = runner.upload_volume(job_image.array, job_image.geometry)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    job = runner.prompt(job_vid, {"box": job_box}, box3d_strategy="propagate").job_id
+    while runner.job(job).state == "queued":
+        time.sleep(0.01)
+    during, pause = [], np.random.default_rng(0)
+    while True:
+        sent = time.perf_counter()
+        prompter.prompt(vid, {"box": flat_box})
+        elapsed = (time.perf_counter() - sent) * 1000
+        status = runner.job(job)
+        if status.finished:
+            break
+        during.append(elapsed)
+        time.sleep(float(pause.uniform(0.0, 1.0)))  # a user's prompts come at any moment of a slice
+    seconds = time.perf_counter() - started
+    runner.result(job)
+    return {"service_ms": round(statistics.median(during), 2) if during else None,
+            "worst_ms": round(max(during), 2) if during else None, "prompts_during_job": len(during),
+            "job_seconds": round(seconds, 2), "job_slices": status.done,
+            "load_average_before": [round(v, 2) for v in load_before],
+            "load_average_after": [round(v, 2) for v in os.getloadavg()]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
@@ -128,18 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = service.client()
         image, flat, box3d = _hippocampus()
+        job_image, _, job_box = _hippocampus(3)
         results = {"round_trip_2d": round_trip(client, image, flat, args.repeats), "upload_512x512x300_int16": upload(client),
-                   "first_partial_3d_box": first_partial(client, image, box3d)}
+                   "first_partial_3d_box": first_partial(client, image, box3d),
+                   "round_trip_2d_during_3d_job": round_trip_during_job(service, image, flat, job_image, job_box)}
     finally:
         code = service.stop()
-    report = {"suite": "service", "machine": machine(), "settings": {"repeats": args.repeats, "device": "cpu",
-              "volume": "hippocampus_001 (35 x 51 x 35)", "box3d_strategy": "propagate",
-              "note": "server and bench share the CPU; other processes ran on it too (see load_average)"},
-              "results": results, "server_exit_code": code}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["results"], indent=2))
-    print(f"load average {report['machine']['load_average']}; written to {args.output}")
+    settings = {"repeats": args.repeats, "device": "cpu", "volume": "hippocampus_001 (35 x 51 x 35)",
+                "job_volume": "hippocampus_003", "box3d_strategy": "propagate",
+                "note": "server and bench share the CPU; other processes ran on it too (see load_average)"}
+    path = save("service", {"results": results, "server_exit_code": code}, settings, args.output)
+    print(f"written to {path}")
     return 0
 
 
@@ -178,4 +212,14 @@ def report_section(result: dict) -> list[str]:
             f"| zlib level 1 on that volume, as a remote client sends it | {upload['zlib1_seconds']:.1f} s "
             f"({upload['zlib1_mb']:.0f} MB) |",
             f"| 3D box ({result['settings']['volume']}, `{result['settings']['box3d_strategy']}`): first slice update "
-            f"/ whole job | {first['first_update_seconds']:.2f} s / {first['total_seconds']:.1f} s |", ""]
+            f"/ whole job | {first['first_update_seconds']:.2f} s / {first['total_seconds']:.1f} s |",
+            *_during_job_rows(figures), ""]
+
+
+def _during_job_rows(figures: dict) -> list[str]:
+    during = figures.get("round_trip_2d_during_3d_job")
+    if not during or during.get("service_ms") is None:
+        return []
+    return [f"| the same 2D prompt while a 3D box job runs on another volume (median / worst of "
+            f"{during['prompts_during_job']}; the job: {during['job_slices']} slices in {during['job_seconds']:.1f} s; "
+            f"load {during['load_average_before'][0]:.1f}) | {during['service_ms']:.1f} ms / {during['worst_ms']:.1f} ms |"]

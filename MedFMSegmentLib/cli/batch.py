@@ -12,7 +12,9 @@ from pathlib import Path
 
 from ..batch import OUTPUT_FORMATS, BatchSettings
 from . import cohort
-from .options import EXIT_FAILURE, EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options
+from ..errors import InputError
+from .options import (EXIT_FAILURE, EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options,
+                      add_server_options)
 
 __all__ = ["register", "run", "settings_from_args"]
 
@@ -35,6 +37,8 @@ def register(commands) -> argparse.ArgumentParser:
     add_box3d_strategy_option(parser, default=defaults.box3d_strategy)
     add_engine_options(parser, default_model=defaults.model_name)
     cohort.add_options(parser)
+    add_server_options(parser, "run each case on a running 'medfmsegment serve' at this URL (--adapter: the name "
+                               "of one of its adapters; its own device and backend)")
     parser.set_defaults(handler=run)
     return parser
 
@@ -51,22 +55,31 @@ def settings_from_args(args: argparse.Namespace) -> BatchSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cluster and args.server:
+        raise InputError("--cluster and --server cannot be combined: choose where the cases run")
     settings = settings_from_args(args)
     if args.cluster:
         return cohort.run_on_cluster(args.inputs, args.output_dir, settings, args.cluster, report=args.report)
-    code = run_here(args.inputs, args.output_dir, settings)
+    code = run_here(args.inputs, args.output_dir, settings, server=args.server, token_file=args.token_file)
     if args.report:
         print(f"QC report in {cohort.report_after_batch(args.inputs, args.output_dir)}")
     return code
 
 
-def run_here(inputs: list[str], output_dir: str, settings: BatchSettings) -> int:
-    """The batch in this process, one progress line (or bar) per case."""
+def run_here(inputs: list[str], output_dir: str, settings: BatchSettings, server: str | None = None,
+             token_file: str | None = None) -> int:
+    """The batch from this process (each case's inference on ``server`` when given), one progress
+    line (or bar) per case."""
     from ..batch import run_batch
     from ..progress import batch_progress
+    from ..service.remote_batch import run_batch_remote
 
     with batch_progress() as report:
-        results = run_batch(inputs, output_dir, settings, progress=report)
+        if server:
+            results = run_batch_remote(inputs, output_dir, settings, server=server, token_file=token_file,
+                                       progress=report)
+        else:
+            results = run_batch(inputs, output_dir, settings, progress=report)
     failed = sum(r.status == "failed" for r in results)
     print(f"{len(results) - failed} of {len(results)} cases done; summary in {Path(output_dir) / 'summary.csv'}")
     return EXIT_FAILURE if failed else EXIT_OK

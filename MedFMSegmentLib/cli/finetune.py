@@ -13,7 +13,7 @@ from ..finetune.continual import CONTINUE_FRACTION
 from ..finetune.trainer import (DEFAULT_EMBEDDING_ADAPTER, DEFAULT_STEPS, EMBEDDING_ADAPTER_SCOPES, ENCODER_MODES,
                                 FinetuneConfig)
 from ..models import MODEL_SPECS
-from .options import EXIT_OK, add_device_option
+from .options import EXIT_OK, add_device_option, add_server_options
 
 __all__ = ["register", "run", "config_from_args", "overrides_from_args"]
 
@@ -65,6 +65,8 @@ def register(commands) -> argparse.ArgumentParser:
                         help="with --from: train on the new cases only")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing adapter at -o (a folder holding other files is refused)")
+    add_server_options(parser, "train on a running 'medfmsegment serve' at this URL (its device and models; the "
+                               "adapter also stays there)")
     parser.set_defaults(handler=run)
     return parser
 
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("finetune needs at least one --image IMG --label LBL pair")
     if len(images) != len(labels):
         raise InputError(f"every --image needs its --label ({len(images)} images, {len(labels)} labels)")
+    if args.server:
+        return run_on_service(args, images, labels)
     if args.parent is not None:
         config, overrides = None, overrides_from_args(args)
     else:
@@ -112,4 +116,30 @@ def run(args: argparse.Namespace) -> int:
     replayed = "" if trained.replayed_cases is None else f", {trained.replayed_cases} of the parent's cases replayed"
     print(f"adapter written to {trained.output} (validation Dice {trained.metadata['validation_dice']}{replayed})",
           flush=True)
+    return EXIT_OK
+
+
+def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
+    """``finetune --server URL``: the same training on a service (:mod:`..service.remote_finetune`)."""
+    from ..progress import finetune_progress
+    from ..service.remote_finetune import finetune_remote
+
+    if args.parent is not None:
+        raise InputError("--from cannot be used with --server (continue the adapter on this machine)")
+    if args.checkpoint is not None:
+        raise InputError("--checkpoint cannot be sent to a service: it serves the models it was started with")
+    settings = {"model": args.model, "steps": args.steps, "encoder": args.encoder, "rank": args.rank,
+                "embedding_adapter_channels": args.embedding_adapter,
+                "embedding_adapter_scope": args.embedding_adapter_scope, "label_value": args.label_value,
+                "seed": args.seed, "embedding_budget": args.embedding_budget,
+                "label_name": args.label_name or (f"label {args.label_value}" if args.label_value else "label")}
+
+    def started(job: str, name: str) -> None:
+        print(f"fine-tuning job {job} on {args.server} (adapter {name} there)", flush=True)
+
+    with finetune_progress() as progress:
+        output, metadata = finetune_remote(images, labels, args.output, server=args.server, token_file=args.token_file,
+                                           overwrite=args.overwrite, settings=settings, progress=progress,
+                                           on_started=started)
+    print(f"adapter written to {output} (validation Dice {metadata['validation_dice']})", flush=True)
     return EXIT_OK

@@ -265,6 +265,11 @@ def create_app(state: ServiceState, jobs: JobManager, focus: FocusWorker, token:
                       {"next": cursor, "slices": [[a, i] for a, i, _ in items],
                        "shape": list(job.shape) if job.shape else None, "state": job.state})
 
+    @app.get(API + "/jobs/{jid}/reports")
+    def job_reports(jid: str, since: int = 0) -> dict:
+        cursor, items = job_or_404(jid).reports_since(since)
+        return {"next": cursor, "reports": items}
+
     @app.get(API + "/jobs/{jid}/result")
     def job_result(jid: str) -> Response:
         job = job_or_404(jid)

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-__all__ = ["ADAPTER_FILES", "ArchiveError", "pack_adapter", "unpack_adapter"]
+__all__ = ["ADAPTER_FILES", "ArchiveError", "pack_adapter", "read_adapter_archive", "unpack_adapter"]
 
 #: The files of an adapter folder (the names ``MedFMSegmentLib.finetune.adapters`` writes).
 ADAPTER_FILES = ("adapter.safetensors", "metadata.json")
@@ -40,16 +40,9 @@ def pack_adapter(folder: str | os.PathLike) -> bytes:
     return buffer.getvalue()
 
 
-def unpack_adapter(data: bytes, folder: str | os.PathLike, max_bytes: int = 1 << 30) -> Path:
-    """Write the adapter in archive ``data`` as the new folder ``folder``, atomically.
-
-    Raises:
-        ArchiveError: Not a zip of exactly the adapter files, a file over ``max_bytes``, metadata
-            that is not a JSON object, or ``folder`` existing already (it is never replaced).
-    """
-    folder = Path(folder)
-    if folder.exists():
-        raise ArchiveError(f"adapter {folder.name!r} exists (choose another name)")
+def read_adapter_archive(data: bytes, max_bytes: int = 1 << 30) -> tuple[dict[str, bytes], dict]:
+    """``({file name: bytes}, metadata)`` of the adapter archive ``data``, checked as
+    :func:`unpack_adapter` checks it (nothing is written)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         entries = {info.filename: info for info in archive.infolist()}
@@ -69,6 +62,20 @@ def unpack_adapter(data: bytes, folder: str | os.PathLike, max_bytes: int = 1 <<
         raise ArchiveError(f"metadata.json is not valid JSON: {exc}") from None
     if not isinstance(metadata, dict):
         raise ArchiveError("metadata.json is not a JSON object")
+    return contents, metadata
+
+
+def unpack_adapter(data: bytes, folder: str | os.PathLike, max_bytes: int = 1 << 30) -> Path:
+    """Write the adapter in archive ``data`` as the new folder ``folder``, atomically.
+
+    Raises:
+        ArchiveError: Not a zip of exactly the adapter files, a file over ``max_bytes``, metadata
+            that is not a JSON object, or ``folder`` existing already (it is never replaced).
+    """
+    folder = Path(folder)
+    if folder.exists():
+        raise ArchiveError(f"adapter {folder.name!r} exists (choose another name)")
+    contents, _ = read_adapter_archive(data, max_bytes)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:

@@ -259,6 +259,13 @@ class ServiceClient:
         header, arrays = self._frame("GET", f"/jobs/{job_id}/updates", query={"since": int(since)})
         return int(header["next"]), [(int(a), int(i), plane) for (a, i), plane in zip(header["slices"], arrays)]
 
+    def reports(self, job_id: str, since: int = 0) -> tuple[int, list[dict]]:
+        """``(next cursor, [report, ...])``: a job's progress reports since ``since``, each as the
+        library gave it (fine-tuning: ``{"stage": "embedding", "done", "total"}``, then
+        ``{"step", "steps", "loss", "val_dice"}`` per step), so a client can print every one."""
+        data = self._json("GET", f"/jobs/{job_id}/reports", query={"since": int(since)})
+        return int(data["next"]), list(data["reports"])
+
     def result(self, job_id: str):
         """A finished job's result: the ``(K, J, I)`` bool mask, or a dict (fine-tuning: the adapter)."""
         _, kind, data = self.request("GET", f"/jobs/{job_id}/result")

@@ -1,15 +1,17 @@
 """Jobs of the service: 3D prompts, automatic segmentation and fine-tuning, run one at a time.
 
-A :class:`JobManager` runs submitted jobs in order on one worker thread, holding the service's
-inference lock while each runs (the 2D fast path takes the same lock, so model calls never
-overlap). A :class:`Job` records its progress, the result slices written so far (``updates``,
-read from a cursor so a client can draw a 3D result as it grows) and its result or error.
+A :class:`JobManager` runs submitted jobs in order on one worker thread, each holding the
+model's turn (:class:`.turns.ModelTurns`) while it runs: model calls never overlap, and a job
+lets waiting 2D prompts and focus embeddings go first between its slices. A :class:`Job`
+records its progress, the result slices written so far (``updates``, read from a cursor so a
+client can draw a 3D result as it grows), its progress reports and its result or error.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 import threading
 import time
@@ -55,6 +57,7 @@ class Job:
     result: Any = None
     shape: tuple | None = None
     _updates: list = field(default_factory=list)
+    _reports: list = field(default_factory=list)
     _shown: np.ndarray | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _finished: threading.Event = field(default_factory=threading.Event)
@@ -96,6 +99,19 @@ class Job:
         for k in changed:
             self.add_update(0, int(k), mask[k])
 
+    def add_report(self, report: dict) -> None:
+        """Record one progress report as the library gave it (fine-tuning: embedding counts, then
+        step, loss and validation Dice per step), non-finite numbers as None (JSON has none)."""
+        clean = {str(k): (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in report.items()}
+        with self._lock:
+            self._reports.append(clean)
+
+    def reports_since(self, since: int) -> tuple[int, list[dict]]:
+        """``(next cursor, reports from cursor since)``: a client prints every one, none twice."""
+        with self._lock:
+            since = max(0, int(since))
+            return len(self._reports), list(self._reports[since:])
+
     def updates_since(self, since: int) -> tuple[int, list[tuple[int, int, np.ndarray]]]:
         """``(next cursor, updates from cursor since)``."""
         with self._lock:
@@ -115,16 +131,16 @@ class Job:
 
 
 class JobManager:
-    """Runs jobs one at a time on a worker thread, under ``lock``; keeps the last ``keep`` finished ones.
+    """Runs jobs one at a time on a worker thread, in ``turns``; keeps the last ``keep`` finished ones.
 
     Args:
-        lock: The lock every model call takes (shared with the 2D fast path).
+        turns: The model's turns (shared with the 2D fast path and the focus worker).
         keep: Finished jobs kept for their results; older ones are forgotten.
         max_queued: Jobs waiting at most; more are refused (a client in a loop cannot fill memory).
     """
 
-    def __init__(self, lock: threading.RLock, keep: int = 8, max_queued: int = 64) -> None:
-        self.lock = lock
+    def __init__(self, turns, keep: int = 8, max_queued: int = 64) -> None:
+        self.turns = turns
         self.keep = keep
         self.max_queued = max_queued
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -196,7 +212,7 @@ class JobManager:
         with job._lock:
             job.state = "running"
         try:
-            with self.lock:
+            with self.turns.job():
                 result = work(job)
         except CancelledError:
             job._finish("cancelled", "cancelled")

@@ -162,8 +162,8 @@ def serve(settings: ServeSettings) -> int:
     token, created = read_or_create_token(token_path)
     state = ServiceState(dict(settings.models), adapter_dir, settings.device, settings.backend, settings.precision,
                          settings.limits)
-    jobs = JobManager(state.inference_lock)
-    focus = FocusWorker()
+    jobs = JobManager(state.turns)
+    focus = FocusWorker(state.turns)
     app = create_app(state, jobs, focus, token)
     host, port = sock.getsockname()[:2]
     url_host = f"[{host}]" if ":" in host else host

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..io import MedicalImage
+from .turns import ModelTurns
 
 __all__ = ["Limits", "ServiceState", "FocusWorker", "check_adapter_name"]
 
@@ -76,8 +77,9 @@ class ServiceState:
         self.backend, self.precision = backend, precision
         self.limits = limits or Limits()
         self.cache = EmbeddingCache(PredictorSettings().cache_bytes_for(self.device))
-        #: Every model call holds it: jobs for their whole run, 2D prompts for theirs.
-        self.inference_lock = threading.RLock()
+        #: Every model call takes a turn: jobs for their run (offering it between slices), 2D
+        #: prompts and focus embeddings for theirs (see :mod:`.turns`).
+        self.turns = ModelTurns()
         self._lock = threading.RLock()
         self._models: dict[str, object] = {}
         self._adapters: dict[str, tuple[float, object, object]] = {}
@@ -222,12 +224,14 @@ class ServiceState:
 class FocusWorker:
     """Embeds the slice a viewer shows, then its neighbours, on one background thread.
 
-    A new focus replaces the old plan (the user scrolled on). Slices are embedded with
+    A new focus replaces the old plan (the user scrolled on). Each slice takes an interactive
+    turn on the model (it goes before a running job's next slice). Slices are embedded with
     :meth:`SegmentationSession.embedding_along`, which is thread-safe and never computes a slice
     twice when a prompt asks for the same one meanwhile.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, turns: ModelTurns | None = None) -> None:
+        self.turns = turns or ModelTurns()
         self._plan: list[tuple[object, int, int]] = []
         self._condition = threading.Condition()
         self._stopped = False
@@ -262,7 +266,8 @@ class FocusWorker:
                     return
                 session, voxel_axis, index = self._plan.pop(0)
             try:
-                session.embedding_along(voxel_axis, index)
+                with self.turns.interactive():  # before a running job's next slice
+                    session.embedding_along(voxel_axis, index)
                 self.embedded += 1
             except Exception:  # noqa: BLE001 - a failed look-ahead costs only the prompt's own encoding
                 continue

@@ -175,7 +175,9 @@ def _prepare(state: ServiceState, volume_id: str, options: dict):
 
     session, _ = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
     session.set_axis(_axis(state, volume_id, options))
-    session.settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or "auto")
+    settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or "auto")
+    if session.settings != settings:  # a job paused between slices keeps the settings it runs with
+        session.settings = settings
     return session
 
 
@@ -185,7 +187,7 @@ def segment_2d(state: ServiceState, volume_id: str, prompts: Prompts, options: d
     ``(array_axis, index, plane, full mask)``."""
     from ..geometry import array_axis, slice_from_volume
 
-    with state.inference_lock:
+    with state.turns.interactive():  # between a running job's slices, not after the job
         session = _prepare(state, volume_id, options)
         mask = session.segment(prompts, propagate=options.get("propagate"))
     voxel_axis, index = where
@@ -203,7 +205,8 @@ def prompt_job(state: ServiceState, volume_id: str, prompts: Prompts, options: d
         session = _prepare(state, volume_id, options)
         # on_update names the library's voxel axis (0 = I); clients get the numpy axis (0 = K).
         return _tracked(job, session, 0, lambda: session.segment(
-            prompts, propagate=options.get("propagate"), progress=job.progress, cancel=job.cancel,
+            prompts, propagate=options.get("propagate"), progress=job.progress,
+            cancel=state.turns.checkpoint(job.cancel),
             on_update=lambda voxel_axis, index, plane: job.add_update(array_axis(voxel_axis), index, plane)))
 
     return work
@@ -242,7 +245,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
         session.set_axis(info.metadata.get("axis", "axial"))
         return _tracked(job, session, session.num_slices, lambda: segment_automatic(
             session, keep=options.get("keep_components") or info.keep_components, progress=job.progress,
-            cancel=job.cancel))
+            cancel=state.turns.checkpoint(job.cancel)))
 
     return work
 
@@ -261,6 +264,7 @@ FINETUNE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_validation_slices": lambda v: _int(v, "max_validation_slices", 1, 1000),
     "embedding_budget": lambda v: _int(v, "embedding_budget", 1, 100000),
     "embedding_adapter_channels": lambda v: _int(v, "embedding_adapter_channels", 0, 1024),
+    "embedding_adapter_scope": lambda v: _choice(v, "embedding_adapter_scope", ("automatic", "all")),
     "axis": lambda v: _choice(v, "axis", ("axial", "coronal", "sagittal")),
 }
 
@@ -298,6 +302,7 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
                                   lora_rank=rank, lora_alpha=2.0 * rank, **config)
 
         def report(item: dict) -> None:
+            job.add_report(item)
             if item.get("stage") == "embedding":
                 job.progress(item["done"], item["total"], "embedding")
                 return
@@ -307,7 +312,7 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
                 if item.get("val_dice") is not None:
                     job.metrics["val_dice"] = item["val_dice"]
 
-        trained, metadata = finetune(cases, settings, progress=report, cancel=job.cancel)
+        trained, metadata = finetune(cases, settings, progress=report, cancel=state.turns.checkpoint(job.cancel))
         if job.cancel.is_set():
             raise CancelledError("fine-tuning cancelled")
         job.progress(job.done, job.planned, "saving")
