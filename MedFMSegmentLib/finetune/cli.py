@@ -58,7 +58,9 @@ def _run(args: argparse.Namespace) -> int:
         model, metadata = finetune(old + cases, config, progress=progress, parent=parent)
     save_adapter(model, output, metadata)
     replayed = f", {len(old)} of the parent's cases replayed" if parent is not None else ""
-    print(f"adapter written to {output} (validation Dice {metadata['validation_dice']}{replayed})", flush=True)
+    from .comparison import summary_line
+
+    print(f"adapter written to {output} ({summary_line(metadata)}{replayed})", flush=True)
     return 0
 
 
