@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 __all__ = ["MODEL_CHOICES", "ensure_library_on_path", "path_or_none", "model_availability", "adaptation_summary",
-           "validation_figures", "adapter_details"]
+           "validation_figures", "adapter_details", "training_line"]
 
 #: (registry name, label, needs a checkpoint file). LiteMedSAM's weights ship with the library.
 MODEL_CHOICES = (
@@ -75,6 +75,17 @@ def adapter_details(metadata: dict) -> str:
     if metadata.get("date"):
         parts.append(f"date: {metadata['date']}")
     return "; ".join(parts)
+
+
+def training_line(stage: str, done: int, planned: int, metrics: dict) -> str:
+    """The status line while training, with the last validation Dice beside the base model's
+    ("" before the first validation)."""
+    metrics = metrics or {}
+    val, base = metrics.get("val_dice"), metrics.get("base_val_dice")
+    if stage != "training" or val is None:
+        return ""
+    line = f"training: step {done} of {planned}; validation Dice {val:.3f}"
+    return line + (f" (base model {base:.3f})" if base is not None else "")
 
 
 def adaptation_summary(result: dict) -> str:

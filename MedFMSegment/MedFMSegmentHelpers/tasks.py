@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import slicer
 
 from .service_process import JobPoller
-from .settings import adaptation_summary
+from .settings import adaptation_summary, training_line
 
 __all__ = ["ServiceTask", "AdaptationTask", "AutomaticTask"]
 
@@ -99,6 +99,9 @@ class AdaptationTask(ServiceTask):
         def on_status(job) -> None:
             metrics = job.metrics or {}
             self.chart.add(metrics.get("step"), metrics.get("loss"), metrics.get("val_dice"))
+            line = training_line(job.stage, job.done, job.planned, metrics)
+            if line:
+                self.status(line)
 
         def on_done(job) -> None:
             result = self.logic.client.result(job.job_id)

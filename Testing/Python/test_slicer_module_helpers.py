@@ -154,6 +154,16 @@ def test_adapter_list_and_summary_show_the_side_by_side_figures():
     assert adapter_details({}) == ""
 
 
+def test_training_line_shows_validation_dice_beside_the_base_models():
+    from MedFMSegmentHelpers.settings import training_line
+
+    metrics = {"step": 200, "loss": 0.3, "val_dice": 0.75, "base_val_dice": 0.5}
+    assert training_line("training", 200, 800, metrics) == ("training: step 200 of 800; validation Dice 0.750 "
+                                                            "(base model 0.500)")
+    assert training_line("training", 50, 800, {"step": 50, "loss": 0.4}) == ""
+    assert training_line("embedding", 3, 9, metrics) == ""
+
+
 # ---------------------------------------------------------------------------- cases and chart (real MRML)
 @pytest.fixture()
 def scene():
