@@ -47,6 +47,9 @@ class AdaptationBatchMixin:
     def onUpdateAdapter(self) -> None:
         """Continue the adapter in use with the added cases (and the checked training cases)."""
         p = self._parameterNode
+        if not self.pending:
+            self.setStatus(_("Add at least one corrected case first (Add this case)."))
+            return
         labels = list(self.ui.trainingLabelsSelector.checkedNodes())
 
         def finished(result: dict) -> None:
