@@ -18,6 +18,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadab
 from slicer.util import VTKObservationMixin
 
 from MedFMSegmentHelpers.logic import MedFMSegmentLogic
+from MedFMSegmentHelpers.adaptation_section import AdaptationBatchMixin
 from MedFMSegmentHelpers.setup_section import SetupSectionMixin
 from MedFMSegmentHelpers.parameters import MedFMSegmentParameterNode  # noqa: F401 - saved with the scene
 from MedFMSegmentHelpers.selftest import MedFMSegmentTest  # noqa: F401 - Slicer finds <Module>Test here
@@ -54,7 +55,7 @@ class MedFMSegment(ScriptedLoadableModule):
         slicer.app.connect("startupCompleted()", registerEffect)
 
 
-class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
+class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """The panel: Setup (service, model, adapter, dependencies), Segment, Adaptation and Batch."""
 
     def __init__(self, parent=None) -> None:
@@ -100,12 +101,16 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
         ui.automaticButton.connect("clicked(bool)", self.onAutomatic)
         ui.cancelSegmentButton.connect("clicked(bool)", self.onCancelSegment)
         ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
+        ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        ui.updateAdapterButton.connect("clicked(bool)", self.onUpdateAdapter)
         ui.adaptationCancelButton.connect("clicked(bool)", self.adaptation.cancel)
         ui.batchButton.connect("clicked(bool)", self.onBatch)
         ui.batchCancelButton.connect("clicked(bool)", self.batch.cancel)
         ui.positivePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", ui.positivePlaceWidget.setCurrentNode)
         ui.negativePointsSelector.connect("currentNodeChanged(vtkMRMLNode*)", ui.negativePlaceWidget.setCurrentNode)
 
+        self.pending = None  # cases added for the next adapter update (PendingCases)
+        self._fillBatchFormats()
         self.pollTimer = qt.QTimer()  # drives the prompt controller; no Python thread in Slicer
         self.pollTimer.setInterval(100)
         self.pollTimer.connect("timeout()", self.onPoll)
@@ -190,6 +195,8 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
         self.ui.batchButton.enabled = connected and adapter
         self.ui.batchButton.toolTip = reason or _("Segment each checked volume automatically with the adapter.")
         self.ui.finetuneButton.enabled = connected
+        self.ui.addCaseButton.enabled = hasVolume and bool(p and p.segmentation)
+        self.ui.updateAdapterButton.enabled = connected and adapter and bool(self.pending)
         self.ui.undoButton.enabled = bool(self.writer is not None and self.writer.undo.can_undo)
         self._attachController()
 
@@ -278,30 +285,6 @@ class MedFMSegmentWidget(SetupSectionMixin, ScriptedLoadableModuleWidget, VTKObs
             mask_to_segment(mask, volume, segmentation, segment_name=p.adapterName)
 
         self._runTask(self.automatic, lambda: self.automatic.start([p.inputVolume], p.adapterName, write))
-
-    # ------------------------------------------------------------------ adaptation and batch
-    def onFinetune(self) -> None:
-        p = self._parameterNode
-        labels = list(self.ui.trainingLabelsSelector.checkedNodes())
-        if not labels or not p.newAdapterName.strip():
-            self.setStatus(_("Check at least one training case and name the new adapter."))
-            return
-        config = {"name": p.newAdapterName.strip(), "model": p.modelName, "rank": int(p.rank)}
-        if int(p.steps) > 0:
-            config["steps"] = int(p.steps)
-
-        def finished(result: dict) -> None:
-            self.ui.adaptationResultLabel.text = self.ui.statusLabel.text
-            self.updateAdapterList()
-
-        self._runTask(self.adaptation, lambda: self.adaptation.start(labels, p.inputVolume, config, finished))
-
-    def onBatch(self) -> None:
-        volumes = list(self.ui.batchVolumesSelector.checkedNodes())
-        if not volumes:
-            self.setStatus(_("Check at least one volume."))
-            return
-        self._runTask(self.batch, lambda: self.batch.start(volumes, self._parameterNode.adapterName))
 
     def _runTask(self, task, start) -> None:
         """Start a service task; a refused request (bad label grid, name taken, ...) is a status line."""

@@ -1,5 +1,6 @@
 """The self-test run inside Slicer (Reload and Test, or ctest): the service, the effect, a prompt,
-undo, a 5-step adaptation and a batch of two volumes, on a synthetic sphere volume."""
+undo, a 5-step adaptation and a batch of two volumes, then "Add this case" + "Update adapter" (5 steps)
+and a batch of two volumes written as files, on synthetic sphere volumes."""
 
 import time
 
@@ -44,6 +45,7 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_MedFMSegment_service_effect_adaptation_batch()
+        self.test_MedFMSegment_update_adapter_and_batch_files()
 
     def test_MedFMSegment_service_effect_adaptation_batch(self) -> None:
         from MedFMSegmentHelpers.logic import MedFMSegmentLogic
@@ -95,6 +97,7 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
         self.assertTrue(_wait(lambda: logic.client.job(job).state in ("done", "failed", "cancelled"), 600))
         self.assertEqual(logic.client.job(job).state, "done", logic.client.job(job).message)
         self.assertIn(name, [a["name"] for a in logic.client.adapters()])
+        self.adapterName = name  # updated by test_MedFMSegment_update_adapter_and_batch_files
 
         self.delayDisplay("Batch of two volumes with the adapter")
         second, _ = _sphere_volume("Sphere 2", centre_i=52)
@@ -107,3 +110,47 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
             self.assertEqual(logic.client.job(job).state, "done")
             self.assertEqual(logic.client.result(job).shape, data.array.shape)
         self.delayDisplay("Test passed")
+
+    def test_MedFMSegment_update_adapter_and_batch_files(self) -> None:
+        """"Add this case" + "Update adapter" (5 steps), base and adapted Dice side by side, and a
+        batch of two volumes written as files in a batch format (what the panel's buttons call)."""
+        import tempfile
+        from pathlib import Path
+
+        from MedFMSegmentHelpers.logic import MedFMSegmentLogic
+        from MedFMSegmentLib.io import read_label
+        from MedFMSegmentLib.slicer_bridge import mask_to_segment, volume_node_to_image
+        from MedFMSegmentLib.slicer_bridge.outputs import output_paths, write_output
+        from MedFMSegmentLib.slicer_bridge.updates import PendingCases
+
+        logic = MedFMSegmentLogic.shared()
+        name = getattr(self, "adapterName", None)
+        self.assertIsNotNone(name, "run after test_MedFMSegment_service_effect_adaptation_batch")
+        self.delayDisplay("Add this case, then Update adapter: 5 steps")
+        volume, sphere = _sphere_volume("Corrected case", centre_i=50)
+        corrected = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Corrected")
+        mask_to_segment(sphere, volume, corrected, segment_name=name)
+        pending = PendingCases()
+        pending.add(volume, corrected, name)
+        job = pending.submit(logic.client, name, steps=5)
+        self.assertTrue(_wait(lambda: logic.client.job(job).state in ("done", "failed", "cancelled"), 600))
+        self.assertEqual(logic.client.job(job).state, "done", logic.client.job(job).message)
+        metadata = {a["name"]: a["metadata"] for a in logic.client.adapters()}[name]
+        self.assertEqual(metadata["lineage"][-1]["cases_added"], 1)
+        self.assertIsNotNone(metadata.get("base_validation_dice"))
+        self.assertIsNotNone(metadata.get("adapted_validation_dice"))
+
+        self.delayDisplay("Batch of two volumes written as NIfTI files")
+        second, _ = _sphere_volume("Batch 2", centre_i=46)
+        volumes = [volume, second]
+        with tempfile.TemporaryDirectory() as folder:
+            paths = output_paths(volumes, folder, "nii.gz")
+            for node, path in zip(volumes, paths):
+                data = volume_node_to_image(node)
+                job = logic.client.automatic(logic.client.upload_volume(data.array, data.geometry), name)
+                self.assertTrue(_wait(lambda: logic.client.job(job).state in ("done", "failed", "cancelled"), 600))
+                mask = logic.client.result(job)
+                write_output(mask, node, path, "nii.gz", segment_name=name)
+                self.assertTrue(np.array_equal(read_label(path).array > 0, mask > 0))
+            self.assertEqual(sorted(Path(p).name for p in paths), ["Batch_2.nii.gz", "Corrected_case.nii.gz"])
+        self.delayDisplay("Update and batch files passed")

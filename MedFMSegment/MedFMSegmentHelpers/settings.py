@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["MODEL_CHOICES", "ensure_library_on_path", "path_or_none", "model_availability", "adaptation_summary"]
+__all__ = ["MODEL_CHOICES", "ensure_library_on_path", "path_or_none", "model_availability", "adaptation_summary",
+           "validation_figures", "adapter_details", "training_line"]
 
 #: (registry name, label, needs a checkpoint file). LiteMedSAM's weights ship with the library.
 MODEL_CHOICES = (
@@ -48,11 +49,49 @@ def model_availability(checkpoint) -> list[tuple[str, str, bool, str]]:
     return result
 
 
+def validation_figures(metadata: dict) -> tuple:
+    """``(adapted, base)`` validation Dice of an adapter's metadata: both on the same slices and
+    prompts (``adapted_validation_dice``; older adapters: the figure training kept), None when not measured."""
+    metadata = metadata or {}
+    adapted = metadata.get("adapted_validation_dice", metadata.get("validation_dice"))
+    return adapted, metadata.get("base_validation_dice")
+
+
+def adapter_details(metadata: dict) -> str:
+    """One line of an adapter's metadata for the adapter list: base model, Dice (adapted and base), steps..."""
+    metadata = metadata or {}
+    adapted, base = validation_figures(metadata)
+    parts = [f"base: {(metadata.get('base_model') or {}).get('name')}"] if metadata.get("base_model") else []
+    if metadata.get("label_name"):
+        parts.append(f"label: {metadata['label_name']}")
+    if adapted is not None:
+        parts.append(f"validation Dice {adapted:.3f}" + (f" (base model {base:.3f})" if base is not None else ""))
+    parts += [f"{key}: {metadata[key]}" for key in ("steps", "encoder") if metadata.get(key) is not None]
+    cases = (metadata.get("training_cases") or {}).get("count")
+    if cases:
+        parts.append(f"training cases: {cases}")
+    if metadata.get("lineage"):
+        parts.append(f"updates: {len(metadata['lineage'])}")
+    if metadata.get("date"):
+        parts.append(f"date: {metadata['date']}")
+    return "; ".join(parts)
+
+
+def training_line(stage: str, done: int, planned: int, metrics: dict) -> str:
+    """The status line while training, with the last validation Dice beside the base model's
+    ("" before the first validation)."""
+    metrics = metrics or {}
+    val, base = metrics.get("val_dice"), metrics.get("base_val_dice")
+    if stage != "training" or val is None:
+        return ""
+    line = f"training: step {done} of {planned}; validation Dice {val:.3f}"
+    return line + (f" (base model {base:.3f})" if base is not None else "")
+
+
 def adaptation_summary(result: dict) -> str:
     """The line shown when fine-tuning ends: the adapter and its validation Dice, base model beside it."""
     metadata = (result or {}).get("metadata", {}) or {}
-    adapted = metadata.get("validation_dice")
-    base = metadata.get("base_validation_dice", metadata.get("base_dice"))
+    adapted, base = validation_figures(metadata)
     text = f"Adapter '{result.get('adapter', '?')}' written"
     if adapted is not None:
         text += f"; validation Dice adapted {adapted:.3f}"

@@ -7,7 +7,7 @@ node); kept apart so each file stays small.
 from slicer.i18n import tr as _
 
 from . import dependencies
-from .settings import model_availability, path_or_none
+from .settings import adapter_details, model_availability, path_or_none
 
 __all__ = ["SetupSectionMixin"]
 
@@ -88,12 +88,7 @@ class SetupSectionMixin:
         if self._parameterNode is not None:
             self._parameterNode.adapterName = name or ""
         meta = (getattr(self, "_adapters", {}).get(name) or {}).get("metadata", {}) or {}
-        parts = [f"{key}: {meta[key]}" for key in ("label_name", "validation_dice", "steps", "encoder", "date")
-                 if meta.get(key) is not None]
-        base = (meta.get("base_model") or {}).get("name")
-        cases = (meta.get("training_cases") or {}).get("count")
-        self.ui.adapterInfoLabel.text = "; ".join(([f"base: {base}"] if base else []) + parts +
-                                                  ([f"training cases: {cases}"] if cases else []))
+        self.ui.adapterInfoLabel.text = adapter_details(meta)
 
     # ------------------------------------------------------------------ dependencies
     def _missingPackages(self) -> list:

@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import slicer
 
 from .service_process import JobPoller
-from .settings import adaptation_summary
+from .settings import adaptation_summary, training_line
 
 __all__ = ["ServiceTask", "AdaptationTask", "AutomaticTask"]
 
@@ -70,20 +70,38 @@ class AdaptationTask(ServiceTask):
 
     chart = None
 
-    def start(self, label_nodes: list, default_volume, config: dict, on_finished: Callable[[dict], None]) -> None:
+    @staticmethod
+    def pairs(label_nodes: list, default_volume) -> list:
+        """``(image, label)`` of each training label node (checked, see ``training_pair``)."""
         from MedFMSegmentLib.slicer_bridge.cases import training_pair, training_volume_for
+
+        return [training_pair(training_volume_for(label, default_volume), label) for label in label_nodes]
+
+    def start(self, label_nodes: list, default_volume, config: dict, on_finished: Callable[[dict], None]) -> None:
+        pairs = self.pairs(label_nodes, default_volume)
+        job_id = self.logic.client.finetune([p[0] for p in pairs], [p[1] for p in pairs], config)
+        self._track(job_id, config.get("name", "adapter"), on_finished)
+
+    def update(self, pending, adapter: str, label_nodes: list, default_volume, steps: int,
+               on_finished: Callable[[dict], None]) -> None:
+        """Update ``adapter`` with the added cases (``PendingCases``) and the checked training cases."""
+        job_id = pending.submit(self.logic.client, adapter, self.pairs(label_nodes, default_volume), steps)
+        self._track(job_id, f"{adapter} update", on_finished)
+
+    def _track(self, job_id: str, title: str, on_finished: Callable[[dict], None]) -> None:
         from MedFMSegmentLib.slicer_bridge.chart import TrainingChart
 
-        pairs = [training_pair(training_volume_for(label, default_volume), label) for label in label_nodes]
-        job_id = self.logic.client.finetune([p[0] for p in pairs], [p[1] for p in pairs], config)
         if self.chart is not None:
             self.chart.remove()
-        self.chart = TrainingChart(slicer.mrmlScene, f"{config.get('name', 'adapter')} fine-tuning")
+        self.chart = TrainingChart(slicer.mrmlScene, f"{title} fine-tuning")
         self._showChart()
 
         def on_status(job) -> None:
             metrics = job.metrics or {}
             self.chart.add(metrics.get("step"), metrics.get("loss"), metrics.get("val_dice"))
+            line = training_line(job.stage, job.done, job.planned, metrics)
+            if line:
+                self.status(line)
 
         def on_done(job) -> None:
             result = self.logic.client.result(job.job_id)

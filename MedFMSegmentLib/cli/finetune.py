@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import InputError
+from ..finetune.comparison import summary_line
 from ..finetune.continual import CONTINUE_FRACTION
 from ..finetune.trainer import (DEFAULT_EMBEDDING_ADAPTER, DEFAULT_STEPS, EMBEDDING_ADAPTER_SCOPES, ENCODER_MODES,
                                 FinetuneConfig)
@@ -114,8 +115,7 @@ def run(args: argparse.Namespace) -> int:
                                            overrides=overrides, replay=not args.no_replay, overwrite=args.overwrite,
                                            progress=progress)
     replayed = "" if trained.replayed_cases is None else f", {trained.replayed_cases} of the parent's cases replayed"
-    print(f"adapter written to {trained.output} (validation Dice {trained.metadata['validation_dice']}{replayed})",
-          flush=True)
+    print(f"adapter written to {trained.output} ({summary_line(trained.metadata)}{replayed})", flush=True)
     return EXIT_OK
 
 
@@ -141,5 +141,5 @@ def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
         output, metadata = finetune_remote(images, labels, args.output, server=args.server, token_file=args.token_file,
                                            overwrite=args.overwrite, settings=settings, progress=progress,
                                            on_started=started)
-    print(f"adapter written to {output} (validation Dice {metadata['validation_dice']})", flush=True)
+    print(f"adapter written to {output} ({summary_line(metadata)})", flush=True)
     return EXIT_OK

@@ -18,6 +18,7 @@ from .. import loading
 from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
 from .adapter_format import LIMITS, model_identity
+from .comparison import comparison_metadata, evaluate, evaluate_start
 from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
 from .encoder_split import check_first_stage, encode_head, encode_tail
 from .lineage import ParentAdapter, case_files, lineage
@@ -87,6 +88,8 @@ class _Slice:
     mask: np.ndarray  # bool 2D
     pixel_size: tuple
     case: int
+    axis: int = 2  # voxel axis and index of the slice in its case's volume
+    index: int = 0
 
     @property
     def has_foreground(self) -> bool:
@@ -154,7 +157,7 @@ def _slices(cases, config: FinetuneConfig) -> list[_Slice]:
         spacing = image.geometry.spacing
         for index in range(image.geometry.size[axis]):
             out.append(_Slice(slice_from_volume(volume, axis, index), slice_from_volume(mask, axis, index),
-                              (spacing[rows], spacing[cols]), n))
+                              (spacing[rows], spacing[cols]), n, axis, index))
     return out
 
 
@@ -314,6 +317,8 @@ def prepare_model(config: FinetuneConfig, mode: str, base_model: PromptableModel
         add_embedding_adapter(model, adapter_channels, config.embedding_adapter_scope == "automatic")
     model.to(model.pixel_mean.device)
     if parent is not None:
+        # for the base model's validation figure (cloned: on a CPU trainable_state shares the weights' storage)
+        model.base_trainable_state = {k: v.clone() for k, v in trainable_state(model).items()}
         load_trained_state(model, parent.state, f"parent adapter {parent.path}")
     for name, p in model.named_parameters():
         p.requires_grad_(is_trained(name))
@@ -369,6 +374,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     val = val_fg + val_bg
     train_fg = [s for s in train if s.has_foreground] or fg
     train_bg = [s for s in train if not s.has_foreground]
+    val_slices = [(s.case, s.axis, s.index) for s in val]
     forward = _forward
     if mode in ("frozen", "partial"):
         first_stage = min(encoder_stages) if mode == "partial" else None
@@ -424,6 +430,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
                     auto_scores.append(_dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
         return float(np.mean([np.mean(scores) for scores in (box_scores, auto_scores) if scores]))
 
+    # The base model (and a parent) on the slices and prompts the adapted model gets at the end
+    base_figures, parent_figures = evaluate_start(model, val, forward, config, parent is not None)
     best_dice, best_state, best_step, bad_checks, val_dice, steps_done = -1.0, None, None, 0, float("nan"), 0
     first_eligible = min(steps, int(steps * config.select_after_fraction))  # the last step always counts
     for step in range(1, steps + 1):
@@ -444,7 +452,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         optimizer.step()
         scheduler.step()
         steps_done = step
-        report = {"step": step, "steps": steps, "loss": total, "val_dice": None}
+        report = {"step": step, "steps": steps, "loss": total, "val_dice": None,
+                  "base_val_dice": (base_figures or {}).get("dice")}
         if val and (step % config.validate_every == 0 or step == steps):
             val_dice = validate()
             report["val_dice"] = val_dice
@@ -461,6 +470,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         device = model.device
         model.load_state_dict({k: v.to(device) for k, v in best_state.items()}, strict=False)
     model.eval()
+    adapted_figures = evaluate(model, val, forward, config) if val else None
     from .. import __version__
 
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
@@ -495,6 +505,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "device": str(model.device),
         "cpu_bfloat16_autocast": cpu_bf16,
         "lineage": lineage(parent, names, date),
+        **comparison_metadata(base_figures, adapted_figures, val_slices, parent_figures),
     }
     return model, metadata
 

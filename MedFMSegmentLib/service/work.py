@@ -266,7 +266,10 @@ FINETUNE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "embedding_adapter_channels": lambda v: _int(v, "embedding_adapter_channels", 0, 1024),
     "embedding_adapter_scope": lambda v: _choice(v, "embedding_adapter_scope", ("automatic", "all")),
     "axis": lambda v: _choice(v, "axis", ("axial", "coronal", "sagittal")),
+    "from": check_adapter_name,  # continue this adapter (finetune --from), its settings kept
 }
+#: What a continued adapter takes from its parent; a request cannot set them.
+PARENT_FIELDS = ("model", "encoder", "rank", "label_value", "label_name", "axis", "embedding_adapter_channels")
 
 
 def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
@@ -284,6 +287,12 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
     overwrite = config.pop("overwrite", False)
     if target.exists() and not overwrite:
         raise InputError(f"adapter {target.name!r} exists (set overwrite to replace it)")
+    parent = config.pop("from", None)
+    if parent is not None:
+        fixed = sorted(set(config) & set(PARENT_FIELDS))
+        if fixed:
+            raise InputError(f"a continued adapter keeps its parent's {', '.join(fixed)}")
+        config["model"] = (state.adapter_metadata(parent).get("base_model") or {}).get("name")
     model = config.pop("model", state.default_model)
     if model not in state.model_specs:
         raise InputError(f"model {model!r} is not served here")
@@ -295,6 +304,8 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
 
     def work(job: Job) -> dict:
         from ..finetune.adapters import save_adapter
+        from ..finetune.comparison import summary_line
+        from ..finetune.continual import continue_adapter
         from ..finetune.trainer import FinetuneConfig, finetune
 
         cases = [(state.volume(i), state.volume(l)) for i, l in zip(images, labels)]
@@ -311,13 +322,24 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
                 job.metrics["step"], job.metrics["loss"] = item["step"], item["loss"]
                 if item.get("val_dice") is not None:
                     job.metrics["val_dice"] = item["val_dice"]
+                if item.get("base_val_dice") is not None:
+                    job.metrics["base_val_dice"] = item["base_val_dice"]
 
-        trained, metadata = finetune(cases, settings, progress=report, cancel=state.turns.checkpoint(job.cancel))
+        checkpoint = state.turns.checkpoint(job.cancel)
+        if parent is None:
+            trained, metadata = finetune(cases, settings, progress=report, cancel=checkpoint)
+        else:  # parent's files are never replayed here: a client sends every case it wants trained
+            trained, metadata = continue_adapter(state.existing_adapter(parent), cases, replay=False,
+                                                 progress=report, cancel=checkpoint, device=str(state.device),
+                                                 checkpoint=state.model_specs[model], **config)
         if job.cancel.is_set():
             raise CancelledError("fine-tuning cancelled")
         job.progress(job.done, job.planned, "saving")
         save_adapter(trained, target, metadata)
-        job.message = f"adapter {target.name} written"
-        return {"adapter": target.name, "metadata": metadata}
+        figures = {k: metadata.get(k) for k in ("base_validation_dice", "adapted_validation_dice")}
+        with job._lock:
+            job.metrics.update(figures)
+        job.message = f"adapter {target.name} written ({summary_line(metadata)})"
+        return {"adapter": target.name, "from": parent, **figures, "metadata": metadata}
 
     return work

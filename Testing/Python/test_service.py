@@ -294,3 +294,39 @@ def test_frames_round_trip_and_volume_ids_follow_the_content():
     changed = arrays[0].astype(np.uint8)
     changed[0, 0, 0] ^= 1
     assert base != volume_id(changed, geometry, False)
+
+
+def test_finetune_job_continues_an_adapter_and_reports_base_and_adapted_dice(client, service, data_dir):
+    """Slicer's "Update adapter": a finetune job "from" an adapter, written back under its name;
+    both jobs end with the base model's and the adapter's validation Dice, as the metadata has them."""
+    from MedFMSegmentLib.finetune.adapter_format import read_metadata, weights_sha256
+
+    first, new = cropped_case(data_dir, 3), cropped_case(data_dir, 4)
+    config = {"name": "hippo-update", "encoder": "frozen", "steps": 2, "embedding_budget": 4}
+    job = client.finetune([first[0]], [first[1]], config)
+    result = client.wait(job)
+    folder = service["adapters"] / "hippo-update"
+    meta = read_metadata(folder)
+    status = client.job(job)
+    for key in ("base_validation_dice", "adapted_validation_dice"):
+        assert result[key] == meta[key] == status.metrics[key] and 0 <= meta[key] <= 1
+    assert status.metrics["base_val_dice"] == meta["base_validation_dice"]
+    assert f"{meta['adapted_validation_dice']:.3f} adapted, {meta['base_validation_dice']:.3f} base model" in \
+        status.message
+    parent_sha = weights_sha256(folder)
+    for refused, why in (({"name": "child", "from": "hippo-update", "encoder": "lora"}, "keeps its parent's encoder"),
+                         ({"name": "child", "from": "no-such-adapter"}, "no adapter named"),
+                         ({"name": "hippo-update", "from": "hippo-update"}, "exists")):
+        with pytest.raises(ServiceError) as error:
+            client.finetune([new[0]], [new[1]], refused)
+        assert error.value.status == 400 and why in error.value.message
+    job = client.finetune([new[0]], [new[1]], {"name": "hippo-update", "from": "hippo-update", "overwrite": True,
+                                               "steps": 2, "embedding_budget": 4})
+    result = client.wait(job)
+    meta = read_metadata(folder)
+    assert result["from"] == "hippo-update" and result["metadata"]["lineage"] == meta["lineage"]
+    entry = meta["lineage"][-1]
+    assert entry["parent_weights_sha256"] == parent_sha and entry["cases_added"] == 1 and entry["cases_replayed"] == 0
+    assert meta["encoder"] == "frozen" and meta["steps_planned"] == 2 and weights_sha256(folder) != parent_sha
+    assert result["base_validation_dice"] == meta["base_validation_dice"] is not None
+    assert "parent" in meta["validation_comparison"]

@@ -140,6 +140,30 @@ def test_adaptation_summary_shows_adapted_and_base_dice():
     assert "base model not measured" in adaptation_summary({"adapter": "a", "metadata": {"validation_dice": 0.5}})
 
 
+def test_adapter_list_and_summary_show_the_side_by_side_figures():
+    """The figures measured on the same slices and prompts win over the one training kept."""
+    from MedFMSegmentHelpers.settings import adapter_details
+
+    meta = {"base_model": {"name": "litemedsam"}, "label_name": "hippocampus", "validation_dice": 0.9,
+            "adapted_validation_dice": 0.8, "base_validation_dice": 0.6, "steps": 5, "encoder": "frozen",
+            "training_cases": {"count": 2}, "lineage": [{}], "date": "2026-12-02T18:00:00+00:00"}
+    assert adapter_details(meta) == ("base: litemedsam; label: hippocampus; validation Dice 0.800 (base model 0.600); "
+                                     "steps: 5; encoder: frozen; training cases: 2; updates: 1; "
+                                     "date: 2026-12-02T18:00:00+00:00")
+    assert "adapted 0.800 vs base model 0.600" in adaptation_summary({"adapter": "a", "metadata": meta})
+    assert adapter_details({}) == ""
+
+
+def test_training_line_shows_validation_dice_beside_the_base_models():
+    from MedFMSegmentHelpers.settings import training_line
+
+    metrics = {"step": 200, "loss": 0.3, "val_dice": 0.75, "base_val_dice": 0.5}
+    assert training_line("training", 200, 800, metrics) == ("training: step 200 of 800; validation Dice 0.750 "
+                                                            "(base model 0.500)")
+    assert training_line("training", 50, 800, {"step": 50, "loss": 0.4}) == ""
+    assert training_line("embedding", 3, 9, metrics) == ""
+
+
 # ---------------------------------------------------------------------------- cases and chart (real MRML)
 @pytest.fixture()
 def scene():

@@ -18,7 +18,7 @@ MODULE_FILE = MODULE_DIR / "MedFMSegment.py"
 HELPERS = MODULE_DIR / "MedFMSegmentHelpers"
 EFFECT_FILE = MODULE_DIR / "SegmentEditorMedFMSegmentLib" / "SegmentEditorEffect.py"
 PARAMETERS_FILE = HELPERS / "parameters.py"
-WIDGET_FILES = (MODULE_FILE, HELPERS / "setup_section.py")  # the files that use the widget's self.ui
+WIDGET_FILES = (MODULE_FILE, HELPERS / "setup_section.py", HELPERS / "adaptation_section.py")  # use the widget's self.ui
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "MedFMSegment.ui"
 LIB_DIR = ROOT / "MedFMSegmentLib"
 MODULE_SOURCES = sorted(p for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts)
@@ -323,3 +323,23 @@ def test_no_modal_error_dialogs_in_normal_use():
             assert call not in source, f"{path.name} uses {call}"
     consent = [p.name for p in MODULE_SOURCES if "confirmOkCancelDisplay(" in p.read_text(encoding="utf-8")]
     assert consent == ["installer.py"]
+
+
+def test_batch_outputs_come_from_the_librarys_registry(ui_root):
+    """The panel fills its batch output combo from slicer_bridge.outputs.output_choices (the scene,
+    then batch.OUTPUT_FORMATS); the .ui holds no items of its own that could drift from the library."""
+    from MedFMSegmentLib.batch import OUTPUT_FORMATS
+    from MedFMSegmentLib.slicer_bridge.outputs import output_choices
+
+    combo = next(w for w in ui_root.iter("widget") if w.get("name") == "batchFormatComboBox")
+    assert combo.get("class") == "QComboBox" and not combo.findall("item")
+    assert "output_choices()" in (HELPERS / "adaptation_section.py").read_text(encoding="utf-8")
+    assert [name for name, _ in output_choices()][1:] == list(OUTPUT_FORMATS) and "dcm" in OUTPUT_FORMATS
+
+
+def test_add_case_and_update_adapter_are_wired_to_the_library_helper(ui_root):
+    names = ui_classes(ui_root)
+    assert names["addCaseButton"] == names["updateAdapterButton"] == "QPushButton"
+    source = (HELPERS / "adaptation_section.py").read_text(encoding="utf-8")
+    assert "slicer_bridge.updates import PendingCases" in source and "self.adaptation.update(" in source
+    assert "pending.submit(" in (HELPERS / "tasks.py").read_text(encoding="utf-8")

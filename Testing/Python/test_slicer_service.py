@@ -192,3 +192,46 @@ def test_the_panels_serve_command_reads_its_ready_line_in_chunks_and_tree_kill_s
     assert client.info()["models"] == ["litemedsam"]
     assert ready["pid"] in kill_tree(ready["pid"])
     assert process.wait(30) is not None
+
+
+def test_add_this_case_then_update_adapter_continues_it_in_the_service(client, data_dir):
+    """The panel's "Add this case" / "Update adapter" (slicer_bridge.updates) on real MRML against
+    the real service: the corrected segment as it was when added is what trains, with the checked
+    training case beside it, and the adapter is replaced by its continuation."""
+    from test_service import cropped_case
+
+    from MedFMSegmentLib.errors import InputError
+    from MedFMSegmentLib.slicer_bridge.updates import PendingCases, segment_for_case
+
+    gc.collect()
+    (first, first_label), (new, new_label) = cropped_case(data_dir, 3), cropped_case(data_dir, 4)
+    parent = client.wait(client.finetune([first], [first_label], {"name": "panel-update", "encoder": "frozen",
+                                                                  "steps": 2, "embedding_budget": 4}))
+    scene = slicer.vtkMRMLScene()
+    volume = bridge.image_to_volume_node(new, scene, "case 4")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "corrected")
+    other = np.zeros(new.array.shape, bool)
+    other[0, :4, :4] = True
+    bridge.mask_to_segment(other, volume, segmentation, segment_name="another structure")
+    wanted = bridge.mask_to_segment(new_label.array > 0, volume, segmentation, segment_name="panel-update")
+    assert segment_for_case(segmentation, "panel-update") == wanted
+    pending = PendingCases()
+    with pytest.raises(InputError, match="add at least one"):
+        pending.request("panel-update")
+    assert pending.add(volume, segmentation, "panel-update").startswith("1 case(s)")
+    assert pending.add(volume, segmentation, "panel-update").startswith("1 case(s)"), "the same volume again replaces it"
+    erased = np.zeros(new.array.shape, bool)
+    erased[2] = new_label.array[2] > 0
+    bridge.mask_to_segment(erased, volume, segmentation, segment_id=wanted)  # edited after it was added
+    with pytest.raises(InputError, match="adapter to update"):
+        pending.request("")
+    extra = [(first, first_label)]
+    images, labels, config = pending.request("panel-update", extra, steps=2)
+    assert config == {"name": "panel-update", "from": "panel-update", "overwrite": True, "steps": 2}
+    np.testing.assert_array_equal(labels[-1].array > 0, new_label.array > 0)
+    assert labels[-1].geometry.same_grid(new.geometry) and images[0] is first
+    result = client.wait(pending.submit(client, "panel-update", extra, steps=2))
+    meta = {a["name"]: a["metadata"] for a in client.adapters()}["panel-update"]
+    assert result["from"] == "panel-update" and meta["lineage"][-1]["cases_added"] == 2
+    assert meta["training_cases"]["count"] == 2 and meta["date"] >= parent["metadata"]["date"]
+    assert meta["base_validation_dice"] is not None and meta["adapted_validation_dice"] is not None

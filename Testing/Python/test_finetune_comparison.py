@@ -1,0 +1,104 @@
+"""Base model and adapted Dice side by side on the validation slices (plumbing, tiny random model).
+
+Each figure the trainer stores is recomputed here from scratch: a freshly built base model (or
+the saved adapter, reloaded), the recorded validation slices, the tight label box and no prompt,
+MedFMSegmentLib.metrics.dice; nothing of the trainer's evaluation code is reused.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from MedFMSegmentLib.cli import main
+from MedFMSegmentLib.finetune.adapter_format import read_metadata
+from MedFMSegmentLib.finetune.adapters import load_adapted_model, save_adapter
+from MedFMSegmentLib.finetune.continual import continue_adapter
+from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
+from MedFMSegmentLib.geometry import in_plane_axes, slice_from_volume
+from MedFMSegmentLib.metrics import dice
+from MedFMSegmentLib.models import tiny_random_model_for_tests
+from MedFMSegmentLib.preprocessing import IntensitySettings, SliceTransform, normalize_intensity
+from test_finetune import TINY, _synthetic_case, tiny_model_by_name  # noqa: F401 (fixture)
+from test_reliability_finetune import _finetune_args, case_files, trained  # noqa: F401 (fixtures)
+
+
+def independent_figures(model, cases, slices, automatic=True):
+    """Mean of tight-box Dice (slices with the structure) and prompt-free Dice (all slices)."""
+    box, auto = [], []
+    for case, axis, index in slices:
+        image, label = cases[case]
+        volume = normalize_intensity(image.array, IntensitySettings(), image.modality)
+        picture = slice_from_volume(volume, axis, index)
+        truth = slice_from_volume(label.array != 0, axis, index)
+        rows, cols = in_plane_axes(axis)
+        spacing = image.geometry.spacing
+        t = SliceTransform.create(picture.shape[0], picture.shape[1], model.image_size, (spacing[rows], spacing[cols]))
+        target = t.mask_to_input(truth) > 0
+        with torch.no_grad():
+            embedding = model.encode(t.image_to_input(picture)[None])
+            prompts = ([True] if truth.any() else []) + ([False] if automatic else [])
+            for with_box in prompts:
+                boxes = None
+                if with_box:
+                    ys, xs = np.nonzero(target.numpy())
+                    boxes = torch.tensor([[xs.min(), ys.min(), xs.max(), ys.max()]], dtype=torch.float32)
+                logits, _ = model.decode(embedding, boxes=boxes)
+                logits = F.interpolate(logits.float(), size=target.shape, mode="bilinear", align_corners=False)
+                pred = (logits[0, 0] > 0)[:t.new_rows, :t.new_cols].numpy()
+                score = dice(pred, target[:t.new_rows, :t.new_cols].numpy())
+                (box if with_box else auto).append(score)
+    return float(np.mean([np.mean(part) for part in (box, auto) if part]))
+
+
+def test_tiny_run_stores_base_and_adapted_dice_equal_to_independent_evaluations(tmp_path):
+    cases = [_synthetic_case(0), _synthetic_case(1)]
+    reports = []
+    config = FinetuneConfig(model_name=TINY, steps=6, validate_every=3, device="cpu", embedding_budget=10)
+    model, metadata = finetune(cases, config, progress=reports.append)
+    comparison = metadata["validation_comparison"]
+    slices = comparison["slices"]
+    assert slices and len(slices) == metadata["validation_slices"]
+    assert all(0 <= c < 2 and a == 2 and 0 <= i < 6 for c, a, i in slices)
+    base, adapted = metadata["base_validation_dice"], metadata["adapted_validation_dice"]
+    assert 0 <= base <= 1 and 0 <= adapted <= 1
+    assert comparison["base"]["dice"] == base and comparison["adapted"]["dice"] == adapted
+    assert set(comparison["base"]) == {"dice", "box", "automatic"} and "parent" not in comparison
+    # the base figure: a base model that never saw an adapter, on the same slices and prompts
+    assert abs(independent_figures(tiny_random_model_for_tests(), cases, slices) - base) < 1e-9
+    # the adapted figure: the adapter as saved and reloaded
+    reloaded, _ = load_adapted_model(save_adapter(model, tmp_path / "a", metadata), model_name=TINY)
+    assert abs(independent_figures(reloaded, cases, slices) - adapted) < 1e-9
+    assert read_metadata(tmp_path / "a")["base_validation_dice"] == base
+    steps = [r for r in reports if "step" in r]
+    assert steps and all(r["base_val_dice"] == base for r in steps)
+
+
+def test_tiny_run_without_validation_slices_has_no_figures():
+    image, label = _synthetic_case(0)
+    label.array[:] = 0
+    label.array[2, 10:20, 10:20] = 1  # one slice with the structure: too few to hold some out
+    _, metadata = finetune([(image, label)], FinetuneConfig(model_name=TINY, steps=2, device="cpu",
+                                                            embedding_budget=4))
+    assert metadata["base_validation_dice"] is None and metadata["adapted_validation_dice"] is None
+    assert metadata["validation_comparison"]["slices"] == []
+
+
+def test_continuing_compares_with_the_base_model_not_the_parent(trained):  # noqa: F811
+    new = [_synthetic_case(2)]
+    _, metadata = continue_adapter(trained, new, replay=False, base_model=tiny_random_model_for_tests(),
+                                   device="cpu", steps=2, embedding_budget=8)
+    comparison = metadata["validation_comparison"]
+    assert set(comparison) >= {"base", "adapted", "parent"} and comparison["slices"]
+    base = independent_figures(tiny_random_model_for_tests(), new, comparison["slices"])
+    assert abs(metadata["base_validation_dice"] - base) < 1e-9
+    parent, _ = load_adapted_model(trained, model_name=TINY)
+    assert abs(comparison["parent"]["dice"] - independent_figures(parent, new, comparison["slices"])) < 1e-9
+
+
+def test_cli_final_line_shows_adapted_and_base_dice(tmp_path, case_files, capsys):  # noqa: F811
+    out = tmp_path / "adapter"
+    assert main(_finetune_args(case_files, out)) == 0, capsys.readouterr().err
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    meta = read_metadata(out)
+    assert line.startswith(f"adapter written to {out} (validation Dice ")
+    assert (f"{meta['adapted_validation_dice']:.3f} adapted, {meta['base_validation_dice']:.3f} base model "
+            f"({len(meta['validation_comparison']['slices'])} slices)") in line
