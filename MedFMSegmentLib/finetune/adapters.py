@@ -99,11 +99,13 @@ def is_trained(parameter_name: str) -> bool:
 
 
 def trainable_state(model: PromptableModel) -> dict:
-    """LoRA weights of the encoder, the embedding adapter's and all mask decoder weights."""
+    """LoRA weights of the encoder, the embedding adapter's and all mask decoder weights: a copy
+    (on a CPU ``.cpu()`` alone would alias the live weights, and a kept best state would follow
+    training)."""
     state = {}
     for key, value in model.state_dict().items():
         if is_trained(key):
-            state[key] = value.detach().cpu().contiguous()
+            state[key] = value.detach().to("cpu", copy=True).contiguous()
     return state
 
 

@@ -102,3 +102,19 @@ def test_cli_final_line_shows_adapted_and_base_dice(tmp_path, case_files, capsys
     assert line.startswith(f"adapter written to {out} (validation Dice ")
     assert (f"{meta['adapted_validation_dice']:.3f} adapted, {meta['base_validation_dice']:.3f} base model "
             f"({len(meta['validation_comparison']['slices'])} slices)") in line
+
+
+def test_the_kept_best_state_is_a_copy_not_the_live_weights():
+    """The trainer keeps the best step's weights with ``trainable_state``; on a CPU a state that
+    aliased the parameters would follow training, and the adapter saved would be the last step's."""
+    from MedFMSegmentLib.finetune.adapters import trainable_state
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+
+    model = tiny_random_model_for_tests()
+    state = trainable_state(model)
+    assert state, "the decoder's weights are trained"
+    before = {k: v.clone() for k, v in state.items()}
+    with torch.no_grad():
+        for parameter in model.mask_decoder.parameters():
+            parameter.add_(1.0)
+    assert all(torch.equal(state[k], before[k]) for k in state), "the snapshot changed with the model"
