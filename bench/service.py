@@ -23,7 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import DATA_DIR, machine  # noqa: E402
+from common import machine  # noqa: E402
+from data import DATA_DIR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
 
@@ -136,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
               "volume": "hippocampus_001 (35 x 51 x 35)", "box3d_strategy": "propagate",
               "note": "server and bench share the CPU; other processes ran on it too (see load_average)"},
               "results": results, "server_exit_code": code}
+    from MedFMSegmentLib.files import atomic_write_text
+
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["results"], indent=2))
     print(f"load average {report['machine']['load_average']}; written to {args.output}")
     return 0
