@@ -169,13 +169,9 @@ def load_adapted_model(adapter_dir: str | os.PathLike, model_name: str = "liteme
     the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.loading.load_model`).
     ``base_model``: an already built base model to adapt in place instead of loading ``model_name``.
     """
-    from ..backends import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
-                                weights_digest)
+    from ..backends import accelerate, check_backend, resolve_backend, weights_digest
 
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    resolve_precision(precision)  # an unknown name fails before anything is loaded
+    backend = check_backend(backend, precision)  # an unknown name fails before anything is loaded
     metadata = read_metadata(adapter_dir)
     state = read_weights(adapter_dir, metadata)  # damaged weights fail before any model is loaded
     # PyTorch first: the adapter changes the weights, so any conversion must come after it.
