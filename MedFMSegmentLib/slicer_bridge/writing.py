@@ -14,7 +14,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ..geometry import array_axis
+from ..geometry import array_axis, slice_into_volume, voxel_axis_of
 from ..prompts import Prompts
 from .nodes import SegmentUndoStack, add_segment, write_mask_region
 
@@ -98,11 +98,9 @@ def plane_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
 def apply_plane(mask: np.ndarray, voxel_axis: int, index: int, plane: np.ndarray) -> None:
     """Write one partial-result plane into the (K, J, I) ``mask``; ``voxel_axis`` is the numpy axis
     of the (K, J, I) array (the service's ``on_update`` convention)."""
-    key: list = [slice(None)] * 3
-    key[int(voxel_axis)] = int(index)
-    mask[tuple(key)] = np.asarray(plane, bool)
+    slice_into_volume(mask, voxel_axis_of(int(voxel_axis)), int(index), np.asarray(plane, bool))
 
 
 def update_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
     """Region of the plane :func:`apply_plane` writes (numpy axis ``voxel_axis``)."""
-    return plane_region(shape, array_axis(int(voxel_axis)), index)  # array_axis is its own inverse
+    return plane_region(shape, voxel_axis_of(int(voxel_axis)), index)
