@@ -44,7 +44,7 @@ BACKENDS = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "int8")
 BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
 PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
-#: The models ``auto`` converts: those whose speed and accuracy ``bench/bench_perf.py`` measured.
+#: The models ``auto`` converts: those whose speed and accuracy ``python -m bench perf`` measures.
 AUTO_MODELS = frozenset({"litemedsam"})
 
 

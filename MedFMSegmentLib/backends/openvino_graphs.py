@@ -132,8 +132,8 @@ def example_images(size: int) -> torch.Tensor:
 def _convert(module: nn.Module, example: tuple[torch.Tensor, ...]):
     """PyTorch module -> static-shape OpenVINO model.
 
-    ``torch.export`` first: with it (or a plain ``torch.jit.trace``) conversion took ~10 s, while
-    ``openvino.convert_model`` on the module itself took ~45 s on the 2-core machine.
+    ``torch.export`` first (a plain ``torch.jit.trace`` when export fails): either converts several
+    times faster than ``openvino.convert_model`` on the module itself.
     """
     import openvino as ov
 

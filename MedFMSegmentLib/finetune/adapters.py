@@ -164,7 +164,7 @@ def load_adapted_model(adapter_dir: str | os.PathLike, model_name: str = "liteme
     ``backend``: ``auto`` (the default) converts nothing new: an adapter that left the image
     encoder as it was (a frozen-encoder adapter) runs the encoder on the base model's accelerated
     graph, already converted and cached, and its own decoder in PyTorch; a LoRA adapter, whose
-    encoder would need its own conversion (about a minute on 2 cores), stays on PyTorch.
+    encoder would need its own conversion (about a minute on a small CPU), stays on PyTorch.
     ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
     the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.loading.load_model`).
     ``base_model``: an already built base model to adapt in place instead of loading ``model_name``.
