@@ -5,7 +5,7 @@ overlap with the previous slice's mask, its tight box) and the mask itself only 
 written. :class:`DecoderStep` keeps the mask where the model runs and returns those numbers in
 one small transfer. On CUDA the whole step (prompt encoder, mask decoder, upsampling to the
 slice, statistics) is captured once in a CUDA graph and replayed: LiteMedSAM's decoder is a few
-hundred small kernels, whose launches cost more than their work (``bench/bench_gpu.py`` times
+hundred small kernels, whose launches cost more than their work (``python -m bench gpu`` times
 the eager call against the graphed step).
 Without CUDA, or if capture fails, the same computation runs eagerly.
 """

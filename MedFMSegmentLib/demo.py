@@ -47,6 +47,8 @@ def write_overlay_png(plane: np.ndarray, mask: np.ndarray, path: Path, scale: in
     import SimpleITK as sitk
     from scipy.ndimage import binary_erosion
 
+    from .io import write_sitk_image
+
     lo, hi = np.percentile(plane, (0.5, 99.5))
     grey = (np.clip((plane - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2)
@@ -54,8 +56,7 @@ def write_overlay_png(plane: np.ndarray, mask: np.ndarray, path: Path, scale: in
     rgb = np.kron(rgb, np.ones((scale, scale, 1), np.uint8))
     contour = big_mask & ~binary_erosion(big_mask, iterations=2)
     rgb[contour] = (255, 40, 40)
-    sitk.WriteImage(sitk.GetImageFromArray(rgb, isVector=True), str(path))
-    return path
+    return write_sitk_image(sitk.GetImageFromArray(rgb, isVector=True), path, compress=False)
 
 
 def run_demo(output_dir: Path, device: str = "auto", progress=None) -> dict:
@@ -63,21 +64,15 @@ def run_demo(output_dir: Path, device: str = "auto", progress=None) -> dict:
 
     ``progress(done, planned)`` is called as slices finish (see :mod:`MedFMSegmentLib.progress`).
     """
-    import SimpleITK as sitk
-
     from .api import segment_file
-    from .io import mask_to_sitk
-    from .prompts import Prompts
-
     from .files import check_output_folder
-    from .io import write_sitk_image
+    from .io import write_image
+    from .metrics import dice
+    from .prompts import Prompts
 
     check_output_folder(output_dir)  # a file or read-only folder: one clear line before any work
     image, organ = make_demo_volume()
-    sitk_image = sitk.GetImageFromArray(image.array)
-    sitk_image.CopyInformation(mask_to_sitk(organ, image.geometry))
-    image_path = output_dir / "demo_image.nii.gz"
-    write_sitk_image(sitk_image, image_path)
+    image_path = write_image(image, output_dir / "demo_image.nii.gz")
     k, j, i = np.nonzero(organ)
     box = tuple(int(v) for v in (i.min(), j.min(), k.min(), i.max(), j.max(), k.max()))
     started = time.perf_counter()
@@ -86,7 +81,6 @@ def run_demo(output_dir: Path, device: str = "auto", progress=None) -> dict:
     seconds = time.perf_counter() - started
     middle = (box[2] + box[5]) // 2
     png = write_overlay_png(image.array[middle], result.mask[middle], output_dir / "demo_segmentation.png")
-    overlap = 2 * (result.mask & organ).sum() / (result.mask.sum() + organ.sum())
     return {"image": str(image_path), "segmentation": str(result.output), "picture": str(png), "box": list(box),
-            "dice_vs_truth": round(float(overlap), 4), "seconds": round(seconds, 1),
+            "dice_vs_truth": round(dice(result.mask, organ), 4), "seconds": round(seconds, 1),
             "device": result.device, "backend": result.backend, "model": "litemedsam (embedded)"}

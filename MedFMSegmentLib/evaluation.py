@@ -1,4 +1,5 @@
-"""Mask evaluation: Dice and 95th-percentile Hausdorff distance (MONAI metrics, mm)."""
+"""``medfmsegment evaluate``: Dice and 95th-percentile Hausdorff distance (mm) of a prediction file
+against a label file (the metrics of :mod:`.metrics`)."""
 from __future__ import annotations
 
 import math
@@ -7,38 +8,17 @@ import os
 import numpy as np
 
 from .errors import InputError
+from .metrics import dice, hd95
 
 __all__ = ["evaluate_files", "evaluate_masks", "json_safe"]
 
 
 def evaluate_masks(pred: np.ndarray, label: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> dict:
-    """Dice and HD95 (mm) of two boolean ``(K, J, I)`` masks; ``spacing`` is along (I, J, K)."""
-    pred = np.asarray(pred).astype(bool)
-    label = np.asarray(label).astype(bool)
-    if pred.shape != label.shape:
-        raise InputError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
-    import torch
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
-
-    p = torch.from_numpy(pred[None, None].astype(np.float32))
-    g = torch.from_numpy(label[None, None].astype(np.float32))
-    n_pred, n_label = int(pred.sum()), int(label.sum())
-    inter = int(np.logical_and(pred, label).sum())
-    if n_pred + n_label == 0:
-        dice = 1.0
-    else:
-        dice = float(DiceMetric(include_background=True, reduction="mean")(p, g).item())
-    hd95 = None
-    if n_pred and n_label:
-        kji_spacing = tuple(float(s) for s in reversed(tuple(spacing)))
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # MONAI's deprecated always_return_as_numpy
-            hd = HausdorffDistanceMetric(include_background=True, percentile=95)(p, g, spacing=kji_spacing)
-        hd95 = float(hd.item())
-    return {"dice": dice, "hd95": hd95, "prediction_voxels": n_pred, "label_voxels": n_label,
-            "intersection_voxels": inter}
+    """Dice and HD95 (mm, None when a mask is empty) of two boolean ``(K, J, I)`` masks, with
+    their voxel counts; ``spacing`` is along (I, J, K). The metrics are :mod:`.metrics`'."""
+    pred, label = np.asarray(pred).astype(bool), np.asarray(label).astype(bool)
+    return {"dice": dice(pred, label), "hd95": hd95(pred, label, spacing), "prediction_voxels": int(pred.sum()),
+            "label_voxels": int(label.sum()), "intersection_voxels": int(np.logical_and(pred, label).sum())}
 
 
 def evaluate_files(prediction: str | os.PathLike, label: str | os.PathLike, label_value: int | None = None) -> dict:

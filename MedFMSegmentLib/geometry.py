@@ -21,7 +21,8 @@ import numpy as np
 
 __all__ = ["LPS_RAS_FLIP", "ORIENTATIONS", "Orientation", "VolumeGeometry", "array_axis", "axes_by_extent",
            "box_on_axis", "in_plane_axes", "lps_to_ras", "mirror_slice_columns", "plane_to_voxel_slice",
-           "ras_lps_flip_4x4", "ras_to_lps", "slice_from_volume", "slice_into_volume", "to_slice_coords"]
+           "ras_lps_flip_4x4", "ras_to_lps", "roi_corners", "slice_from_volume", "slice_into_volume",
+           "to_slice_coords", "voxel_axis_of"]
 
 #: Diagonal that flips between LPS and RAS (it is its own inverse).
 LPS_RAS_FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -263,6 +264,11 @@ def to_slice_coords(ijk: Sequence[float], voxel_axis: int) -> tuple[float, float
 def array_axis(voxel_axis: int) -> int:
     """The numpy axis of a ``(K, J, I)`` array that runs along ``voxel_axis`` (I is array axis 2)."""
     return 2 - voxel_axis
+
+
+def voxel_axis_of(array_axis: int) -> int:
+    """The voxel axis (0 = I) that numpy axis ``array_axis`` of a ``(K, J, I)`` array runs along."""
+    return 2 - array_axis
 
 
 def mirror_slice_columns(array: np.ndarray, voxel_axis: int) -> np.ndarray:

@@ -247,25 +247,37 @@ def _rgb_to_grey(image):
 
 
 # ---------------------------------------------------------------------------- writing
-def mask_to_sitk(mask: np.ndarray, geometry: VolumeGeometry, is_2d: bool = False):
-    """A ``(K, J, I)`` mask as a uint8 ``SimpleITK.Image`` on ``geometry`` (2D when ``is_2d``)."""
+def array_to_sitk(array: np.ndarray, geometry: VolumeGeometry, is_2d: bool = False):
+    """A ``(K, J, I)`` array as a ``SimpleITK.Image`` of its dtype on ``geometry`` (2D when ``is_2d``)."""
     import SimpleITK as sitk
 
-    mask = np.asarray(mask)
-    if mask.shape != geometry.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match grid {geometry.shape}")
-    data = mask.astype(np.uint8)
+    array = np.asarray(array)
+    if array.shape != geometry.shape:
+        raise ValueError(f"array shape {array.shape} does not match grid {geometry.shape}")
     if is_2d:
-        image = sitk.GetImageFromArray(data[0])
+        image = sitk.GetImageFromArray(array[0])
         image.SetSpacing(geometry.spacing[:2])
         image.SetOrigin(geometry.origin[:2])
         image.SetDirection(tuple(geometry.direction[:2, :2].ravel()))
     else:
-        image = sitk.GetImageFromArray(data)
+        image = sitk.GetImageFromArray(array)
         image.SetSpacing(geometry.spacing)
         image.SetOrigin(geometry.origin)
         image.SetDirection(tuple(geometry.direction.ravel()))
     return image
+
+
+def mask_to_sitk(mask: np.ndarray, geometry: VolumeGeometry, is_2d: bool = False):
+    """A ``(K, J, I)`` mask as a uint8 ``SimpleITK.Image`` on ``geometry`` (2D when ``is_2d``)."""
+    mask = np.asarray(mask)
+    if mask.shape != geometry.shape:
+        raise ValueError(f"mask shape {mask.shape} does not match grid {geometry.shape}")
+    return array_to_sitk(mask.astype(np.uint8), geometry, is_2d)
+
+
+def write_image(image: MedicalImage, path: str | os.PathLike, compress: bool = True) -> Path:
+    """Write a :class:`MedicalImage` (its voxels, dtype kept, on its grid) atomically."""
+    return write_sitk_image(array_to_sitk(image.array, image.geometry, image.is_2d), path, compress)
 
 
 def write_label(mask: np.ndarray, geometry: VolumeGeometry, path: str | os.PathLike, *,

@@ -10,9 +10,8 @@ import os
 
 import torch
 
-from .backends import BACKENDS, accelerate, default_backend, resolve_precision
+from .backends import accelerate, check_backend, default_backend
 from .backends.cuda_half import HalfPrecisionEncoder, fused_from_environment
-from .errors import InputError
 from .models import DEFAULT_MODEL, PromptableModel, build_model
 
 __all__ = ["load_model", "with_backend"]
@@ -47,8 +46,5 @@ def load_model(name: str = DEFAULT_MODEL, checkpoint: str | os.PathLike | None =
     Raises:
         InputError: unknown name, backend, precision, missing checkpoint, weights that do not fit.
     """
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    resolve_precision(precision)  # an unknown name fails before the weights are read
+    backend = check_backend(backend, precision)  # an unknown name fails before the weights are read
     return with_backend(build_model(name, checkpoint, device), backend, precision)

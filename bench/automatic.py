@@ -26,7 +26,7 @@ from .adapter_pairs import test_embeddings
 from .common import add_output_option, save
 from .data import hc18_split, hippocampus_split
 
-from MedFMSegmentLib.evaluation import evaluate_masks
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.finetune.adapters import load_adapted_model
 from MedFMSegmentLib.inference.automatic import AUTOMATIC_DEFAULTS, segment_automatic
 from MedFMSegmentLib.inference import SegmentationSession
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"flip {'default' if flip is None else int(flip)}")
                         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
                         scores.setdefault(name, []).append(
-                            evaluate_masks(pred, truth, image.geometry.spacing)["dice"])
+                            dice(pred, truth))
     result = {"part": args.part, "adapter": str(args.adapter),
               "adapter_seed": info.metadata.get("seed"), "adapter_steps": info.metadata.get("steps"),
               "library_defaults": {kind: dataclasses.asdict(v) for kind, v in AUTOMATIC_DEFAULTS.items()},

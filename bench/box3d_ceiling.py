@@ -28,13 +28,13 @@ import sys
 import numpy as np
 import torch
 
-from .common import add_output_option, dice, peak_rss_mb, save
+from .common import add_output_option, peak_rss_mb, save
 from .data import bbox3d, hippocampus_case, hippocampus_names, require_data
 
-from MedFMSegmentLib.geometry import slice_from_volume
+from MedFMSegmentLib.geometry import axes_by_extent, box_on_axis, slice_from_volume
 from MedFMSegmentLib.loading import load_model
-from MedFMSegmentLib.geometry import axes_by_extent, box_on_axis
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.prompts import Prompts, expand_box, mask_bbox, smooth_box_track
 
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from .common import DATA_DIR, machine
+    from .common import machine
+    from .data import DATA_DIR
 except ImportError:  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import DATA_DIR, machine  # noqa: E402
+    from common import machine  # noqa: E402
+    from data import DATA_DIR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cluster.json"
 
@@ -109,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
                       "cores // N torch threads each, the single process all cores")
     text = json.dumps(report, indent=2)
     print(text)
+    from MedFMSegmentLib.files import atomic_write_text
+
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(text + "\n")
+    atomic_write_text(args.output, text + "\n")
     return 0
 
 

@@ -12,17 +12,9 @@ import resource
 import time
 from pathlib import Path
 
-import numpy as np
-
-__all__ = ["DATA_DIR", "RESULTS_DIR", "machine", "versions", "peak_gpu_mb", "peak_rss_mb", "dice", "Timer", "save", "add_output_option"]
+__all__ = ["RESULTS_DIR", "machine", "versions", "peak_gpu_mb", "peak_rss_mb", "Timer", "save", "add_output_option"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# Suites written before bench/data.py take the data folder from here.
-try:
-    from .data import DATA_DIR
-except ImportError:  # imported as a top-level module by a script that put bench/ on sys.path
-    from data import DATA_DIR  # type: ignore[no-redef]
 
 
 def machine() -> dict:
@@ -68,12 +60,6 @@ def peak_gpu_mb() -> float | None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2.0 * (a & b).sum() / total)
 
 
 class Timer:
@@ -132,8 +118,8 @@ def save(suite: str, result: dict, settings: dict, output: str | None = None) ->
     text = json.dumps(result, indent=2)
     print(text)
     if path is not None:
+        from MedFMSegmentLib.files import atomic_write_text
+
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(text + "\n", encoding="utf-8")
-        partial.replace(path)
+        atomic_write_text(path, text + "\n")
     return path

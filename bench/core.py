@@ -21,11 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from .common import Timer, add_output_option, dice, peak_rss_mb, save
+from .common import Timer, add_output_option, peak_rss_mb, save
 from .data import bbox3d, hc18_case, hc18_names, hippocampus_case, hippocampus_names, require_data
 
 from MedFMSegmentLib.loading import load_model
 from MedFMSegmentLib.inference import BOX3D_STRATEGIES, PredictorSettings, SegmentationSession
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
 

@@ -22,7 +22,6 @@ import argparse
 import copy
 import json
 import sys
-from pathlib import Path
 
 import torch
 
@@ -30,6 +29,7 @@ from .gpu import log, real_inputs, throughput as gpu_throughput
 from .common import Timer, add_output_option, machine, save
 
 from MedFMSegmentLib.backends.fast_encoder import fold_batchnorm, fuse_attention
+from MedFMSegmentLib.files import atomic_write_text
 from MedFMSegmentLib.loading import load_model
 
 
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after each variant, so a run cut at its time limit keeps what it measured
         if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
 
     with torch.inference_mode():
         encoder = model.image_encoder
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             x = prepare(inputs[:batch_sizes[0]])
             text = kernel_profile(variants["fp16_cl"], x, "fp16_cl (baseline)")
             text += kernel_profile(variants["fp16_cl_fused_folded"], x, "fp16_cl_fused_folded")
-            Path(args.profile_out).write_text(text)
+            atomic_write_text(args.profile_out, text)
         if args.compile:
             with Timer() as t:
                 compiled = torch.compile(variants["fp16_cl_fused_folded"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from MedFMSegmentLib.evaluation import evaluate_masks
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.inference.automatic import segment_automatic
 from MedFMSegmentLib.finetune.trainer import ENCODER_MODES, FinetuneConfig, finetune
 from MedFMSegmentLib.loading import load_model
@@ -47,12 +47,12 @@ def box_dice(session, mask) -> float:
         rows, cols = np.nonzero(plane)
         box = (int(cols.min()), int(rows.min()), int(cols.max()), int(rows.max()))
         slice_into_volume(pred, session.voxel_axis, index, session.predict_slice(index, box=box))
-    return evaluate_masks(pred, mask, session.image.geometry.spacing)["dice"]
+    return dice(pred, mask)
 
 
 def auto_dice(session, mask, refine_iterations: int = 1) -> float:
     pred = segment_automatic(session, refine_iterations=refine_iterations)
-    return evaluate_masks(pred, mask, session.image.geometry.spacing)["dice"]
+    return dice(pred, mask)
 
 
 def run_part(name, train, test, config: FinetuneConfig, log):

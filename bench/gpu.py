@@ -35,12 +35,14 @@ import numpy as np
 import torch
 
 from .perf import hc18_cases, hippocampus_cases
-from .common import Timer, add_output_option, dice, machine, peak_rss_mb, save
+from .common import Timer, add_output_option, machine, peak_rss_mb, save
 from .data import CT_VOLUME as CT, HIPPOCAMPUS, bbox3d, hc18_case, hc18_names, hippocampus_case, hippocampus_largest, require_data
 
+from MedFMSegmentLib.files import atomic_write_text
 from MedFMSegmentLib.io import read_image, write_label
 from MedFMSegmentLib.loading import load_model
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.preprocessing import IntensitySettings
 from MedFMSegmentLib.prompts import Prompts, mask_bbox
 
@@ -317,7 +319,7 @@ def bench_ct(model, repeats: int, profile_out: str | None, size: tuple[int, int,
             text = io.StringIO()
             pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(40)
             pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-            Path(profile_out).write_text(text.getvalue())
+            atomic_write_text(profile_out, text.getvalue())
     return result
 
 
@@ -347,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save():
         if args.output:
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
 
     sections = [("encoder", lambda: bench_encoder(model, real_inputs(model, args.inputs),
                                                   [int(b) for b in args.batch_sizes.split(",")], args.repeats,

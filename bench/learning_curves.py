@@ -24,15 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from MedFMSegmentLib.evaluation import evaluate_masks
+from MedFMSegmentLib.files import atomic_write_text
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.finetune.baseline import BaselineConfig, predict_baseline, train_baseline
 from MedFMSegmentLib.finetune.continual import continue_adapter
 from MedFMSegmentLib.finetune.trainer import FinetuneConfig, finetune
 from MedFMSegmentLib.inference import SegmentationSession
 from MedFMSegmentLib.inference.automatic import segment_automatic
 
-from .common import DATA_DIR, machine, peak_rss_mb
-from .data import hc18_split, hippocampus_split
+from .common import machine, peak_rss_mb
+from .data import DATA_DIR, hc18_split, hippocampus_split
 from .finetune import box_dice
 
 __all__ = ["main", "SETTINGS", "QUICK", "plot"]
@@ -69,7 +70,7 @@ class _Embeddings:
 
 
 def _dice(pred, label) -> float:
-    return float(evaluate_masks(pred, label.array != 0, label.geometry.spacing)["dice"])
+    return dice(pred, label.array != 0)
 
 
 def _adapted_scores(model, cases, embeddings: _Embeddings, with_box: bool = True) -> dict:
@@ -256,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             result[part] = run_part(part, settings, Path(folder), part in loop_parts)
             result["seconds"] = round(time.monotonic() - started, 1)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+            atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     result["machine"]["load_average_end"] = list(__import__("os").getloadavg())
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")
     print(json.dumps({part: {k: v for k, v in result[part].items() if k != "test_cases"} for part in parts}, indent=1))
     return 0
 

@@ -38,13 +38,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import Timer, add_output_option, dice, machine, peak_gpu_mb, peak_rss_mb, save
+from .common import Timer, add_output_option, machine, peak_gpu_mb, peak_rss_mb, save
 from .data import (hc18_case, hc18_names, hippocampus_case, hippocampus_largest, hippocampus_names,
                    hippocampus_split, require_data)
 
 from MedFMSegmentLib.inference.prefetch import BackgroundEmbedder
 from MedFMSegmentLib.loading import load_model
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
+from MedFMSegmentLib.metrics import dice
 from MedFMSegmentLib.prompts import mask_bbox
 
 

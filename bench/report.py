@@ -19,6 +19,8 @@ from pathlib import Path
 
 from .common import RESULTS_DIR
 
+from MedFMSegmentLib.files import atomic_write_text
+
 __all__ = ["load_results", "render", "headline_table", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -404,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         print("docs/benchmarks.md and README's headline table match bench/results")
         return 0
     DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(page, encoding="utf-8")
+    atomic_write_text(DOC, page)
     if new_readme != readme:
-        README.write_text(new_readme, encoding="utf-8")
+        atomic_write_text(README, new_readme)
     written = [DOC]
     if not args.no_plots:
         from .plots import write_plots

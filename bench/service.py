@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import DATA_DIR, save  # noqa: E402
+from common import save  # noqa: E402
+from data import DATA_DIR  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "service.json"
 

@@ -32,10 +32,6 @@ def _wait(condition, timeout_s: float, step_s: float = 0.1) -> bool:
     return False
 
 
-def _dice(a, b) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
-
-
 class MedFMSegmentTest(ScriptedLoadableModuleTest):
     """Service start, effect box prompt + undo, 5-step adaptation, batch of two volumes."""
 
@@ -49,6 +45,7 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
 
     def test_MedFMSegment_service_effect_adaptation_batch(self) -> None:
         from MedFMSegmentHelpers.logic import MedFMSegmentLogic
+        from MedFMSegmentLib.metrics import dice
         from MedFMSegmentLib.slicer_bridge import segment_to_mask
 
         logic = MedFMSegmentLogic.shared()
@@ -77,7 +74,7 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
         mask = segment_to_mask(segmentation, segment_id, volume)
         truth = np.zeros_like(sphere)
         truth[12] = sphere[12]
-        self.assertGreater(_dice(mask, truth), 0.8)
+        self.assertGreater(dice(mask, truth), 0.8)
         self.assertEqual(int(mask[:12].sum() + mask[13:].sum()), 0, "a flat box stays 2D")
         editor.undo()
         self.assertEqual(int(segment_to_mask(segmentation, segment_id, volume).sum()), 0, "Segment Editor undo")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from ..models import PromptableModel
 
 __all__ = ["AUTO_MODELS", "BACKENDS", "BACKEND_ENV", "CACHE_ENV", "PRECISIONS", "PRECISION_ENV", "accelerate",
-           "available_backends", "cache_dir", "cpu_has_native_bf16", "default_backend", "default_precision",
+           "available_backends", "cache_dir", "check_backend", "cpu_has_native_bf16", "default_backend", "default_precision",
            "describe_backends", "openvino_version", "quiet_torch_threads", "resolve_backend", "resolve_precision",
            "weights_digest"]
 
@@ -44,7 +44,7 @@ BACKENDS = ("auto", "torch", "openvino")
 PRECISIONS = ("auto", "f32", "bf16", "int8")
 BACKEND_ENV = "MEDFMSEGMENT_BACKEND"
 PRECISION_ENV = "MEDFMSEGMENT_PRECISION"
-#: The models ``auto`` converts: those whose speed and accuracy ``bench/bench_perf.py`` measured.
+#: The models ``auto`` converts: those whose speed and accuracy ``python -m bench perf`` measures.
 AUTO_MODELS = frozenset({"litemedsam"})
 
 
@@ -86,6 +86,20 @@ def resolve_precision(precision: str | None = None) -> str:
             raise InputError("precision int8 needs NNCF: pip install nncf")
         return "int8"
     return "bf16" if cpu_has_native_bf16() else "f32"
+
+
+def check_backend(backend: str | None, precision: str | None = None) -> str:
+    """The backend name asked for (None: ``$MEDFMSEGMENT_BACKEND``, else ``auto``), checked together
+    with ``precision`` before anything is loaded.
+
+    Raises:
+        InputError: unknown backend or precision name, or ``int8`` without NNCF.
+    """
+    backend = default_backend() if backend is None else backend
+    if backend not in BACKENDS:
+        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    resolve_precision(precision)
+    return backend
 
 
 def resolve_backend(backend: str, model: PromptableModel) -> str:

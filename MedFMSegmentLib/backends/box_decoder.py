@@ -16,8 +16,8 @@ cheap per-prompt graph:
   ``4096 x 256 x (heads * n) = 4096 x 256 x 56`` take their place. The arithmetic is the same up to
   rounding: equal to ~1e-5 in float32.
 
-The change is worth it on the CPU, where the decoder is compute-bound (``bench/bench_perf.py``
-measures it), with OpenVINO's "snippets" fusion turned off for this graph (see :mod:`.openvino`):
+The change is worth it on the CPU, where the decoder is compute-bound (``python -m bench perf``
+measures it), with OpenVINO's "snippets" fusion turned off for this graph (see :mod:`.openvino_graphs`):
 it fused the new small products with their neighbours into slower kernels.
 """
 
@@ -87,8 +87,8 @@ def image_to_token_attention(attention: nn.Module, image_queries: torch.Tensor, 
     Per head, ``(X W_q,h^T + b_q,h) k_h^T = X (W_q,h^T k_h^T) + b_q,h k_h^T``, and the output
     projection distributes over the heads: ``sum_h P_h (v_h W_o,h^T) + b_o``. The scores are laid
     out ``(B, heads, n, N)`` so that the softmax over the ``n`` keys runs along rows of ``N``
-    contiguous values: laid out ``(B, N, heads, n)``, each of the two softmaxes over 7 values took
-    1.8 ms in OpenVINO, against 0.16 ms for all five softmaxes of the graph this way (bf16 profile).
+    contiguous values: OpenVINO's softmax over a few strided values, laid out ``(B, N, heads, n)``,
+    is several times slower.
     """
     heads = attention.num_heads
     per_head_keys = _split_heads(attention.k_proj(keys), heads)                                 # B, h, n, d

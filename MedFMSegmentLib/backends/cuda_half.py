@@ -1,8 +1,8 @@
 """The GPU encoder path: a float16, channels-last copy of the image encoder, fused attention.
 
 Attached to a model at load time (``model.half_encoder``) and used by
-:meth:`~MedFMSegmentLib.models.PromptableModel.encode_half` for CUDA inputs; ``bench/bench_gpu.py``
-and ``bench/bench_encoder_gpu.py`` measure its speed and its Dice against float32. The copy is
+:meth:`~MedFMSegmentLib.models.PromptableModel.encode_half` for CUDA inputs; ``python -m bench gpu``
+and ``python -m bench encoder_gpu`` measure its speed and its Dice against float32. The copy is
 rebuilt whenever an encoder weight changes (tensor version counters), so fine-tuning or loading
 an adapter never leaves it stale.
 """

@@ -7,7 +7,7 @@ ellipses of random size, contrast and orientation, speckle-like noise and zero b
 padded ultrasound frame or MR slice looks like to the encoder), deterministic for a seed.
 
 INT8 runs the encoder faster than bfloat16 on CPUs with VNNI but moves single images' Dice more
-(``bench/bench_perf.py --precision int8`` measures both), with the patch embedding kept in float.
+(``python -m bench perf --precision int8`` measures both), with the patch embedding kept in float.
 INT8 is therefore an explicit choice (``precision="int8"``), never what ``auto`` picks.
 """
 
@@ -84,7 +84,7 @@ def quantize_encoder(model: Any, size: int, float_stem: int = 2) -> Any:
     Uses NNCF's transformer preset (SmoothQuant, float softmax and normalisation), which kept the
     LiteMedSAM embedding closer to float32 than the default preset. The first ``float_stem``
     convolutions (TinyViT's patch embedding has two, a ViT's one) stay in floating point.
-    Quantizing those too lost more Dice on the worst images for a few ms of speed.
+    Quantized, they cost Dice on the hardest images for little speed.
 
     Raises:
         ImportError: NNCF is not installed.

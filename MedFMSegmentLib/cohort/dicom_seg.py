@@ -19,7 +19,7 @@ import numpy as np
 from ..errors import InputError
 from ..geometry import VolumeGeometry
 
-__all__ = ["check_dicom_inputs", "segment_codes", "write_dicom_seg", "read_dicom_seg", "dicom_seg_matches"]
+__all__ = ["check_dicom_inputs", "segment_codes", "write_dicom_seg", "read_dicom_seg"]
 
 _POSITION_TOLERANCE_MM = 0.05
 _SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -193,15 +193,3 @@ def read_dicom_seg(path: str | os.PathLike, geometry: VolumeGeometry) -> np.ndar
         mask[index] |= frame > 0
     return mask
 
-
-def dicom_seg_matches(path: str | os.PathLike, geometry: VolumeGeometry | None = None) -> bool:
-    """Whether ``path`` is a readable DICOM SEG (whose frames lie on ``geometry`` when given)."""
-    import pydicom
-
-    try:
-        if geometry is None:
-            return pydicom.dcmread(path, stop_before_pixels=True).get("SOPClassUID") == _SEG_SOP_CLASS
-        read_dicom_seg(path, geometry)
-    except (InputError, OSError, ValueError, AttributeError, IndexError, pydicom.errors.InvalidDicomError):
-        return False
-    return True

@@ -20,6 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..files import atomic_write_text
+
 __all__ = ["CaseQC", "QCThresholds", "measure", "measure_output", "read_output_mask", "flag_cases", "write_report",
            "report_from_outputs", "png_bytes"]
 
@@ -164,9 +166,9 @@ def write_report(cases: Sequence[CaseQC], output_dir: str | os.PathLike, title: 
     writer = csv.DictWriter(buffer, fieldnames=QC_FIELDS)
     writer.writeheader()
     writer.writerows(c.row() for c in cases)
-    _write_atomic(output_dir / "qc.csv", buffer.getvalue())
+    atomic_write_text(output_dir / "qc.csv", buffer.getvalue())
     page = output_dir / "report.html"
-    _write_atomic(page, _html(cases, title))
+    atomic_write_text(page, _html(cases, title))
     return page
 
 
@@ -221,10 +223,3 @@ median volume {median}.</p>
 {chr(10).join(rows)}
 </tbody></table></body></html>
 """
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from ..files import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

@@ -166,18 +166,14 @@ def load_adapted_model(adapter_dir: str | os.PathLike, model_name: str = "liteme
     ``backend``: ``auto`` (the default) converts nothing new: an adapter that left the image
     encoder as it was (a frozen-encoder adapter) runs the encoder on the base model's accelerated
     graph, already converted and cached, and its own decoder in PyTorch; a LoRA adapter, whose
-    encoder would need its own conversion (about a minute on 2 cores), stays on PyTorch.
+    encoder would need its own conversion (about a minute on a small CPU), stays on PyTorch.
     ``openvino`` converts the adapted weights (keyed by their own digest, so never confused with
     the base). ``precision`` is OpenVINO's (see :func:`MedFMSegmentLib.loading.load_model`).
     ``base_model``: an already built base model to adapt in place instead of loading ``model_name``.
     """
-    from ..backends import (BACKENDS, accelerate, default_backend, resolve_backend, resolve_precision,
-                                weights_digest)
+    from ..backends import accelerate, check_backend, resolve_backend, weights_digest
 
-    backend = default_backend() if backend is None else backend
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
-    resolve_precision(precision)  # an unknown name fails before anything is loaded
+    backend = check_backend(backend, precision)  # an unknown name fails before anything is loaded
     metadata = read_metadata(adapter_dir)
     state = read_weights(adapter_dir, metadata)  # damaged weights fail before any model is loaded
     # PyTorch first: the adapter changes the weights, so any conversion must come after it.

@@ -1,10 +1,9 @@
 """The image encoder cut in two: a frozen head whose output is cached, and a trainable tail.
 
 Fine-tuning with LoRA in the last encoder stage only (``FinetuneConfig.encoder="partial"``) runs
-the head once per training slice and back-propagates through the tail alone. On the project's
-2-core CPU one LoRA step through the whole LiteMedSAM encoder took 1.25 s under bfloat16
-autocast (2.36 s in float32), and through its last stage only 0.45 s (0.70 s in float32); the
-head took 708 ms a slice (``bench/bench_perf.py --finetune-only``). TinyViT (LiteMedSAM) is cut before ``layers[first]``,
+the head once per training slice and back-propagates through the tail alone, so a step costs a
+fraction of one through the whole encoder (``python -m bench perf --finetune-only`` measures it;
+figures in ``docs/benchmarks.md``). TinyViT (LiteMedSAM) is cut before ``layers[first]``,
 segment-anything's ViT (SAM, MedSAM and the tiny test model) before ``blocks[first]``.
 """
 from __future__ import annotations

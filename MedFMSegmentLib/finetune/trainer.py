@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from ..errors import CancelledError, InputError
 from ..geometry import slice_from_volume
 from ..io import MedicalImage
+from ..metrics import dice
 from .. import loading
 from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
@@ -289,11 +290,6 @@ def resolve_encoder_mode(config: FinetuneConfig, device: torch.device) -> str:
     return "lora" if device.type == "cuda" else "frozen"
 
 
-def _dice(pred: np.ndarray, target: np.ndarray) -> float:
-    total = pred.sum() + target.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(pred, target).sum() / total)
-
-
 def prepare_model(config: FinetuneConfig, mode: str, base_model: PromptableModel | None = None,
                   parent: ParentAdapter | None = None) -> tuple[PromptableModel, list[str], tuple | None, int]:
     """The model about to train: base weights frozen, LoRA / embedding adapter added, the
@@ -424,10 +420,10 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
             for item in val:
                 if item.has_foreground:
                     logits, target = forward(model, item, True, rng, config, augment=False)
-                    box_scores.append(_dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
+                    box_scores.append(dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
                 if config.automatic_fraction > 0:
                     logits, target = forward(model, item, False, rng, config, augment=False)
-                    auto_scores.append(_dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
+                    auto_scores.append(dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
         return float(np.mean([np.mean(scores) for scores in (box_scores, auto_scores) if scores]))
 
     # The base model (and a parent) on the slices and prompts the adapted model gets at the end

@@ -1,7 +1,7 @@
 """Embed the slice the user is looking at, and its neighbours, before the user prompts.
 
 On a CPU the encoder dominates the first prompt on a new slice, the decoder the later ones
-(``bench/bench_perf.py`` measures both). A viewer that calls
+(``python -m bench perf`` measures both). A viewer that calls
 :meth:`BackgroundEmbedder.focus` whenever the shown slice changes gets that slice embedded while
 the user moves the mouse to it, so the first prompt usually costs only the decoder.
 

@@ -127,9 +127,6 @@ class SegmentationSession:
         """The slice <-> model-input transform of :attr:`voxel_axis`'s slices."""
         return self.embedder.transform(self.voxel_axis)
 
-    def transform_for(self, voxel_axis: int) -> SliceTransform:
-        return self.embedder.transform(voxel_axis)
-
     @property
     def volume(self) -> np.ndarray:
         """The normalised ``(K, J, I)`` float32 volume in [0, 1], on the host."""

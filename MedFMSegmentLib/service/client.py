@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..geometry import slice_into_volume, voxel_axis_of
 from .wire import MEDIA_TYPE, WireError, decode_frame, encode_frame, geometry_to_dict, volume_id
 
 __all__ = ["ServiceClient", "ServiceError", "PromptReply", "JobStatus", "read_token"]
@@ -88,7 +89,7 @@ def read_token(token_file: str | os.PathLike | None = None) -> str | None:
 def _mask_from_frame(header: dict, arrays: list[np.ndarray]) -> np.ndarray:
     if header.get("kind") == "slice":
         mask = np.zeros(tuple(header["shape"]), dtype=bool)
-        np.moveaxis(mask, int(header["array_axis"]), 0)[int(header["index"])] = arrays[0]
+        slice_into_volume(mask, voxel_axis_of(int(header["array_axis"])), int(header["index"]), arrays[0])
         return mask
     return arrays[0].astype(bool, copy=False)
 

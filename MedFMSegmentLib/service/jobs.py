@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CancelledError, InputError
+from ..geometry import slice_into_volume, voxel_axis_of
 
 __all__ = ["Job", "JobManager", "JOB_STATES"]
 
@@ -86,7 +87,7 @@ class Job:
         plane = np.array(plane, dtype=bool, copy=True)
         with self._lock:
             if self._shown is not None:
-                np.moveaxis(self._shown, array_axis, 0)[index] = plane
+                slice_into_volume(self._shown, voxel_axis_of(array_axis), index, plane)
             self._updates.append((int(array_axis), int(index), plane))
 
     def finish_mask(self, mask: np.ndarray) -> None:

@@ -25,7 +25,7 @@ import vtk
 from vtk.util import numpy_support
 
 from ..errors import InputError
-from ..geometry import VolumeGeometry
+from ..geometry import VolumeGeometry, roi_corners
 from ..io import MedicalImage
 from ..prompts import Prompts
 
@@ -144,11 +144,8 @@ def _control_points_world(markups_node) -> np.ndarray:
 
 def roi_corners_world(roi_node) -> np.ndarray:
     """The 8 corners ``(8, 3)`` of a (possibly rotated, possibly transformed) ROI in world RAS."""
-    size = np.array(roi_node.GetSize(), dtype=float)
     object_to_world = _array_from_matrix(roi_node.GetObjectToWorldMatrix())
-    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
-    corners = signs * size / 2.0
-    return corners @ object_to_world[:3, :3].T + object_to_world[:3, 3]
+    return roi_corners(object_to_world[:3, 3], roi_node.GetSize(), object_to_world[:3, :3])
 
 
 def roi_to_box(volume_node, roi_node) -> tuple[int, int, int, int, int, int] | None:

@@ -14,6 +14,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from ..geometry import array_axis, slice_into_volume, voxel_axis_of
 from ..prompts import Prompts
 from .nodes import SegmentUndoStack, add_segment, write_mask_region
 
@@ -89,7 +90,7 @@ def plane_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
     """Region of one whole slice normal to ``voxel_axis`` (0=I, 1=J, 2=K) of a (K, J, I) volume."""
     k, j, i = (int(v) for v in shape)
     bounds = [0, k - 1, 0, j - 1, 0, i - 1]
-    slot = 2 * (2 - voxel_axis)
+    slot = 2 * array_axis(voxel_axis)
     bounds[slot] = bounds[slot + 1] = int(index)
     return tuple(bounds)
 
@@ -97,11 +98,9 @@ def plane_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
 def apply_plane(mask: np.ndarray, voxel_axis: int, index: int, plane: np.ndarray) -> None:
     """Write one partial-result plane into the (K, J, I) ``mask``; ``voxel_axis`` is the numpy axis
     of the (K, J, I) array (the service's ``on_update`` convention)."""
-    key: list = [slice(None)] * 3
-    key[int(voxel_axis)] = int(index)
-    mask[tuple(key)] = np.asarray(plane, bool)
+    slice_into_volume(mask, voxel_axis_of(int(voxel_axis)), int(index), np.asarray(plane, bool))
 
 
 def update_region(shape: Sequence[int], voxel_axis: int, index: int) -> Region:
     """Region of the plane :func:`apply_plane` writes (numpy axis ``voxel_axis``)."""
-    return plane_region(shape, 2 - int(voxel_axis), index)
+    return plane_region(shape, voxel_axis_of(int(voxel_axis)), index)

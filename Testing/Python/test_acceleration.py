@@ -19,6 +19,7 @@ from MedFMSegmentLib import backends
 from MedFMSegmentLib.backends import accelerate, weights_digest
 from MedFMSegmentLib.backends import int8 as quantization
 from MedFMSegmentLib.backends import openvino as acceleration
+from MedFMSegmentLib.backends import openvino_graphs as graphs
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.io import read_image
 from MedFMSegmentLib.loading import load_model
@@ -114,8 +115,8 @@ def test_bf16_masks_agree_with_torch_on_real_images(real_cases, litemedsam, real
 @needs_bf16
 def test_bf16_check_failure_falls_back_to_torch(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(acceleration, "_process_cache", {})
-    monkeypatch.setattr(acceleration, "_BF16_MAX_RELATIVE_ERROR", 1e-9)  # as if the bf16 kernels were broken
+    monkeypatch.setattr(graphs, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_BF16_MAX_RELATIVE_ERROR", 1e-9)  # as if the bf16 kernels were broken
     model = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
     assert model.backend == "torch"
     assert "differs from f32" in caplog.text
@@ -125,13 +126,13 @@ def test_bf16_check_failure_falls_back_to_torch(tmp_path, monkeypatch, caplog):
 @needs_bf16
 def test_bf16_check_runs_once_per_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_process_cache", {})
     model = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
     assert model.backend == "openvino" and model.accelerator.precision == "bf16"
     markers = sorted(tmp_path.rglob("check-bf16-*.json"))
     assert len(markers) == 2  # encoder and decoder
-    monkeypatch.setattr(acceleration, "_process_cache", {})
-    monkeypatch.setattr(acceleration, "_check_relative", lambda *a, **k: pytest.fail("checked again"))
+    monkeypatch.setattr(graphs, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_check_relative", lambda *a, **k: pytest.fail("checked again"))
     again = accelerate(tiny_random_model_for_tests(), "openvino", "bf16")
     assert again.accelerator.precision == "bf16"
 
@@ -160,20 +161,20 @@ def test_int8_without_nncf_is_a_clear_input_error(monkeypatch, tmp_path, capsys,
 def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch, capsys):
     """Tiny random model (plumbing only): INT8 graph checked, cached on disk, reused without NNCF."""
     monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_process_cache", {})
     model = accelerate(tiny_random_model_for_tests(), "openvino", "int8")
     assert model.backend == "openvino" and model.accelerator.precision == "int8"
     assert capsys.readouterr().out == ""  # NNCF's progress goes to stderr, never into the caller's stdout
     folders = list((tmp_path / "openvino").glob("*encoder-int8-*"))
     assert len(folders) == 1
     meta = json.loads((folders[0] / "meta.json").read_text(encoding="utf-8"))
-    assert meta["precision"] == "int8" and 0 < meta["relative_error_vs_f32"] < acceleration._INT8_MAX_RELATIVE_ERROR
+    assert meta["precision"] == "int8" and 0 < meta["relative_error_vs_f32"] < graphs._INT8_MAX_RELATIVE_ERROR
     x = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         got, expected = model.encode(x), tiny_random_model_for_tests().encode(x)
     assert got.shape == expected.shape and got.dtype == torch.float32
-    assert float((got - expected).norm() / expected.norm()) < acceleration._INT8_MAX_RELATIVE_ERROR
-    monkeypatch.setattr(acceleration, "_process_cache", {})
+    assert float((got - expected).norm() / expected.norm()) < graphs._INT8_MAX_RELATIVE_ERROR
+    monkeypatch.setattr(graphs, "_process_cache", {})
     monkeypatch.setattr(quantization, "quantize_encoder", lambda *a, **k: pytest.fail("quantized again"))
     again = accelerate(tiny_random_model_for_tests(), "openvino", "int8")
     assert again.accelerator.precision == "int8"
@@ -182,8 +183,8 @@ def test_int8_encoder_is_quantized_once_and_cached(tmp_path, monkeypatch, capsys
 
 def test_float_stem_follows_the_encoder(torch_litemedsam):
     """The convolutions INT8 leaves in float: TinyViT's two-convolution patch embedding, a ViT's one."""
-    assert acceleration._patch_embedding_convolutions(torch_litemedsam) == 2
-    assert acceleration._patch_embedding_convolutions(tiny_random_model_for_tests()) == 1
+    assert graphs._patch_embedding_convolutions(torch_litemedsam) == 2
+    assert graphs._patch_embedding_convolutions(tiny_random_model_for_tests()) == 1
 
 
 @needs_nncf
@@ -297,12 +298,12 @@ def test_disk_cache_in_env_dir_and_reused(tiny_cache, monkeypatch):
         assert {p.name for p in (folder / "openvino" / entry).iterdir()} == {"model.xml", "model.bin", "meta.json"}
     assert sorted(os.listdir(os.getcwd())) == cwd_before  # nothing written into the working folder
     # A new process (empty in-memory cache) must reuse the files without converting.
-    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_process_cache", {})
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of reading the disk cache")
 
-    monkeypatch.setattr(acceleration, "_convert", no_conversion)
+    monkeypatch.setattr(graphs, "_convert", no_conversion)
     again = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     assert again.backend == "openvino"
     x = torch.rand(1, 3, 64, 64)
@@ -388,12 +389,12 @@ def test_auto_leaves_other_models_on_torch():
 
 def test_conversion_failure_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv(acceleration.CACHE_ENV, str(tmp_path))
-    monkeypatch.setattr(acceleration, "_process_cache", {})
+    monkeypatch.setattr(graphs, "_process_cache", {})
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated converter failure")
 
-    monkeypatch.setattr(acceleration, "_convert", broken)
+    monkeypatch.setattr(graphs, "_convert", broken)
     model = accelerate(tiny_random_model_for_tests(seed=3), "openvino")
     assert model.backend == "torch"
     assert "simulated converter failure" in caplog.text

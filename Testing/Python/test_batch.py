@@ -13,15 +13,14 @@ from conftest import dice, ellipsoid_mask, oblique_geometry, write_dicom_series
 from MedFMSegmentLib.batch import BatchSettings, discover_cases, load_prompts_file, prompts_from_markups, run_batch
 from MedFMSegmentLib.cli import main
 from MedFMSegmentLib.errors import InputError
-from MedFMSegmentLib.io import mask_to_sitk, read_image, read_label
+from MedFMSegmentLib.io import array_to_sitk, read_image, read_label
 
 
 def _volume(geometry, seed):
     truth = ellipsoid_mask(geometry.shape, (geometry.shape[0] // 2, 24, 26), (2.5, 12, 14))
     rng = np.random.default_rng(seed)
     volume = (100 + 400 * truth + 15 * rng.standard_normal(geometry.shape)).astype(np.int16)
-    image = sitk.GetImageFromArray(volume)
-    image.CopyInformation(mask_to_sitk(truth, geometry))
+    image = array_to_sitk(volume, geometry)
     return image, truth
 
 

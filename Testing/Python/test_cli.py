@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from conftest import dice, ellipsoid_mask, oblique_geometry
 from MedFMSegmentLib.cli import main
-from MedFMSegmentLib.io import mask_to_sitk, read_label
+from MedFMSegmentLib.io import array_to_sitk, read_label
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,7 @@ def oblique_volume(tmp_path_factory):
     truth = ellipsoid_mask(geometry.shape, (4, 28, 32), (3.2, 14, 18))
     rng = np.random.default_rng(0)
     volume = (80 + 400 * truth + 15 * rng.standard_normal(geometry.shape)).astype(np.float32)
-    image = sitk.GetImageFromArray(volume)
-    image.CopyInformation(mask_to_sitk(truth, geometry))
+    image = array_to_sitk(volume, geometry)
     path = tmp_path_factory.mktemp("data") / "oblique.nii.gz"
     sitk.WriteImage(image, str(path))
     return path, geometry, truth
