@@ -17,7 +17,8 @@ LIBRARY = ROOT / "MedFMSegmentLib"
 PACKAGE = LIBRARY.name
 MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 250
-SOURCES = sorted(p for folder in ("MedFMSegmentLib", "bench") for p in (ROOT / folder).rglob("*.py"))
+FOLDERS = ("MedFMSegmentLib", "bench", "MedFMSegment", "SegmentEditorMedFMSegmentLib")
+SOURCES = sorted(p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py"))
 
 
 def _module_name(path: Path) -> str:
