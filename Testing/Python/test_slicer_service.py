@@ -203,7 +203,6 @@ def test_add_this_case_then_update_adapter_continues_it_in_the_service(client, d
     from MedFMSegmentLib.errors import InputError
     from MedFMSegmentLib.slicer_bridge.updates import PendingCases, segment_for_case
 
-    gc.collect()
     (first, first_label), (new, new_label) = cropped_case(data_dir, 3), cropped_case(data_dir, 4)
     parent = client.wait(client.finetune([first], [first_label], {"name": "panel-update", "encoder": "frozen",
                                                                   "steps": 2, "embedding_budget": 4}))
