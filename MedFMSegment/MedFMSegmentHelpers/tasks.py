@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import slicer
 
 from .service_process import JobPoller
-from .settings import adaptation_summary, training_line
+from .settings import adaptation_summary, training_line, validation_figures
 
 __all__ = ["ServiceTask", "AdaptationTask", "AutomaticTask"]
 
@@ -66,7 +66,8 @@ class ServiceTask:
 
 
 class AdaptationTask(ServiceTask):
-    """Fine-tunes an adapter in the service on labelled scene cases; plots loss and validation Dice."""
+    """Fine-tunes an adapter in the service on labelled scene cases; plots loss and validation Dice
+    beside the base model's, and ends with both final figures in the chart's title."""
 
     chart = None
 
@@ -98,13 +99,14 @@ class AdaptationTask(ServiceTask):
 
         def on_status(job) -> None:
             metrics = job.metrics or {}
-            self.chart.add(metrics.get("step"), metrics.get("loss"), metrics.get("val_dice"))
+            self.chart.add(metrics.get("step"), metrics.get("loss"), metrics.get("val_dice"), metrics.get("base_val_dice"))
             line = training_line(job.stage, job.done, job.planned, metrics)
             if line:
                 self.status(line)
 
         def on_done(job) -> None:
             result = self.logic.client.result(job.job_id)
+            self.chart.finish(*validation_figures(result.get("metadata")))
             self.status(adaptation_summary(result))
             on_finished(result)
 

@@ -218,9 +218,30 @@ def test_training_chart_rows_and_cleanup(scene):
     chart.add(10, 0.5, 0.62)
     rows = chart.rows()
     assert [r[0] for r in rows] == [1.0, 10.0] and np.isnan(rows[0][2]) and abs(rows[1][2] - 0.62) < 1e-6
-    assert chart.chart.GetNumberOfPlotSeriesNodes() == 2
+    assert chart.chart.GetNumberOfPlotSeriesNodes() == 3
     chart.remove()
     assert scene.GetNumberOfNodes() == before
+
+
+def test_training_chart_draws_the_base_model_dice_beside_the_adapted_and_ends_with_both(scene):
+    """The job's metrics carry the base model's validation Dice (measured before training) with
+    every step: a dashed third series on the same table, and the final figures side by side."""
+    from MedFMSegmentHelpers.settings import validation_figures
+
+    chart = TrainingChart(scene, "hippo")
+    for step, loss, val, base in ((1, 0.9, None, 0.41), (10, 0.5, 0.62, 0.41), (20, 0.3, 0.78, 0.41)):
+        chart.add(step, loss, val, base)
+    series = [chart.chart.GetNthPlotSeriesNode(n) for n in range(chart.chart.GetNumberOfPlotSeriesNodes())]
+    assert [s.GetYColumnName() for s in series] == ["loss", "val_dice", "base_dice"]
+    assert all(s.GetTableNode() is chart.table and s.GetXColumnName() == "step" for s in series)
+    assert series[2].GetLineStyle() == slicer.vtkMRMLPlotSeriesNode.LineStyleDash
+    column = chart.table.GetTable().GetColumnByName("base_dice")
+    assert [round(column.GetValue(r), 6) for r in range(column.GetNumberOfTuples())] == [0.41, 0.41, 0.41]
+    assert [round(r[2], 2) for r in chart.rows()[1:]] == [0.62, 0.78]
+    metadata = {"adapted_validation_dice": 0.8123, "base_validation_dice": 0.4071}
+    title = chart.finish(*validation_figures(metadata))
+    assert chart.chart.GetTitle() == title == "hippo: validation Dice adapted 0.812 vs base model 0.407"
+    assert chart.finish(None, None).endswith("adapted not measured vs base model not measured")
 
 
 def test_segment_reads_leave_no_nodes_behind(scene):
