@@ -2,8 +2,9 @@
 
 Inference never runs in Slicer's process. The logic starts ``medfmsegment serve`` with Slicer's
 Python (:class:`~MedFMSegmentHelpers.service_process.ServiceProcess`) or connects to a remote
-service (URL + token), and hands out the :class:`ServiceClient` and prompt controllers
-(:class:`MedFMSegmentLib.slicer_bridge.interaction.PromptController`) that talk to it.
+service (URL + token), and hands out the :class:`ServiceClient` (short panel requests, job polls)
+and prompt controllers (:class:`MedFMSegmentLib.slicer_bridge.interaction.PromptController`),
+whose requests go through Qt's non-blocking network access (:class:`~MedFMSegmentHelpers.network.QtExchange`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Optional
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
+from .network import QtExchange
 from .parameters import MedFMSegmentParameterNode
 from .process_tools import serve_command
 from .settings import ensure_library_on_path
@@ -36,6 +38,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         ensure_library_on_path()
         self.client = None
+        self.transport = None  # the prompt controllers' non-blocking transport to the same service
         self.serviceInfo: dict = {}
         self.process: Optional[ServiceProcess] = None
         self._tokenFile: Optional[Path] = None
@@ -94,11 +97,18 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         try:
             self.client = ServiceClient(ready["url"], token=read_token(ready.get("token_file")))
             self.serviceInfo = self.client.info()
+            self._makeTransport()
         except Exception as exc:  # noqa: BLE001 - shown as the service status
             self._onServiceFailed(f"the service started but does not answer: {exc}")
             return
         self._warmUp()
         self._notify(f"Local service ready at {ready['url']} ({self.describeInfo()}).")
+
+    def _makeTransport(self) -> None:
+        from MedFMSegmentLib.slicer_bridge.transport import HttpTransport
+
+        exchange = QtExchange(self.client.url, self.client.token, timeout_ms=int(self.client.timeout * 1000))
+        self.transport = HttpTransport(exchange, compression=self.client.compression)
 
     def _warmUp(self) -> None:
         """Load the model in the service now (a job), so the first prompt does not wait for it."""
@@ -108,6 +118,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.warmUpJob = warm_up(self.client, parameters.modelName or None, parameters.adapterName or None)
 
     def _onServiceFailed(self, reason: str) -> None:
+        self._closeTransport()
         self.client = None
         self.serviceInfo = {}
         self._notify(f"Service failed: {reason}")
@@ -120,6 +131,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         client = ServiceClient(url.strip(), token=(token or "").strip() or None)
         info = client.info()
         self.client, self.serviceInfo = client, info
+        self._makeTransport()
         self._warmUp()
         self._notify(f"Connected to {url} ({self.describeInfo()}).")
         return info
@@ -149,6 +161,7 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         token_file, self._tokenFile = self._tokenFile, None
         if token_file is not None:
             Path(token_file).unlink(missing_ok=True)  # the local service's token dies with it
+        self._closeTransport()
         if self.client is not None:
             try:
                 self.client.close()
@@ -157,14 +170,19 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         self.client = None
         self.serviceInfo = {}
 
+    def _closeTransport(self) -> None:
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.exchange.close()
+
     # ------------------------------------------------------------------ prompts
     def newController(self, status: Optional[Callable[[str], None]] = None):
         """A prompt controller talking to the current service (None when not connected)."""
-        if self.client is None:
+        if self.transport is None:
             return None
         from MedFMSegmentLib.slicer_bridge.interaction import PromptController
 
-        return PromptController(self.client, status=status)
+        return PromptController(self.transport, status=status)
 
     @staticmethod
     def applyOptions(controller, parameterNode) -> None:

@@ -4,10 +4,11 @@
 click nodes (``vtkMRMLMarkupsFiducialNode``) with VTK observers held on the node objects, or
 takes prompts directly from the Segment Editor effect (:meth:`PromptController.submit`). Events
 only mark the prompts dirty; :meth:`PromptController.poll` (the widget calls it from a
-``QTimer``) reads the prompts, decides whether they are complete and new, sends them to the
-runner (the service client), applies the partial 3D results as they arrive and writes the final
-mask through a :class:`SegmentWriter`. It never blocks on a 3D job and never raises in normal use:
-problems become :attr:`PromptController.status` lines.
+``QTimer``) reads the prompts, decides whether they are complete and new, and runs each as a task
+that sends calls through a :class:`~.transport.Transport` (in Slicer, Qt's non-blocking network
+access; answers resume the task when they arrive), applies the partial 3D results as they arrive
+and writes the final mask through a :class:`SegmentWriter`. Nothing waits on the network and
+nothing raises in normal use: problems become :attr:`PromptController.status` lines.
 
 Rules, from the events Slicer really sends (see ``docs/slicer.md``):
 
@@ -17,8 +18,8 @@ Rules, from the events Slicer really sends (see ``docs/slicer.md``):
 * drags count at their end (PointEndInteraction), never while moving (PointModified);
 * a two-click ROI is flattened onto the slice it was drawn in (the first corner's slice), so it
   runs in 2D; ``propagate`` makes it 3D;
-* bursts coalesce: the latest prompt wins and runs when the running job ends; a superseded job
-  is cancelled and its results are discarded.
+* bursts coalesce: the latest prompt wins and runs when the running one ends; a superseded
+  prompt's answer is discarded and its 3D job cancelled.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import numpy as np
 
 from ..errors import InputError
 from ..prompts import Prompts
-from .nodes import mask_region, markups_to_prompts, slice_view_voxel_slice, union_region, volume_geometry, volume_node_to_image
+from .nodes import (mask_region, markups_to_prompts, slice_view_voxel_slice, union_region, volume_geometry,
+                    volume_node_to_image, volume_shape)
 from .observers import PromptNodeObserver, drawn_slice
+from .transport import NEXT_POLL, Call, TaskRunner, Transport, call
 from .writing import (LibrarySegmentWriter, PromptRunner, Region, SegmentWriter, apply_plane, plane_region,
                       update_region)
 
@@ -68,13 +71,23 @@ class _Request:
 @dataclass
 class _Job:
     request: _Request
-    job_id: str
-    mask: np.ndarray
+    job_id: str | None = None  # set once the service answers with a 3D job
+    mask: np.ndarray | None = None
     since: int = 0
-    region: Region | None = None
+    region: Region | None = None  # where the partial results written so far lie
     begun: bool = False
     superseded: bool = False
     updates: int = 0
+
+    def write(self, writer: SegmentWriter, region: Region | None) -> None:
+        """Write ``region`` of the job's mask (the first write opens the prompt's undo step)."""
+        if region is None:
+            return
+        if not self.begun:
+            writer.begin()
+            self.begun = True
+        writer.write(self.mask, region)
+        self.region = union_region(self.region, region)
 
 
 class ViewPrompts:
@@ -166,13 +179,15 @@ class PromptController(PromptNodeObserver):
     """Prompts from markups nodes (or the effect) to the service, results into a segment.
 
     Args:
-        runner: The service client (:class:`PromptRunner`).
+        transport: How calls reach the service (:mod:`.transport`: the module's Qt transport in
+            Slicer, :func:`~.transport.blocking_transport` or a :class:`~.transport.RunnerTransport`).
         status: Optional callable receiving each status line.
     """
 
-    def __init__(self, runner: PromptRunner, status: Callable[[str], None] | None = None) -> None:
+    def __init__(self, transport: Transport, status: Callable[[str], None] | None = None) -> None:
         PromptNodeObserver.__init__(self)
-        self.runner = runner
+        self.transport = transport
+        self.tasks = TaskRunner(transport, self._on_task_end, on_late=self._on_late_answer)
         self.options = PromptOptions()
         self.status = ""
         self._status_callback = status
@@ -181,7 +196,7 @@ class PromptController(PromptNodeObserver):
         self._focused: tuple[int, int] | None = None  # the last view sent to the service's focus
         self._force: bool | None = None  # an explicit request: its propagate flag
         self._pending: _Request | None = None
-        self._active: _Job | None = None
+        self._active: _Job | None = None  # the running prompt (None: idle, or a focus running)
         self._last_key: tuple | None = None
         self._volume_ids: list[tuple[Any, tuple, str]] = []  # (node, stamp, id); nodes compared by identity
         self.jobs_started = 0
@@ -263,14 +278,16 @@ class PromptController(PromptNodeObserver):
         if request.key == current and not forced:
             return  # unchanged prompts (a preview point removed, a no-op drag)
         self._pending = request
-        if self._active is not None and not self._active.superseded:
-            self._active.superseded = True
-            self._call(self.runner.cancel, self._active.job_id)
+        job = self._active
+        if job is not None and not job.superseded:
+            job.superseded = True  # its answers are discarded; a 3D job is cancelled
+            if job.job_id is not None:
+                self._send_quiet(call("cancel", job.job_id))
 
     # ------------------------------------------------------------------ the poll loop
     @property
     def busy(self) -> bool:
-        """True while a job runs or a prompt waits."""
+        """True while a prompt runs or waits."""
         return self._active is not None or self._pending is not None or self._dirty
 
     def poll(self) -> None:
@@ -283,106 +300,111 @@ class PromptController(PromptNodeObserver):
                 request = self._read_markups(propagate) if forced is not None or self.options.auto_update else None
                 if request is not None:
                     self._queue(request, forced=forced is not None)
-            if self._active is not None:
-                self._advance()
-            if self._active is None and self._pending is not None:
-                request, self._pending = self._pending, None
-                self._start(request)
-            elif self._active is None and self._view is not None and self._view != self._focused:
-                self._focus()
+            self.tasks.tick()
+            self._next()
         except Exception as exc:  # noqa: BLE001 - the controller runs from a timer: report, never raise
+            self.tasks.drop()
             self._active = None
             self._set_status(f"Segmentation failed: {_one_line(exc)}")
 
-    def _focus(self) -> None:
-        """Ask the service to embed the viewed slice (and neighbours) before the user prompts there."""
-        self._focused = self._view
-        if self.volume_node is None or not hasattr(self.runner, "focus"):
+    def _next(self) -> None:
+        """Start the waiting prompt (a running focus gives way), else embed a newly viewed slice."""
+        if self.volume_node is None or self._active is not None:
             return
-        options = self.options
-        self._call(self.runner.focus, self._volume_id(), self._view[0], self._view[1], options.model, options.adapter)
+        if self._pending is not None and self.writer is not None:
+            request, self._pending = self._pending, None
+            self.tasks.start(self._run(request))
+        elif self.tasks.idle and self._view is not None and self._view != self._focused:
+            self._focused = self._view
+            self.tasks.start(self._focus(self._view))
+
+    def _on_task_end(self, error: BaseException | None) -> None:
+        self._active = None
+        if error is not None:
+            self._set_status(f"Segmentation failed: {_one_line(error)}")
+        self._next()
+
+    def _on_late_answer(self, sent: Call, answer: Any) -> None:
+        """A dropped prompt's answer: a 3D job it started is cancelled (nothing is written)."""
+        if sent.verb == "prompt" and getattr(answer, "job_id", None):
+            self._send_quiet(call("cancel", answer.job_id))
 
     def cancel(self) -> None:
         """Cancel the running job (its results are discarded) and any waiting prompt."""
         self._pending = None
-        if self._active is not None:
-            self._call(self.runner.cancel, self._active.job_id)
-            self._active = None
+        job, self._active = self._active, None
+        self.tasks.drop()
+        if job is not None:
+            if job.job_id is not None:
+                self._send_quiet(call("cancel", job.job_id))
             self._set_status("Cancelled.")
 
-    def _volume_id(self) -> str:
+    # ------------------------------------------------------------------ tasks (generators of calls)
+    def _upload(self):
         node = self.volume_node
         stamp = (node.GetImageData().GetMTime(), node.GetMTime())
         for known, known_stamp, volume_id in self._volume_ids:
             if known is node and known_stamp == stamp:
                 return volume_id
         image = volume_node_to_image(node)
-        volume_id = self.runner.upload_volume(image.array, image.geometry, is_2d=image.array.shape[0] == 1)
+        volume_id = yield call("upload_volume", image.array, image.geometry, is_2d=image.array.shape[0] == 1)
         self._volume_ids = [v for v in self._volume_ids if v[0] is not node] + [(node, stamp, volume_id)]
         return volume_id
 
-    def _start(self, request: _Request) -> None:
-        if self.volume_node is None or self.writer is None:
-            return
+    def _focus(self, view: tuple[int, int]):
+        """Ask the service to embed the viewed slice (and neighbours) before the user prompts there."""
         options = self.options
-        reply = self.runner.prompt(self._volume_id(), request.prompts, axis=request.axis, model=options.model,
-                                   adapter=options.adapter, box3d_strategy=options.box3d_strategy,
-                                   propagate=request.propagate)
+        try:
+            volume_id = yield from self._upload()
+            yield call("focus", volume_id, view[0], view[1], options.model, options.adapter)
+        except Exception as exc:  # noqa: BLE001 - an optimisation: a status line, never a failure
+            self._set_status(_one_line(exc))
+
+    def _run(self, request: _Request):
+        job = self._active = _Job(request)
+        writer, options, shape = self.writer, self.options, volume_shape(self.volume_node)
+        volume_id = yield from self._upload()
+        reply = yield call("prompt", volume_id, request.prompts, axis=request.axis, model=options.model,
+                           adapter=options.adapter, box3d_strategy=options.box3d_strategy,
+                           propagate=request.propagate)
         self._last_key = request.key  # after the call: a refused prompt runs again when repeated
         self.jobs_started += 1
-        mask = getattr(reply, "mask", None)
-        if mask is not None:
-            mask = np.asarray(mask, bool)
-            if getattr(reply, "array_axis", None) is not None:
-                region = update_region(mask.shape, reply.array_axis, reply.index)
-            elif request.plane:
-                region = plane_region(mask.shape, *request.plane)
-            else:
-                region = mask_region(mask)
-            if region is not None:
-                self.writer.begin()
-                self.writer.write(mask, region)
-                self.writer.end()
-            self._set_status("Segmented the slice." if request.plane else "Segmented.")
-            return
-        shape = tuple(reversed(self.volume_node.GetImageData().GetDimensions()))
-        self._active = _Job(request, reply.job_id, np.zeros(shape, bool))
-        self._set_status("Segmenting in 3D...")
-
-    def _write(self, job: _Job, region: Region | None) -> None:
-        if region is None:
-            return
-        if not job.begun:
-            self.writer.begin()
-            job.begun = True
-        self.writer.write(job.mask, region)
-
-    def _advance(self) -> None:
-        job = self._active
-        state = self.runner.job(job.job_id)
-        if not job.superseded:
-            job.since, planes = self.runner.updates(job.job_id, job.since)
-            region = None
-            for voxel_axis, index, plane in planes:
-                apply_plane(job.mask, voxel_axis, index, plane)
-                region = union_region(region, update_region(job.mask.shape, voxel_axis, index))
-                job.updates += 1
-            self._write(job, region)
-            job.region = union_region(job.region, region)
-        if state.state in ("queued", "running"):
+        if getattr(reply, "mask", None) is not None:
             if not job.superseded:
-                stage = getattr(state, "stage", "") or "3D"
-                self._set_status(f"Segmenting ({stage}): {state.done} of {state.planned}...")
+                write_answer(writer, np.asarray(reply.mask, bool), reply, request.plane)
+                self._set_status("Segmented the slice." if request.plane else "Segmented.")
             return
-        self._active = None
+        job.job_id, job.mask = reply.job_id, np.zeros(shape, bool)
+        if job.superseded:
+            self._send_quiet(call("cancel", job.job_id))
+        else:
+            self._set_status("Segmenting in 3D...")
+        yield from self._follow(job, writer)
+
+    def _follow(self, job: _Job, writer: SegmentWriter):
+        """Poll a 3D job once per :meth:`poll`: partial planes go to the segment as they arrive."""
+        while True:
+            yield NEXT_POLL
+            state = yield call("job", job.job_id)
+            if not job.superseded:
+                job.since, planes = yield call("updates", job.job_id, job.since)
+                region = None
+                for voxel_axis, index, plane in planes if not job.superseded else ():
+                    apply_plane(job.mask, voxel_axis, index, plane)
+                    region = union_region(region, update_region(job.mask.shape, voxel_axis, index))
+                    job.updates += 1
+                job.write(writer, region)
+            if state.state not in ("queued", "running"):
+                break
+            if not job.superseded:
+                self._set_status(f"Segmenting ({getattr(state, 'stage', '') or '3D'}): {state.done} of {state.planned}...")
         if job.superseded:
             return
         if state.state == "done":
-            final = np.asarray(self.runner.result(job.job_id), bool)
-            job.mask = final
-            self._write(job, union_region(job.region, mask_region(final)))
+            job.mask = np.asarray((yield call("result", job.job_id)), bool)
+            job.write(writer, union_region(job.region, mask_region(job.mask)))  # clears stale partial planes
             if job.begun:
-                self.writer.end()
+                writer.end()
             self._set_status("Segmented in 3D.")
         elif state.state == "cancelled":
             self._set_status("Cancelled.")
@@ -390,17 +412,32 @@ class PromptController(PromptNodeObserver):
             self._set_status(f"Segmentation failed: {getattr(state, 'message', '') or state.state}")
 
     # ------------------------------------------------------------------ helpers
-    def _call(self, function: Callable, *args) -> Any:
-        try:
-            return function(*args)
-        except Exception as exc:  # noqa: BLE001 - a failed cancel must not stop the controller
-            self._set_status(f"{_one_line(exc)}")
-            return None
+    def _send_quiet(self, sent: Call) -> None:
+        """Send a call outside the running task (a cancel); a failure becomes the status line."""
+        self.transport.send(sent, self._quiet_answer)
+
+    def _quiet_answer(self, result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            self._set_status(_one_line(error))
 
     def _set_status(self, text: str) -> None:
         self.status = text
         if self._status_callback is not None:
             self._status_callback(text)
+
+
+def write_answer(writer: SegmentWriter, mask: np.ndarray, reply: Any, plane: tuple[int, int] | None) -> None:
+    """Write a prompt answered at once: its slice (or the drawn plane, or the mask's bounds), one undo step."""
+    if getattr(reply, "array_axis", None) is not None:
+        region = update_region(mask.shape, reply.array_axis, reply.index)
+    elif plane:
+        region = plane_region(mask.shape, *plane)
+    else:
+        region = mask_region(mask)
+    if region is not None:
+        writer.begin()
+        writer.write(mask, region)
+        writer.end()
 
 
 def _one_line(exc: BaseException) -> str:

@@ -207,7 +207,8 @@ def _image_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
     return np.linalg.inv(node_to_world_matrix(segmentation_node)) @ volume_ijk_to_world(volume_node)
 
 
-def _volume_shape(volume_node) -> tuple[int, int, int]:
+def volume_shape(volume_node) -> tuple[int, int, int]:
+    """The (K, J, I) shape of a volume node's voxel array."""
     return tuple(reversed(volume_node.GetImageData().GetDimensions()))
 
 
@@ -237,8 +238,8 @@ def labelmap_from_mask(mask: np.ndarray, volume_node, segmentation_node, region=
     ``vtkSlicerSegmentationsModuleLogic`` alike. No node is created.
     """
     mask = np.asarray(mask)
-    if mask.shape != _volume_shape(volume_node):
-        raise InputError(f"mask shape {mask.shape} does not match the volume {_volume_shape(volume_node)}")
+    if mask.shape != volume_shape(volume_node):
+        raise InputError(f"mask shape {mask.shape} does not match the volume {volume_shape(volume_node)}")
     k0, k1, j0, j1, i0, i1 = region if region is not None else (0, mask.shape[0] - 1, 0, mask.shape[1] - 1,
                                                                    0, mask.shape[2] - 1)
     part = np.ascontiguousarray(mask[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] > 0, dtype=np.uint8)
@@ -267,7 +268,7 @@ def add_segment(segmentation_node, volume_node, segment_name: str = "MedFMSegmen
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    return mask_to_segment(np.zeros(_volume_shape(volume_node), bool), volume_node, segmentation_node, None,
+    return mask_to_segment(np.zeros(volume_shape(volume_node), bool), volume_node, segmentation_node, None,
                            segment_name, color)
 
 
@@ -313,8 +314,8 @@ def mask_to_segment(mask: np.ndarray, volume_node, segmentation_node, segment_id
         The segment's id.
     """
     mask = np.asarray(mask)
-    if mask.shape != _volume_shape(volume_node):
-        raise InputError(f"mask shape {mask.shape} does not match the volume {_volume_shape(volume_node)}")
+    if mask.shape != volume_shape(volume_node):
+        raise InputError(f"mask shape {mask.shape} does not match the volume {volume_shape(volume_node)}")
     segmentation = segmentation_node.GetSegmentation()
     if segmentation.GetNumberOfSegments() == 0:
         segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
@@ -345,7 +346,7 @@ def segment_to_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarr
     segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
     if segment is None:
         raise InputError(f"segment {segment_id!r} is not in '{segmentation_node.GetName()}'")
-    shape = _volume_shape(volume_node)
+    shape = volume_shape(volume_node)
     name = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
     source = segment.GetRepresentation(name)
     if source is None or source.GetPointData().GetScalars() is None:

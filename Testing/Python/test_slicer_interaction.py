@@ -24,6 +24,7 @@ from MedFMSegmentLib.geometry import VolumeGeometry  # noqa: E402
 from MedFMSegmentLib.io import MedicalImage  # noqa: E402
 from MedFMSegmentLib.slicer_bridge.interaction import (LibrarySegmentWriter, PromptController,  # noqa: E402
                                                         ViewPrompts, drawn_slice)
+from MedFMSegmentLib.slicer_bridge.transport import RunnerTransport  # noqa: E402
 
 M = slicer.vtkMRMLMarkupsNode
 
@@ -129,7 +130,7 @@ def setup(scene, volume):
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
     positives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Plus")
     negatives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Minus")
-    controller = PromptController(runner)
+    controller = PromptController(RunnerTransport(runner))
     writer = LibrarySegmentWriter(volume, segmentation)
     controller.attach(volume, writer, roi, positives, negatives)
     yield controller, runner, writer, roi, positives, negatives

@@ -35,6 +35,7 @@ SIGNALS = {
                           "currentNodeIDChanged(QString)"},
     "qMRMLCheckableNodeComboBox": {"checkedNodesChanged()", "currentNodeChanged(vtkMRMLNode*)"},
     "QTimer": {"timeout()"},
+    "QNetworkAccessManager": {"finished(QNetworkReply*)"},
     "QProcess": {"readyReadStandardOutput()", "readyReadStandardError()", "errorOccurred(QProcess::ProcessError)",
                  "finished(int,QProcess::ExitStatus)", "started()"},
 }
@@ -118,7 +119,7 @@ def connections(tree: ast.Module, ui_names: dict[str, str]) -> list[tuple[str, s
     return found
 
 
-@pytest.mark.parametrize("path", [MODULE_FILE, HELPERS / "service_process.py", EFFECT_FILE],
+@pytest.mark.parametrize("path", [MODULE_FILE, HELPERS / "service_process.py", HELPERS / "network.py", EFFECT_FILE],
                          ids=lambda p: p.name)
 def test_every_signal_and_slot_exists_on_its_class(path, ui_root):
     names = ui_classes(ui_root) if path == MODULE_FILE else {}
@@ -128,6 +129,50 @@ def test_every_signal_and_slot_exists_on_its_class(path, ui_root):
         assert signal in SIGNALS.get(cls, set()), f"{path.name}: {cls} has no signal {signal}"
         if isinstance(slot, ast.Attribute) and (widget := ui_attribute(slot.value)):
             assert slot.attr in SLOTS.get(names[widget], set()), f"{names[widget]} has no slot {slot.attr}"
+
+
+# QtNetwork names (Qt 5.15 and Qt 6 alike; setTransferTimeout since 5.15) and what PythonQt adds
+# (``connect``; ``QByteArray.data()`` gives bytes). Each method the exchange calls must be listed here.
+QT_NETWORK_API = {
+    "QNetworkAccessManager": {"get", "head", "post", "connect"},
+    "QNetworkRequest": {"setRawHeader", "setTransferTimeout", "setHeader", "attribute"},
+    "QNetworkReply": {"attribute", "rawHeader", "readAll", "errorString", "error", "abort", "deleteLater"},
+    "QByteArray": {"data"},
+}
+QT_NETWORK_NAMES = {"QNetworkAccessManager", "QNetworkRequest", "QUrl", "QNetworkRequest.HttpStatusCodeAttribute"}
+
+
+def test_network_exchange_calls_only_qt_network_api_that_exists():
+    """The QNetworkAccessManager exchange cannot run here: every Qt name and method it uses is checked
+    against the Qt API (objects typed from what they are assigned, the finished slot's ``reply``)."""
+    tree = parse(HELPERS / "network.py")
+    qt_names = {ast.unparse(n)[3:] for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                and ast.unparse(n).startswith("qt.")}
+    assert qt_names and qt_names <= QT_NETWORK_NAMES, f"unchecked Qt names: {sorted(qt_names - QT_NETWORK_NAMES)}"
+    kinds = {"reply": "QNetworkReply"}  # the finished(QNetworkReply*) slot's argument
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call):
+            called = ast.unparse(node.value.func)
+            kind = called[3:] if called.startswith("qt.") else \
+                "QNetworkReply" if called.startswith("self.manager.") else None
+            for target in node.targets:
+                if kind:
+                    kinds[ast.unparse(target)] = kind
+    assert kinds.get("self.manager") == "QNetworkAccessManager" and "QNetworkRequest" in kinds.values()
+    calls = [(ast.unparse(n.func.value), n.func.attr) for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)]
+    for owner, method in calls:
+        if owner.endswith(".data") or owner in ("self", "self._waiting", "request.method") or owner.startswith("f"):
+            continue
+        if owner.endswith(")") and owner.split(".")[-1].split("(")[0] in ("rawHeader", "readAll"):
+            kind = "QByteArray"
+        else:
+            kind = kinds.get(owner)
+        if kind is None:
+            continue
+        assert method in QT_NETWORK_API[kind], f"{kind} has no method {method}"
+    checked = {(kinds.get(o), m) for o, m in calls}
+    assert {("QNetworkAccessManager", "post"), ("QNetworkReply", "readAll"), ("QNetworkReply", "deleteLater")} <= checked
 
 
 def test_mrml_widgets_get_the_scene(ui_root):

@@ -21,6 +21,7 @@ from MedFMSegmentLib import slicer_bridge as bridge  # noqa: E402
 from MedFMSegmentLib.io import read_image, read_label  # noqa: E402
 from MedFMSegmentLib.service.client import ServiceClient  # noqa: E402
 from MedFMSegmentLib.slicer_bridge.interaction import LibrarySegmentWriter, PromptController, warm_up  # noqa: E402
+from MedFMSegmentLib.slicer_bridge.transport import BlockingExchange, HttpTransport, blocking_transport  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def scene_setup(client, hippo):
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
     positives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Plus")
     writer = LibrarySegmentWriter(volume, segmentation)
-    controller = PromptController(client)
+    controller = PromptController(blocking_transport(client))  # the HTTP the module's Qt transport sends
     controller.attach(volume, writer, roi, positives)
     yield scene, volume, writer, roi, positives, controller
     controller.detach()
@@ -101,7 +102,7 @@ def test_two_click_roi_gives_the_in_process_2d_mask(scene_setup, hippo, litemeds
     controller.poll()
     roi.AddControlPointWorld(world(volume, (i1, j1, k)))
     poll_until_idle(controller)
-    assert controller.jobs_started == 1, "one ROI placement is one segmentation"
+    assert controller.jobs_started == 1, f"one ROI placement is one segmentation ({controller.status})"
     mask = bridge.segment_to_mask(writer.segmentation_node, writer.segment_id, volume)
     expected = in_process(litemedsam, image, {"box": [i0, j0, k, i1, j1, k]})
     np.testing.assert_array_equal(mask, expected)
@@ -158,6 +159,109 @@ def test_after_n_prompts_the_scene_holds_no_new_nodes(scene_setup, hippo):
         poll_until_idle(controller)
     assert controller.jobs_started == 4
     assert {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())} == after_first
+
+
+class DeferredExchange:
+    """Holds each HTTP request until the test delivers it, as Qt's event loop delivers the answers
+    of the module's QNetworkAccessManager exchange: later, while the controller keeps polling."""
+
+    def __init__(self, client) -> None:
+        self.blocking, self.queue = BlockingExchange(client), []
+
+    def __call__(self, request, on_response) -> None:
+        self.queue.append((request, on_response))
+
+    def deliver(self):
+        request, on_response = self.queue.pop(0)
+        self.blocking(request, on_response)
+        return request
+
+    def deliver_until(self, path_end: str) -> None:
+        """Answer queued requests until the next one's path ends with ``path_end``."""
+        while not self.queue[0][0].path.endswith(path_end):
+            self.deliver()
+
+
+@pytest.fixture()
+def deferred_setup(client, hippo):
+    image, label = hippo
+    scene = slicer.vtkMRMLScene()
+    volume = bridge.image_to_volume_node(image, scene, "hippocampus")
+    writer = LibrarySegmentWriter(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S"))
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Box")
+    positives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Plus")
+    exchange = DeferredExchange(client)
+    controller = PromptController(HttpTransport(exchange))
+    controller.attach(volume, writer, roi, positives)
+    yield exchange, controller, volume, writer, roi, positives
+    controller.detach()
+
+
+def test_answers_arriving_later_a_superseded_prompt_is_never_written(deferred_setup, hippo, client):
+    """Polls return at once while a request is in flight, one request at a time; a click made
+    while the previous prompt is being answered supersedes it: that answer is dropped, the newest
+    prompt is sent as soon as it arrives, and its answer is what the service gives."""
+    exchange, controller, volume, writer, _, positives = deferred_setup
+    _, label = hippo
+    k = middle_slice(label)
+    js, is_ = np.nonzero(label[k])
+    a, b = (int(is_[0]), int(js[0]), k), (int(is_[-1]), int(js[-1]), k)
+    positives.AddControlPointWorld(world(volume, a))
+    controller.poll()
+    controller.poll()
+    assert [r.method for r, _ in exchange.queue] == ["HEAD"] and controller.busy
+    exchange.deliver_until("/prompts")
+    positives.AddControlPointWorld(world(volume, b))
+    controller.poll()
+    assert len(exchange.queue) == 1, "nothing else is sent while a prompt is in flight"
+    exchange.deliver()  # the first click's answer: superseded, never written
+    assert writer.segment_id is None
+    second = exchange.queue[0][0]
+    assert second.path.endswith("/prompts") and len(second.json["points"]) == 2
+    exchange.deliver()
+    assert not controller.busy and controller.jobs_started == 2
+    image = bridge.volume_node_to_image(volume)
+    expected = client.prompt(client.upload_volume(image.array, image.geometry), second.json)
+    mask = bridge.segment_to_mask(writer.segmentation_node, writer.segment_id, volume)
+    np.testing.assert_array_equal(mask, expected.mask)
+    assert mask[k].any()
+
+
+def test_cancel_before_a_3d_answer_arrives_cancels_the_job_it_started(deferred_setup, hippo, client):
+    exchange, controller, volume, writer, roi, _ = deferred_setup
+    _, label = hippo
+    start_3d(volume, roi, controller, label_box(label))
+    controller.poll()
+    exchange.deliver_until("/prompts")
+    controller.cancel()
+    assert not controller.busy and controller.status == "Cancelled."
+    exchange.deliver()  # the answer names the job: it is cancelled at once
+    cancel = exchange.deliver()
+    assert cancel.method == "POST" and cancel.path.endswith("/cancel")
+    job_id = cancel.path.split("/")[2]
+    end = time.monotonic() + 120
+    while not client.job(job_id).finished and time.monotonic() < end:
+        time.sleep(0.2)
+    assert client.job(job_id).state == "cancelled" and writer.segment_id is None and not exchange.queue
+
+
+def test_refused_and_unreachable_requests_are_status_lines(scene_setup, hippo):
+    scene, volume, writer, _, positives, controller = scene_setup
+    _, label = hippo
+    k = middle_slice(label)
+    js, is_ = np.nonzero(label[k])
+    controller.options.adapter = "no-such-adapter"
+    positives.AddControlPointWorld(world(volume, (int(is_[0]), int(js[0]), k)))
+    controller.poll()
+    assert controller.status.startswith("Segmentation failed: ") and "no-such-adapter" in controller.status
+    assert not controller.busy and writer.segment_id is None
+    unreachable = PromptController(blocking_transport(ServiceClient("http://127.0.0.1:9", token="x", timeout=5)))
+    unreachable.attach(volume, writer, None, positives)
+    unreachable.request()
+    unreachable.poll()
+    assert unreachable.status.startswith("Segmentation failed: cannot reach the service at http://127.0.0.1:9")
+    assert not unreachable.busy
+    unreachable.detach()
 
 
 def test_the_panels_serve_command_reads_its_ready_line_in_chunks_and_tree_kill_stops_it(tmp_path):
