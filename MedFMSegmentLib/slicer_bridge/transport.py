@@ -234,7 +234,11 @@ class HttpTransport:
         def on_response(status: int, content_type: str, data: bytes, reason: str = "") -> None:
             self._step(steps, _Response(int(status or 0), content_type or "", data or b"", reason), done)
 
-        self.exchange(request, on_response)
+        try:
+            self.exchange(request, on_response)
+        except Exception as exc:  # noqa: BLE001 - a request that cannot be sent ends the call, never hangs it
+            steps.close()
+            done(None, exc)
 
 
 class BlockingExchange:

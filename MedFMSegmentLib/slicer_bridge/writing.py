@@ -1,7 +1,8 @@
 """What the prompt controller talks to (the service, a segment writer) and how planes become regions.
 
 * :class:`PromptRunner`: the verbs of ``MedFMSegmentLib.service.client.ServiceClient`` the
-  controller uses, so any runner with them (the client, loopback or remote) drives it.
+  controller's calls name (:mod:`.transport` sends them as HTTP, or runs them on any object with
+  these methods through ``RunnerTransport``).
 * :class:`SegmentWriter`: where results go; :class:`LibrarySegmentWriter` writes with
   :func:`~.nodes.write_mask_region` and keeps an undo snapshot per prompt, the Segment Editor
   effect writes through ``modifySelectedSegmentByLabelmap`` instead.
@@ -25,7 +26,7 @@ Region = tuple[int, int, int, int, int, int]  # (k0, k1, j0, j1, i0, i1), inclus
 
 
 class PromptRunner(Protocol):
-    """What the controller needs of ``MedFMSegmentLib.service.client.ServiceClient``."""
+    """The verbs the controller's calls name (those of ``MedFMSegmentLib.service.client.ServiceClient``)."""
 
     def upload_volume(self, array_kji: np.ndarray, geometry: Any, is_2d: bool = False) -> str: ...
 

@@ -388,3 +388,38 @@ def test_add_case_and_update_adapter_are_wired_to_the_library_helper(ui_root):
     source = (HELPERS / "adaptation_section.py").read_text(encoding="utf-8")
     assert "slicer_bridge.updates import PendingCases" in source and "self.adaptation.update(" in source
     assert "pending.submit(" in (HELPERS / "tasks.py").read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- Qt-only behaviour, read from the code
+def method_calls(path: Path, cls: str, method: str) -> set[str]:
+    """``ast.unparse`` of each call's function inside ``cls.method`` of ``path``."""
+    node = next(n for n in classes_of(path)[cls].body if isinstance(n, ast.FunctionDef) and n.name == method)
+    return {ast.unparse(c.func) for c in ast.walk(node) if isinstance(c, ast.Call)}
+
+
+def test_no_event_loop_reentry_and_no_temp_files_with_patient_data():
+    """No ``processEvents`` in the panel, logic or effect (it let scene close or undo run mid-segment):
+    only the installer (its status line before pip blocks) and the self-test (waiting) pump events.
+    No temp folder in module code but the installer's requirement files (removed in ``finally``):
+    volumes and labels travel to the service as arrays."""
+    for path in MODULE_SOURCES:
+        source = path.read_text(encoding="utf-8")
+        if path.name not in ("installer.py", "selftest.py"):
+            assert "processEvents" not in source, f"{path.name} re-enters the event loop"
+            assert "tempfile" not in source and "mkdtemp" not in source, f"{path.name} writes temp files"
+    installer = (HELPERS / "installer.py").read_text(encoding="utf-8")
+    assert "finally:\n        shutil.rmtree(folder" in installer
+
+
+def test_a_failed_service_start_and_every_exit_are_handled():
+    """A QProcess that fails to start emits errorOccurred and no finished: both are connected and
+    FailedToStart ends the start; leaving the panel, closing it and deactivating the effect drop
+    the prompt observers (node IDs are reused after a scene close)."""
+    found = connections(parse(HELPERS / "service_process.py"), {})
+    assert {("QProcess", "errorOccurred(QProcess::ProcessError)"), ("QProcess", "finished(int,QProcess::ExitStatus)")} \
+        <= {(cls, signal) for cls, signal, _ in found}
+    assert "qt.QProcess.FailedToStart" in (HELPERS / "service_process.py").read_text(encoding="utf-8")
+    for method in ("exit", "cleanup", "onSceneStartClose"):
+        assert "self._detachController" in method_calls(MODULE_FILE, "MedFMSegmentWidget", method), method
+    assert "self._disconnect" in method_calls(EFFECT_FILE, "SegmentEditorEffect", "deactivate")
+    assert "self.controller.detach" in method_calls(EFFECT_FILE, "SegmentEditorEffect", "_disconnect")
