@@ -512,3 +512,48 @@ def test_a_refused_prompt_is_a_status_line_and_runs_again_when_repeated(setup, v
     positives.InvokeEvent(M.PointEndInteractionEvent)  # the same click, nudged back where it was
     controller.poll()
     assert len(runner.prompts) == 1
+
+
+class DeferredTransport(RunnerTransport):
+    """Answers each call only when the test delivers it, as Qt's event loop delivers the module's
+    network answers: later, while the controller keeps polling."""
+
+    def __init__(self, runner) -> None:
+        super().__init__(runner)
+        self.queue = []
+
+    def send(self, call, done) -> None:
+        self.queue.append((call, done))
+
+    def deliver(self):
+        call, done = self.queue.pop(0)
+        RunnerTransport.send(self, call, done)
+        return call
+
+    @property
+    def verbs(self) -> list[str]:
+        return [call.verb for call, _ in self.queue]
+
+
+def test_answers_arriving_later_a_focus_gives_way_and_late_answers_are_ignored(scene, volume):
+    runner = BoxFillingRunner()
+    transport = DeferredTransport(runner)
+    controller = PromptController(transport)
+    writer = LibrarySegmentWriter(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "S"))
+    positives = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "Plus")
+    controller.attach(volume, writer, None, positives)
+    controller.set_view(2, 3)
+    controller.poll()
+    assert transport.verbs == ["upload_volume"] and not controller.busy, "a focus is not a prompt"
+    positives.AddControlPointWorld(vtk.vtkVector3d(*ras(volume, 10, 10, 3)))
+    controller.poll()
+    assert transport.verbs == ["upload_volume", "upload_volume"] and controller.busy, "the prompt does not wait"
+    transport.deliver()  # the dropped focus's answer
+    assert transport.verbs == ["upload_volume"] and runner.focused == []
+    controller.poll()
+    assert transport.verbs == ["upload_volume"], "one call in flight at a time"
+    transport.deliver()
+    assert transport.verbs == ["prompt"]
+    transport.deliver()
+    assert not controller.busy and len(runner.prompts) == 1 and segment_mask(writer, volume)[3].sum() == 9
+    controller.detach()
