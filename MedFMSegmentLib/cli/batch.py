@@ -20,9 +20,8 @@ from .options import (EXIT_FAILURE, EXIT_OK, add_axis_option, add_box3d_strategy
 if TYPE_CHECKING:
     from ..batch import BatchSettings
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run", "settings_from_args"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "settings_from_args"]
 
-NAME = "batch"
 HELP = "segment many images (files, folders, DICOM series)"
 DESCRIPTION = ("Segment every case automatically with an adapter, or from per-case prompts. Writes one label file per "
                "case and summary.csv.")

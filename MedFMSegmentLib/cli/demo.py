@@ -8,9 +8,8 @@ from pathlib import Path
 
 from .options import EXIT_OK, add_device_option
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
 
-NAME = "demo"
 HELP = "segment a generated volume with the embedded model"
 DESCRIPTION = ("Generate a CT-like volume, segment its organ from a 3D box with the embedded LiteMedSAM (default "
                "settings), and write the image, the segmentation, a PNG of the result and its Dice.")

@@ -7,9 +7,8 @@ import json
 
 from .options import EXIT_OK
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
 
-NAME = "evaluate"
 HELP = "Dice and HD95 of a prediction against a label"
 DESCRIPTION = None
 

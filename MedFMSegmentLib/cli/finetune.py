@@ -16,9 +16,8 @@ from .options import EXIT_OK, add_device_option, add_server_options
 if TYPE_CHECKING:
     from ..finetune.trainer import FinetuneConfig
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run", "config_from_args", "overrides_from_args"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "config_from_args", "overrides_from_args"]
 
-NAME = "finetune"
 HELP = "fine-tune a LoRA adapter on a few labelled cases"
 DESCRIPTION = None
 

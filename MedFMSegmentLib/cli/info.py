@@ -7,9 +7,8 @@ import json
 
 from .options import EXIT_OK
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run", "environment"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "environment"]
 
-NAME = "info"
 HELP = "print versions, the device and the models"
 DESCRIPTION = None
 

@@ -25,8 +25,8 @@ from .options import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED
 
 __all__ = ["COMMANDS", "build_parser", "entry_point", "main", "run_guarded"]
 
-#: The subcommands, in the order ``--help`` lists them; each module has ``NAME``, ``HELP``,
-#: ``DESCRIPTION`` (None: none), ``add_arguments(parser)`` and ``run(args)``.
+#: The subcommands, in the order ``--help`` lists them, each named after its module; each module has
+#: ``HELP``, ``DESCRIPTION`` (None: none), ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS = (segment, info, demo, finetune, evaluate, batch, serve)
 
 
@@ -70,9 +70,10 @@ class _Subcommands(argparse._SubParsersAction):  # argparse's subparsers action,
         self._name_parser_map = self.choices = _Parsers()
 
     def add_command(self, module: ModuleType) -> None:
-        parser = self.add_parser(module.NAME, help=module.HELP, description=module.DESCRIPTION)
+        name = module.__name__.rsplit(".", 1)[1]
+        parser = self.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
         parser.set_defaults(handler=module.run)
-        self._name_parser_map.defer(module.NAME, module.add_arguments)
+        self._name_parser_map.defer(name, module.add_arguments)
 
 
 def build_parser() -> argparse.ArgumentParser:

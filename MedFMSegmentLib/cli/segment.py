@@ -8,9 +8,8 @@ import time
 from .options import (EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options, add_intensity_options,
                       add_server_options, check_finite, intensity_from_args, one_of)
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
 
-NAME = "segment"
 HELP = "segment an image from a box and/or clicks"
 DESCRIPTION = ("Segment IMAGE (a file or a DICOM folder). Coordinates are 0-based voxel indices (I = column, J = row, "
                "K = slice; K = 0 in 2D); box corners are inclusive.")

@@ -17,9 +17,8 @@ from .options import add_backend_options, add_device_option
 if TYPE_CHECKING:
     from ..service.server import ServeSettings
 
-__all__ = ["NAME", "HELP", "DESCRIPTION", "add_arguments", "run", "models_from_args", "settings_from_args"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "models_from_args", "settings_from_args"]
 
-NAME = "serve"
 HELP = "run the inference service (HTTP, bearer token)"
 DESCRIPTION = ("Serve models, adapters and jobs over HTTP on HOST:PORT. Prints one JSON line {url, token_file, pid} on "
                "stdout when ready; logs on stderr.")
