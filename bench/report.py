@@ -183,9 +183,15 @@ def _section_demo(results: dict) -> list[str]:
     out = ["## demo", "", "`medfmsegment demo` in a fresh process per run, as a user starts it (`python -m bench demo`). "
            "CPU time (user + system) is the better figure on a shared machine: the wall time grows with the "
            "other jobs' load.", ""]
+    against = demo.get("against")
+    rows = [(str(n + 1), r) for n, r in enumerate(demo["repeats"])]
+    if against:  # the same session, runs alternating with the ones above
+        rows += [(f"{n + 1}, commit {against['commit']}", r) for n, r in enumerate(against["repeats"])]
+    if demo.get("first_run"):
+        rows.append(("first run on a machine (empty model cache: converts for OpenVINO once)", demo["first_run"]))
     out += _table(["run", "wall s", "CPU s", "load average before", "segmentation s (in the demo)", "Dice", "backend"],
-                  [[str(n + 1), _f(r["wall_s"], 1), _f(r["cpu_s"], 1), _f(r["load_average_before"], 1),
-                    _f(r["segment_s"], 1), _f(r["dice_vs_truth"]), r["backend"]] for n, r in enumerate(demo["repeats"])])
+                  [[name, _f(r["wall_s"], 1), _f(r["cpu_s"], 1), _f(r["load_average_before"], 1),
+                    _f(r["segment_s"], 1), _f(r["dice_vs_truth"]), r["backend"]] for name, r in rows])
     return out + ["", f"Machine: {_machine_line(demo)}.", ""]
 
 

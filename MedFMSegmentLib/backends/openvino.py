@@ -21,7 +21,7 @@ from torch import nn
 
 from .box_decoder import BoxDecoder, image_tokens
 from .fast_encoder import for_openvino
-from .openvino_graphs import (CACHE_ENV, DECODER_PART, Inputs, cache_dir, compile_int8_encoder, compile_part,
+from .openvino_graphs import (CACHE_ENV, DECODER_PART, Inputs, Source, cache_dir, compile_int8_encoder, compile_part,
                               cpu_has_native_bf16, example_images, fingerprint, openvino_version, weights_digest)
 
 if TYPE_CHECKING:
@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 class ImageEncoder(nn.Module):
     """Normalisation + image encoder, so the converted graph takes images in [0, 1] like ``encode``.
 
-    Holds only the encoder's own weights, so its digest does not change with the decoder's. The
-    encoder is an eval-mode copy rewritten for OpenVINO (:func:`~MedFMSegmentLib.backends.fast_encoder.for_openvino`:
+    Holds only the encoder's weights; its graph is keyed by the digest of the model's own encoder
+    (before the rewrite), so the copy is made only when converting. The encoder is an eval-mode
+    copy rewritten for OpenVINO (:func:`~MedFMSegmentLib.backends.fast_encoder.for_openvino`:
     the same values, fewer reference kernels); the model's own encoder is untouched.
     """
 
@@ -100,25 +101,25 @@ class OpenVINOAccelerator:
             raise RuntimeError("the model's weights are inference tensors; load it outside inference_mode")
         size = model.image_size
         images = example_images(size)
-        encoder_module = ImageEncoder(model).eval()
+        encoder_source = Source(lambda: ImageEncoder(model).eval(), weights_digest(model.image_encoder))
         float_precision = precision
         if precision == "int8":
             float_precision = "bf16" if cpu_has_native_bf16() else "f32"
-            encoder = compile_int8_encoder(model, encoder_module, images, float_precision)
+            encoder = compile_int8_encoder(model, encoder_source, images, float_precision)
         else:
-            encoder = compile_part("encoder", model, encoder_module, lambda: (images,), precision)
+            encoder = compile_part("encoder", model, encoder_source, lambda: (images,), precision)
 
         def decoder_example() -> Inputs:
             # A real float32 embedding (of the example image) so the check sees realistic logits.
-            reference_encoder = compile_part("encoder", model, encoder_module, lambda: (images,))
+            reference_encoder = compile_part("encoder", model, encoder_source, lambda: (images,))
             embedding = reference_encoder.create_infer_request().infer({0: images.numpy()})[0]
             box = torch.tensor([[0.15 * size, 0.2 * size, 0.7 * size, 0.8 * size]])
             return image_tokens(torch.from_numpy(np.array(embedding, copy=True))), box
 
         decoder = None
         if "decoder" in parts:
-            decoder = compile_part(DECODER_PART, model, BoxDecoder(model).eval(), decoder_example,
-                                float_precision)
+            decoder = compile_part(DECODER_PART, model, Source.of(BoxDecoder(model).eval()), decoder_example,
+                                   float_precision)
         return cls(model, encoder, decoder, precision)
 
     def release(self, part: str) -> None:

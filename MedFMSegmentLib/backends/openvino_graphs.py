@@ -5,7 +5,8 @@ Conversion costs some seconds, so converted graphs are kept on disk in a user ca
 are actually in memory (fine-tuning and adapters change them) and by the OpenVINO and PyTorch
 versions. A graph is written only after its outputs were checked against PyTorch, so a cached
 graph is a validated one. Compiled graphs are shared in the process by every model with the
-same weights. The runtime that calls them is :mod:`.openvino`.
+same weights. The PyTorch module a graph comes from is made only when converting (a
+:class:`Source`). The runtime that calls them is :mod:`.openvino`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import shutil
 import threading
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -29,7 +31,7 @@ from ..files import atomic_write_text, new_sibling, safe_name
 if TYPE_CHECKING:
     from ..models import PromptableModel
 
-__all__ = ["CACHE_ENV", "DECODER_PART", "cache_dir", "compile_int8_encoder", "compile_part", "cpu_has_native_bf16",
+__all__ = ["CACHE_ENV", "DECODER_PART", "Source", "cache_dir", "compile_int8_encoder", "compile_part", "cpu_has_native_bf16",
            "example_images", "fingerprint", "openvino_version", "weights_digest"]
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,27 @@ def fingerprint(*modules: nn.Module) -> tuple | None:
                      for name, p in module.named_parameters())
     except RuntimeError:  # inference tensors carry no version counter
         return None
+
+
+@dataclass
+class Source:
+    """What a graph is converted from: ``make()`` builds the PyTorch module (called only when
+    converting), ``digest`` is the :func:`weights_digest` of the weights it computes with (the
+    cache key)."""
+
+    make: Callable[[], nn.Module]
+    digest: str
+    _module: nn.Module | None = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "Source":
+        """A module already built, keyed by its own weights."""
+        return cls(lambda: module, weights_digest(module), module)
+
+    def module(self) -> nn.Module:
+        if self._module is None:
+            self._module = self.make()
+        return self._module
 
 
 def _get_core():
@@ -197,19 +220,19 @@ def _read_cached(folder: Path):
         return None
 
 
-def _load_or_convert(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
-                     digest: str):
-    """OpenVINO model of ``module`` from the disk cache, or converted, validated and cached.
+def _load_or_convert(part: str, model: PromptableModel, source: Source, example_fn: Callable[[], Inputs]):
+    """OpenVINO model of ``source`` from the disk cache, or converted, validated and cached.
 
     ``example_fn`` gives the example inputs; it is called only when converting (it may be costly).
     """
-
+    digest = source.digest
     folder = _cache_folder(part, model, digest)
     loaded = _read_cached(folder)
     if loaded is not None:
         return loaded
     log.info("converting %s %s for OpenVINO (once per weights; cached in %s)", model.spec.name, part, folder.parent)
     example = example_fn()
+    module = source.module()
     converted = _convert(module, example)
     # Validate before caching: only graphs that reproduce PyTorch are ever written or used.
     with torch.inference_mode():
@@ -267,7 +290,12 @@ _PART_CONFIG = {DECODER_PART: {"SNIPPETS_MODE": "DISABLE"}}
 
 
 def _compile(converted, part: str, precision: str = "f32"):
-    """``converted`` compiled for the CPU with :func:`_compile_config` and ``part``'s own settings."""
+    """``converted`` compiled for the CPU with :func:`_compile_config` and ``part``'s own settings.
+
+    Not through OpenVINO's compiled-model cache (``CACHE_DIR``): it would shorten compiling, but
+    OpenVINO rewrites a blob in place, so processes starting together (batch workers, the service
+    beside the command line) could read one being written.
+    """
     config = _compile_config(precision)
     extra = _PART_CONFIG.get(part, {})
     if extra:
@@ -278,8 +306,8 @@ def _compile(converted, part: str, precision: str = "f32"):
     return _get_core().compile_model(converted, "CPU", config)
 
 
-def compile_part(part: str, model: PromptableModel, module: nn.Module, example_fn: Callable[[], Inputs],
-              precision: str = "f32") -> Any:
+def compile_part(part: str, model: PromptableModel, source: Source, example_fn: Callable[[], Inputs],
+                 precision: str = "f32") -> Any:
     """Compiled model for one part, shared by every model with the same weights in this process.
 
     The converted graph (and its disk cache) does not depend on the precision; the compiled one
@@ -288,7 +316,7 @@ def compile_part(part: str, model: PromptableModel, module: nn.Module, example_f
     cache records the pass, so a CPU whose bf16 kernels go wrong falls back to PyTorch instead of
     giving bad masks, and later processes skip the check.
     """
-    digest = weights_digest(module)
+    digest = source.digest
     key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), precision)
     with _process_lock:
         compiled = _process_cache.get(key)
@@ -296,9 +324,9 @@ def compile_part(part: str, model: PromptableModel, module: nn.Module, example_f
             return compiled
     if precision != "f32":
         marker = _precision_check_file(part, model, digest, precision)
-        reference_model = None if marker.is_file() else compile_part(part, model, module, example_fn, "f32")
+        reference_model = None if marker.is_file() else compile_part(part, model, source, example_fn, "f32")
         with _process_lock:
-            converted = _load_or_convert(part, model, module, example_fn, digest)
+            converted = _load_or_convert(part, model, source, example_fn)
             compiled = _compile(converted, part, precision)
             if reference_model is not None:  # first use of this precision on this CPU model
                 inputs = {i: t.numpy() for i, t in enumerate(example_fn())}
@@ -314,14 +342,13 @@ def compile_part(part: str, model: PromptableModel, module: nn.Module, example_f
             _process_cache[key] = compiled
         return compiled
     with _process_lock:
-        converted = _load_or_convert(part, model, module, example_fn, digest)
+        converted = _load_or_convert(part, model, source, example_fn)
         compiled = _compile(converted, part, precision)
         _process_cache[key] = compiled
     return compiled
 
 
-def compile_int8_encoder(model: PromptableModel, module: nn.Module, images: torch.Tensor,
-                           float_precision: str) -> Any:
+def compile_int8_encoder(model: PromptableModel, source: Source, images: torch.Tensor, float_precision: str) -> Any:
     """The encoder quantized to INT8 (:mod:`.int8`), compiled with
     ``float_precision`` for the operations that stay in floating point.
 
@@ -332,7 +359,7 @@ def compile_int8_encoder(model: PromptableModel, module: nn.Module, images: torc
     """
     from .int8 import CALIBRATION_VERSION, nncf_version, quantize_encoder
 
-    digest = weights_digest(module)
+    digest = source.digest
     key = ("encoder-int8", model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), float_precision)
     with _process_lock:
         compiled = _process_cache.get(key)
@@ -341,11 +368,11 @@ def compile_int8_encoder(model: PromptableModel, module: nn.Module, images: torc
         folder = _cache_folder(f"encoder-int8-nncf{nncf_version()}-c{CALIBRATION_VERSION}", model, digest)
         quantized = _read_cached(folder)
         if quantized is None:
-            converted = _load_or_convert("encoder", model, module, lambda: (images,), digest)
+            converted = _load_or_convert("encoder", model, source, lambda: (images,))
             log.warning("quantizing the %s encoder to INT8 (once per weights, a few minutes on a small CPU; "
                         "cached in %s)", model.spec.name, folder.parent)
             quantized = quantize_encoder(converted, images.shape[-1], float_stem=_patch_embedding_convolutions(model))
-            reference = compile_part("encoder", model, module, lambda: (images,), "f32")
+            reference = compile_part("encoder", model, source, lambda: (images,), "f32")
             inputs = {0: images.numpy()}
             expected = reference.create_infer_request().infer(inputs)[0]
             got = _compile(quantized, "encoder-int8").create_infer_request().infer(inputs)[0]

@@ -10,20 +10,27 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..batch import OUTPUT_FORMATS, BatchSettings
+from typing import TYPE_CHECKING
+
 from . import cohort
 from ..errors import InputError
 from .options import (EXIT_FAILURE, EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options,
                       add_server_options)
 
-__all__ = ["register", "run", "settings_from_args"]
+if TYPE_CHECKING:
+    from ..batch import BatchSettings
+
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "settings_from_args"]
+
+HELP = "segment many images (files, folders, DICOM series)"
+DESCRIPTION = ("Segment every case automatically with an adapter, or from per-case prompts. Writes one label file per "
+               "case and summary.csv.")
 
 
-def register(commands) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..batch import OUTPUT_FORMATS, BatchSettings
+
     defaults = BatchSettings()
-    parser = commands.add_parser("batch", help="segment many images (files, folders, DICOM series)",
-                                 description="Segment every case automatically with an adapter, or from "
-                                             "per-case prompts. Writes one label file per case and summary.csv.")
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, DICOM folders")
     parser.add_argument("-o", "--output-dir", required=True,
                         help="output folder (created if missing; never an input or inside one)")
@@ -39,13 +46,11 @@ def register(commands) -> argparse.ArgumentParser:
     cohort.add_options(parser)
     add_server_options(parser, "run each case on a running 'medfmsegment serve' at this URL (--adapter: the name "
                                "of one of its adapters; its own device and backend)")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> BatchSettings:
     """The :class:`BatchSettings` the flags ask for (the prompts file read and checked)."""
-    from ..batch import load_prompts_file
+    from ..batch import BatchSettings, load_prompts_file
 
     return BatchSettings(adapter=args.adapter, model_name=args.model, checkpoint=args.checkpoint,
                          device=args.device, backend=args.backend, precision=args.precision,

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..batch import BatchSettings
 from .options import EXIT_FAILURE, EXIT_OK
+
+if TYPE_CHECKING:
+    from ..batch import BatchSettings
 
 __all__ = ["add_options", "report_after_batch", "run_on_cluster"]
 

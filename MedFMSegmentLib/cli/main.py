@@ -1,5 +1,9 @@
 """The ``medfmsegment`` command: the parser, built from one module per subcommand, and the error guard.
 
+A subcommand's options are added the first time its parser is looked up (its name parsed, its
+``--help``, ``choices[name]``): their defaults come from library modules that import torch, so
+``medfmsegment --help`` and :func:`build_parser` import none of them.
+
 Every subcommand turns user mistakes (:class:`~MedFMSegmentLib.errors.InputError`) into one line
 on stderr and exit code 2, without a traceback and without leaving a partial output file.
 Set ``MEDFMSEGMENT_DEBUG=1`` to see tracebacks of unexpected errors.
@@ -10,7 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import MutableMapping
+from types import ModuleType
+from typing import Callable, Iterator, Sequence
 
 from .. import __version__
 from ..errors import CancelledError, InputError
@@ -19,8 +25,55 @@ from .options import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED
 
 __all__ = ["COMMANDS", "build_parser", "entry_point", "main", "run_guarded"]
 
-#: The subcommands, in the order ``--help`` lists them; each module has ``register(commands)``.
+#: The subcommands, in the order ``--help`` lists them, each named after its module; each module has
+#: ``HELP``, ``DESCRIPTION`` (None: none), ``add_arguments(parser)`` and ``run(args)``.
 COMMANDS = (segment, info, demo, finetune, evaluate, batch, serve)
+
+
+class _Parsers(MutableMapping):
+    """Subcommand name -> parser; a parser gets its options when first looked up."""
+
+    def __init__(self) -> None:
+        self._parsers: dict[str, argparse.ArgumentParser] = {}
+        self._pending: dict[str, Callable[[argparse.ArgumentParser], None]] = {}
+
+    def defer(self, name: str, add_arguments: Callable[[argparse.ArgumentParser], None]) -> None:
+        self._pending[name] = add_arguments
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        parser = self._parsers[name]
+        add_arguments = self._pending.pop(name, None)
+        if add_arguments is not None:
+            add_arguments(parser)
+        return parser
+
+    def __setitem__(self, name: str, parser: argparse.ArgumentParser) -> None:
+        self._parsers[name] = parser
+
+    def __delitem__(self, name: str) -> None:
+        del self._parsers[name]
+        self._pending.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parsers
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parsers)
+
+    def __len__(self) -> int:
+        return len(self._parsers)
+
+
+class _Subcommands(argparse._SubParsersAction):  # argparse's subparsers action, its parser map deferred
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._name_parser_map = self.choices = _Parsers()
+
+    def add_command(self, module: ModuleType) -> None:
+        name = module.__name__.rsplit(".", 1)[1]
+        parser = self.add_parser(name, help=module.HELP, description=module.DESCRIPTION)
+        parser.set_defaults(handler=module.run)
+        self._name_parser_map.defer(name, module.add_arguments)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="Promptable and few-shot adapted SAM-family segmentation of "
                                                  "medical images.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", action=_Subcommands)
     for command in COMMANDS:
-        command.register(commands)
+        commands.add_command(command)
     return parser
 
 

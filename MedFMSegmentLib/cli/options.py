@@ -3,21 +3,20 @@
 Every choice and default comes from the library module that owns the concept: models and devices
 (:mod:`~MedFMSegmentLib.models`), backends and precisions (:mod:`~MedFMSegmentLib.backends`),
 slicing axes and 3D-box strategies (:mod:`~MedFMSegmentLib.inference`), intensity modes
-(:mod:`~MedFMSegmentLib.preprocessing`); nothing here lists them again.
+(:mod:`~MedFMSegmentLib.preprocessing`); nothing here lists them again. Those modules import
+torch, so they are imported when an option is added, not with this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from ..backends import BACKENDS, PRECISIONS
 from ..errors import InputError
-from ..inference import AXES, BOX3D_STRATEGIES, PredictorSettings
-from ..inference.settings import DEFAULT_AXIS
-from ..models import DEFAULT_DEVICE, DEFAULT_MODEL, DEVICES, MODEL_SPECS
-from ..preprocessing import DEFAULT_CT_WINDOW, INTENSITY_MODES, IntensitySettings
+
+if TYPE_CHECKING:
+    from ..preprocessing import IntensitySettings
 
 __all__ = ["EXIT_OK", "EXIT_FAILURE", "EXIT_BAD_INPUT", "EXIT_INTERRUPTED", "add_axis_option", "add_backend_options",
            "add_box3d_strategy_option", "add_device_option", "add_engine_options", "add_intensity_options",
@@ -35,12 +34,16 @@ def one_of(values: Sequence[str]) -> str:
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     """``--device``: free text, so ``cuda:N`` works; checked where the model loads."""
+    from ..models import DEFAULT_DEVICE, DEVICES
+
     parser.add_argument("--device", default=DEFAULT_DEVICE,
                         help=f"{', '.join(DEVICES)} or cuda:N (default {DEFAULT_DEVICE}: cuda, then mps, then cpu)")
 
 
 def add_backend_options(parser: argparse.ArgumentParser) -> None:
     """``--backend`` and ``--precision``: the inference engine (see :mod:`MedFMSegmentLib.backends`)."""
+    from ..backends import BACKENDS, PRECISIONS
+
     parser.add_argument("--backend", default=None, choices=list(BACKENDS),
                         help="inference backend: auto (OpenVINO on a CPU when installed, else PyTorch; "
                              "default, or $MEDFMSEGMENT_BACKEND), torch or openvino")
@@ -50,8 +53,12 @@ def add_backend_options(parser: argparse.ArgumentParser) -> None:
                              "with NNCF, quantized once per machine; faster, slightly less accurate)")
 
 
-def add_engine_options(parser: argparse.ArgumentParser, default_model: str = DEFAULT_MODEL) -> None:
-    """``--model`` (a registered model), ``--checkpoint``, ``--device``, ``--backend``, ``--precision``."""
+def add_engine_options(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
+    """``--model`` (a registered model; default: the library's), ``--checkpoint``, ``--device``,
+    ``--backend``, ``--precision``."""
+    from ..models import DEFAULT_MODEL, MODEL_SPECS
+
+    default_model = DEFAULT_MODEL if default_model is None else default_model
     embedded = "" if MODEL_SPECS[default_model].needs_checkpoint else ", embedded"
     parser.add_argument("--model", default=default_model, choices=list(MODEL_SPECS),
                         help=f"model (default {default_model}{embedded})")
@@ -60,15 +67,21 @@ def add_engine_options(parser: argparse.ArgumentParser, default_model: str = DEF
     add_backend_options(parser)
 
 
-def add_axis_option(parser: argparse.ArgumentParser, default: str = DEFAULT_AXIS) -> None:
+def add_axis_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    from ..inference import AXES
+    from ..inference.settings import DEFAULT_AXIS
+
+    default = DEFAULT_AXIS if default is None else default
     parser.add_argument("--axis", default=default, choices=list(AXES),
                         help=f"slicing orientation; {default} (default): the slice a flat box lies on, else across "
                              "a 3D box's shortest side, else axial")
 
 
-def add_box3d_strategy_option(parser: argparse.ArgumentParser,
-                              default: str = PredictorSettings().box3d_strategy) -> None:
-    """``--box3d-strategy``: how a 3D box is segmented (see ``PredictorSettings.box3d_strategy``)."""
+def add_box3d_strategy_option(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--box3d-strategy``: how a 3D box is segmented (default and choices: ``PredictorSettings``)."""
+    from ..inference import BOX3D_STRATEGIES, PredictorSettings
+
+    default = PredictorSettings().box3d_strategy if default is None else default
     limit = PredictorSettings().consensus_max_slices
     parser.add_argument("--box3d-strategy", default=default, choices=list(BOX3D_STRATEGIES),
                         help="a 3D box: propagate slice by slice across its shortest side, or combine three "
@@ -78,6 +91,8 @@ def add_box3d_strategy_option(parser: argparse.ArgumentParser,
 
 
 def add_intensity_options(parser: argparse.ArgumentParser) -> None:
+    from ..preprocessing import DEFAULT_CT_WINDOW, INTENSITY_MODES, IntensitySettings
+
     level, width = DEFAULT_CT_WINDOW
     parser.add_argument("--intensity", default=IntensitySettings().mode, choices=list(INTENSITY_MODES),
                         help="intensity scaling: auto = CT window for CT, 8-bit images as they are, "
@@ -87,6 +102,8 @@ def add_intensity_options(parser: argparse.ArgumentParser) -> None:
 
 
 def intensity_from_args(args: argparse.Namespace) -> IntensitySettings:
+    from ..preprocessing import DEFAULT_CT_WINDOW, IntensitySettings
+
     if args.window:
         return IntensitySettings(mode="ct", window=tuple(args.window))
     return IntensitySettings(mode=args.intensity, window=DEFAULT_CT_WINDOW)

@@ -5,18 +5,19 @@ from __future__ import annotations
 import argparse
 import time
 
-from ..inference.automatic import KEEP_COMPONENTS
 from .options import (EXIT_OK, add_axis_option, add_box3d_strategy_option, add_engine_options, add_intensity_options,
                       add_server_options, check_finite, intensity_from_args, one_of)
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run"]
+
+HELP = "segment an image from a box and/or clicks"
+DESCRIPTION = ("Segment IMAGE (a file or a DICOM folder). Coordinates are 0-based voxel indices (I = column, J = row, "
+               "K = slice; K = 0 in 2D); box corners are inclusive.")
 
 
-def register(commands) -> argparse.ArgumentParser:
-    parser = commands.add_parser("segment", help="segment an image from a box and/or clicks",
-                                 description="Segment IMAGE (a file or a DICOM folder). Coordinates are 0-based "
-                                             "voxel indices (I = column, J = row, K = slice; K = 0 in 2D); box "
-                                             "corners are inclusive.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..inference.automatic import KEEP_COMPONENTS
+
     parser.add_argument("image", help="image file (NIfTI, NRRD, MHA, PNG, JPEG) or DICOM series folder")
     parser.add_argument("--series",
                         help="DICOM series instance UID (or its unique ending) in a folder holding several")
@@ -39,8 +40,6 @@ def register(commands) -> argparse.ArgumentParser:
     add_engine_options(parser)
     add_intensity_options(parser)
     add_server_options(parser, "segment on a running 'medfmsegment serve' at this URL (--adapter: a name there)")
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,23 +9,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from ..errors import InputError
-from ..models import DEFAULT_MODEL, MODEL_SPECS
-from ..service.server import LOG_LEVELS, ServeSettings, is_loopback
-from ..service.state import Limits
 from .options import add_backend_options, add_device_option
 
-__all__ = ["register", "run", "models_from_args", "settings_from_args"]
+if TYPE_CHECKING:
+    from ..service.server import ServeSettings
 
+__all__ = ["HELP", "DESCRIPTION", "add_arguments", "run", "models_from_args", "settings_from_args"]
+
+HELP = "run the inference service (HTTP, bearer token)"
+DESCRIPTION = ("Serve models, adapters and jobs over HTTP on HOST:PORT. Prints one JSON line {url, token_file, pid} on "
+               "stdout when ready; logs on stderr.")
 _MB = 1 << 20
 
 
-def register(commands) -> argparse.ArgumentParser:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models import DEFAULT_MODEL, MODEL_SPECS
+    from ..service.server import LOG_LEVELS, ServeSettings, is_loopback
+    from ..service.state import Limits
+
     defaults, limits = ServeSettings(), Limits()
-    parser = commands.add_parser("serve", help="run the inference service (HTTP, bearer token)",
-                                 description="Serve models, adapters and jobs over HTTP on HOST:PORT. Prints one "
-                                             "JSON line {url, token_file, pid} on stdout when ready; logs on "
-                                             "stderr.")
     parser.add_argument("--host", default=defaults.host,
                         help=f"address to listen on (default {defaults.host}"
                              f"{', this machine only' if is_loopback(defaults.host) else ''})")
@@ -50,12 +55,12 @@ def register(commands) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=defaults.log_level, choices=list(LOG_LEVELS),
                         help=f"server log level on stderr (default {defaults.log_level})")
     add_backend_options(parser)
-    parser.set_defaults(handler=run)
-    return parser
 
 
 def models_from_args(names: list[str] | None, checkpoints: list[str] | None) -> dict[str, str | None]:
     """``--model NAME [--checkpoint PATH]`` pairs, in order; LiteMedSAM (embedded) by default."""
+    from ..models import DEFAULT_MODEL, MODEL_SPECS
+
     names, checkpoints = names or [DEFAULT_MODEL], checkpoints or []
     if len(checkpoints) > len(names):
         raise InputError("every --checkpoint follows its --model")
@@ -73,6 +78,9 @@ def models_from_args(names: list[str] | None, checkpoints: list[str] | None) -> 
 
 
 def settings_from_args(args: argparse.Namespace) -> ServeSettings:
+    from ..service.server import ServeSettings
+    from ..service.state import Limits
+
     models = models_from_args(args.model, args.checkpoint)
     if args.parent_pid is not None and args.parent_pid <= 0:
         raise InputError("--parent-pid must be a process id")

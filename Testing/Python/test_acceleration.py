@@ -304,6 +304,7 @@ def test_disk_cache_in_env_dir_and_reused(tiny_cache, monkeypatch):
         raise AssertionError("converted again instead of reading the disk cache")
 
     monkeypatch.setattr(graphs, "_convert", no_conversion)
+    monkeypatch.setattr(acceleration, "ImageEncoder", no_conversion)  # the rewritten copy is made only to convert
     again = accelerate(tiny_random_model_for_tests(), "openvino", "f32")
     assert again.backend == "openvino"
     x = torch.rand(1, 3, 64, 64)

@@ -70,6 +70,17 @@ def test_a_missing_subcommand_module_is_an_import_error(module):
     assert run.stdout.split() == ["ImportError", f"MedFMSegmentLib.cli.{module}"], run.stderr[-2000:]
 
 
+def test_help_and_the_parser_import_no_torch():
+    """``medfmsegment --help`` and ``build_parser()`` import no subcommand's dependencies; a subcommand's
+    options (and what they come from) are added when it is parsed."""
+    code = ("import sys\nfrom MedFMSegmentLib.cli import build_parser, main\nparser = build_parser()\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as exc:\n    print('exit', exc.code)\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'SimpleITK', 'openvino') if m in sys.modules))\n"
+            "print(parser.parse_args(['evaluate', '--prediction', 'p', '--label', 'l']).label)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=ENV, cwd=ROOT)
+    assert run.stdout.splitlines()[-3:] == ["exit 0", "[]", "l"], run.stderr[-2000:]
+
+
 def _option(command: str, flag: str) -> argparse.Action:
     from MedFMSegmentLib.cli import build_parser
 
