@@ -26,7 +26,9 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..inference.automatic import KEEP_COMPONENTS
 from ..io import new_sibling
+from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
 __all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "read_metadata", "validate_metadata",
            "read_weights", "weights_sha256", "write_adapter", "sweep_leftovers", "check_output_folder",
@@ -60,16 +62,16 @@ def _numbers(value: Any, count: int) -> bool:
 
 def _check_settings(metadata: dict, where: str) -> None:
     """The segmentation settings an adapter carries: intensity, label, axis, components."""
-    intensity = metadata.get("intensity", {})
-    if (not isinstance(intensity, dict) or intensity.get("mode", "auto") not in ("auto", "percentile", "ct", "none")
-            or not _numbers(intensity.get("window", [40, 400]), 2)
-            or not _numbers(intensity.get("percentiles", [0.5, 99.5]), 2)):
+    intensity, defaults = metadata.get("intensity", {}), IntensitySettings()
+    if (not isinstance(intensity, dict) or intensity.get("mode", defaults.mode) not in INTENSITY_MODES
+            or not _numbers(intensity.get("window", list(defaults.window)), 2)
+            or not _numbers(intensity.get("percentiles", list(defaults.percentiles)), 2)):
         raise InputError(f"{where}: metadata intensity settings are malformed")
     label_value = metadata.get("label_value")
     if label_value is not None:
         _int(label_value, f"{where}: label_value", -2**31, 2**31 - 1)
-    if metadata.get("keep_components", "largest") not in ("largest", "all"):
-        raise InputError(f"{where}: keep_components must be largest or all")
+    if metadata.get("keep_components", KEEP_COMPONENTS[0]) not in KEEP_COMPONENTS:
+        raise InputError(f"{where}: keep_components must be {' or '.join(KEEP_COMPONENTS)}")
     if not isinstance(metadata.get("axis", "axial"), str) or not isinstance(metadata.get("label_name", ""), str):
         raise InputError(f"{where}: metadata axis and label_name must be text")
 
