@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import InputError
 from .files import atomic_path, new_sibling
-from .geometry import VolumeGeometry
+from .geometry import VolumeGeometry, voxel_order
 from .integrity import (check_image_file, check_orthonormal, check_slice_positions,
                         check_voxel_count, stray_dicom_files)
 
@@ -60,7 +60,7 @@ class MedicalImage:
         is_2d = array.ndim == 2
         if is_2d:
             array = array[None]
-        geometry = VolumeGeometry.identity((array.shape[2], array.shape[1], array.shape[0]), spacing)
+        geometry = VolumeGeometry.identity(voxel_order(array.shape), spacing)
         return cls(array, geometry, is_2d=is_2d, **kwargs)
 
 
