@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.automatic import KEEP_COMPONENTS
-from ..io import new_sibling
+from ..files import new_sibling
 from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
 __all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "read_metadata", "validate_metadata",
