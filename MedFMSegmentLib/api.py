@@ -70,7 +70,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
         intensity = adapter_info.intensity
     if adapter_info is not None and axis == "auto":
         # An adapter has seen slices of one orientation only: keep to it.
-        axis = adapter_info.metadata.get("axis", "axial")
+        axis = adapter_info.axis
     session = SegmentationSession(model, image, axis=axis, intensity=intensity, settings=settings)
     if prompts.is_empty:
         if adapter_info is None or not adapter_info.automatic:

@@ -18,7 +18,7 @@ from ..metrics import dice
 from .. import loading
 from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
-from .adapter_format import LIMITS, model_identity
+from .adapter_format import LIMITS, METADATA_DEFAULTS, model_identity
 from .augment import augment_slice as _augment, jittered_box as _box
 from .comparison import comparison_metadata, evaluate, evaluate_start
 from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
@@ -65,7 +65,7 @@ class FinetuneConfig:
     lr: float = 3e-4  # LoRA and embedding-adapter weights
     decoder_lr: float | None = None  # None: DEFAULT_DECODER_LR of the encoder mode
     label_value: int | None = None
-    label_name: str = "label"
+    label_name: str = METADATA_DEFAULTS["label_name"]
     seed: int = 0
     validation_fraction: float = 0.2
     max_validation_slices: int = 8
@@ -79,9 +79,9 @@ class FinetuneConfig:
     automatic_fraction: float = 0.5
     foreground_fraction: float = 0.8
     box_jitter: float = 0.1
-    axis: str = "axial"
+    axis: str = METADATA_DEFAULTS["axis"]
     intensity: IntensitySettings = field(default_factory=IntensitySettings)
-    keep_components: str = "largest"
+    keep_components: str = METADATA_DEFAULTS["keep_components"]
 
 
 @dataclass

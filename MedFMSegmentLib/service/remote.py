@@ -111,8 +111,10 @@ def segment_file_remote(image_path: str | os.PathLike, output_path: str | os.Pat
             mask = reply.mask if reply.mask is not None else follow_job(client, reply.job_id)
         name = "Segment_1"
         if adapter:
+            from ..finetune.adapter_format import METADATA_DEFAULTS
+
             found = [a for a in client.adapters() if a["name"] == adapter]
-            name = found[0]["metadata"].get("label_name", "label") if found else "label"
+            name = (found[0]["metadata"] if found else {}).get("label_name", METADATA_DEFAULTS["label_name"])
         device = names.get("device", "service")
     write_label(mask, image.geometry, output_path, is_2d=image.is_2d, segment_name=name)
     return SegmentResult(output_path, mask, int(mask.sum()), f"{device} via {server}", "service")

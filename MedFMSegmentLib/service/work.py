@@ -144,11 +144,12 @@ def parse_prompt(body: Any) -> tuple[Prompts, dict]:
 def _axis(state: ServiceState, volume_id: str, options: dict) -> str | int:
     """The axis setting of a prompt: the request's, or an adapter's own orientation for ``auto``
     (an adapter knows slices of one orientation only), as :func:`MedFMSegmentLib.api.segment_image`."""
+    from ..finetune.adapters import AdapterInfo
     from ..inference.settings import DEFAULT_AXIS
 
     axis = options.get("axis", DEFAULT_AXIS)
     if options.get("adapter") and axis == "auto":
-        axis = state.adapter_metadata(options["adapter"]).get("axis", "axial")
+        axis = AdapterInfo.from_metadata(state.adapter_metadata(options["adapter"])).axis
     return axis
 
 
@@ -254,7 +255,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
         session, info = state.session(volume_id, adapter=options["adapter"], intensity=options.get("intensity"))
         if not info.automatic:
             raise InputError(f"adapter {options['adapter']!r} was not trained for automatic segmentation")
-        session.set_axis(info.metadata.get("axis", "axial"))
+        session.set_axis(info.axis)
         return _tracked(job, session, session.num_slices, lambda: segment_automatic(
             session, keep=options.get("keep_components") or info.keep_components, progress=job.progress,
             cancel=state.turns.checkpoint(job.cancel)))
