@@ -18,6 +18,8 @@ from .inference import PredictorSettings, SegmentationSession
 from .preprocessing import IntensitySettings
 from .prompts import Prompts
 
+__all__ = ["SegmentResult", "check_segment_request", "load_segmenter", "segment_file", "segment_image"]
+
 
 @dataclass
 class SegmentResult:
@@ -68,7 +70,7 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
         intensity = adapter_info.intensity
     if adapter_info is not None and axis == "auto":
         # An adapter has seen slices of one orientation only: keep to it.
-        axis = adapter_info.metadata.get("axis", "axial")
+        axis = adapter_info.axis
     session = SegmentationSession(model, image, axis=axis, intensity=intensity, settings=settings)
     if prompts.is_empty:
         if adapter_info is None or not adapter_info.automatic:
@@ -78,6 +80,17 @@ def segment_image(model: PromptableModel, image: MedicalImage, prompts: Prompts,
         return segment_automatic(session, keep=keep_components or adapter_info.keep_components,
                                  progress=progress, cancel=cancel)
     return session.segment(prompts, propagate=propagate, progress=progress, cancel=cancel)
+
+
+def check_segment_request(image: MedicalImage, output_format: str, prompts: Prompts, with_adapter: bool) -> None:
+    """Refuse, in one line, what no segmentation of ``image`` into ``output_format`` (from
+    :func:`~MedFMSegmentLib.io.label_format`) can do: a PNG of a volume, prompts outside the image,
+    or no prompt without an adapter (an adapter trained for automatic mode needs none)."""
+    if output_format == ".png" and not image.is_2d and image.geometry.size[2] != 1:
+        raise InputError("PNG output needs a 2D image; use .nii.gz, .nrrd or .seg.nrrd for volumes")
+    prompts.validate(image.geometry)
+    if prompts.is_empty and not with_adapter:
+        raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
 
 
 def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, prompts: Prompts, *,
@@ -104,11 +117,7 @@ def segment_file(image_path: str | os.PathLike, output_path: str | os.PathLike, 
     sweep_leftovers(output_path.parent, [output_path.name])
     image = read_image(image_path, series=series)
     check_finite(image.array, str(image_path))
-    if fmt == ".png" and not image.is_2d and image.geometry.size[2] != 1:
-        raise InputError("PNG output needs a 2D image; use .nii.gz, .nrrd or .seg.nrrd for volumes")
-    prompts.validate(image.geometry)
-    if prompts.is_empty and adapter is None:
-        raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
+    check_segment_request(image, fmt, prompts, adapter is not None)
     model, adapter_info = load_segmenter(model_name, checkpoint, adapter, device, backend, precision)
     mask = segment_image(model, image, prompts, axis=axis, intensity=intensity, propagate=propagate,
                          adapter_info=adapter_info, keep_components=keep_components, settings=settings,

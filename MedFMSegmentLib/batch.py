@@ -33,6 +33,10 @@ from .io import IMAGE_2D_EXTENSIONS, MedicalImage, find_dicom_series, read_dicom
 from .prompts import Prompts
 from .records import file_identity, folder_identity, output_checksum, record_matches, record_path, write_record
 
+__all__ = ["OUTPUT_FORMATS", "SUMMARY_FIELDS", "BatchSettings", "Case", "CaseResult", "check_batch", "discover_cases",
+           "load_prompts_file", "output_path_for", "prompts_from_markups", "run_batch", "segment_case",
+           "segments_elsewhere", "write_summary"]
+
 OUTPUT_FORMATS = ("nii.gz", "nrrd", "seg.nrrd", "dcm")  # dcm: DICOM SEG (cohort/dicom_seg.py)
 _VOLUME_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd") + IMAGE_2D_EXTENSIONS
 SUMMARY_FIELDS = ("input", "output", "status", "seconds", "foreground_voxels", "error")

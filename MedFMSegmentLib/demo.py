@@ -26,7 +26,7 @@ def make_demo_volume(seed: int = 0):
     """A ``MedicalImage`` (K, J, I) = (7, 120, 128), 0.9 x 0.9 x 2.5 mm, rotated 20 degrees in plane,
     with a bright ellipsoid organ and a distractor blob inside the organ's box; plus the organ's
     (K, J, I) bool mask."""
-    from .geometry import VolumeGeometry
+    from .geometry import VolumeGeometry, voxel_order
     from .io import MedicalImage
 
     shape = (7, 120, 128)  # (K, J, I)
@@ -37,7 +37,7 @@ def make_demo_volume(seed: int = 0):
     volume = 60 + 300 * organ + 180 * (blob & ~organ) + 12 * rng.standard_normal(shape)
     angle = np.deg2rad(20.0)
     direction = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    geometry = VolumeGeometry((shape[2], shape[1], shape[0]), (0.9, 0.9, 2.5), (-40.0, -30.0, 10.0), direction)
+    geometry = VolumeGeometry(voxel_order(shape), (0.9, 0.9, 2.5), (-40.0, -30.0, 10.0), direction)
     return MedicalImage(volume.astype(np.float32), geometry, source="demo"), organ
 
 

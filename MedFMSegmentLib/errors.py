@@ -4,6 +4,8 @@ The command line turns :class:`InputError` into one line on stderr and exit code
 else is a bug and keeps its traceback.
 """
 
+__all__ = ["CancelledError", "InputError"]
+
 
 class InputError(ValueError):
     """Bad user input: a missing or unreadable file, a prompt outside the image, and so on."""

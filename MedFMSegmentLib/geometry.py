@@ -19,10 +19,10 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-__all__ = ["LPS_RAS_FLIP", "ORIENTATIONS", "Orientation", "VolumeGeometry", "array_axis", "axes_by_extent",
+__all__ = ["LPS_RAS_FLIP", "ORIENTATIONS", "Orientation", "VolumeGeometry", "array_axis", "array_order", "axes_by_extent",
            "box_on_axis", "in_plane_axes", "lps_to_ras", "mirror_slice_columns", "plane_to_voxel_slice",
            "ras_lps_flip_4x4", "ras_to_lps", "roi_corners", "slice_from_volume", "slice_into_volume",
-           "to_slice_coords", "voxel_axis_of"]
+           "to_slice_coords", "voxel_axis_of", "voxel_order"]
 
 #: Diagonal that flips between LPS and RAS (it is its own inverse).
 LPS_RAS_FLIP = np.diag([-1.0, -1.0, 1.0])
@@ -99,7 +99,7 @@ class VolumeGeometry:
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(K, J, I)`` of a volume on this grid."""
-        return (self.size[2], self.size[1], self.size[0])
+        return array_order(self.size)
 
     def ijk_to_lps(self) -> np.ndarray:
         """4x4 matrix taking homogeneous voxel indices (i, j, k, 1) to LPS mm."""
@@ -269,6 +269,17 @@ def array_axis(voxel_axis: int) -> int:
 def voxel_axis_of(array_axis: int) -> int:
     """The voxel axis (0 = I) that numpy axis ``array_axis`` of a ``(K, J, I)`` array runs along."""
     return 2 - array_axis
+
+
+def array_order(values: Sequence) -> tuple:
+    """Values given per voxel axis, ``(I, J, K)`` (a size, a spacing), in numpy-axis order
+    ``(K, J, I)``; two values ``(I, J)`` become ``(J, I)``."""
+    return tuple(values)[::-1]
+
+
+def voxel_order(values: Sequence) -> tuple:
+    """Values given per numpy axis, ``(K, J, I)`` (an array's shape), in voxel-axis order ``(I, J, K)``."""
+    return tuple(values)[::-1]
 
 
 def mirror_slice_columns(array: np.ndarray, voxel_axis: int) -> np.ndarray:

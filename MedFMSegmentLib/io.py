@@ -18,9 +18,13 @@ import numpy as np
 
 from .errors import InputError
 from .files import atomic_path, new_sibling
-from .geometry import VolumeGeometry
+from .geometry import VolumeGeometry, voxel_order
 from .integrity import (check_image_file, check_orthonormal, check_slice_positions,
                         check_voxel_count, stray_dicom_files)
+
+__all__ = ["IMAGE_2D_EXTENSIONS", "LABEL_EXTENSIONS", "MedicalImage", "array_to_sitk", "choose_series",
+           "find_dicom_series", "label_format", "mask_to_sitk", "read_dicom_series", "read_image", "read_label",
+           "write_image", "write_label", "write_sitk_image"]
 
 #: Output extensions the writers understand, longest first so ``.seg.nrrd`` wins over ``.nrrd``.
 LABEL_EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".png")
@@ -60,7 +64,7 @@ class MedicalImage:
         is_2d = array.ndim == 2
         if is_2d:
             array = array[None]
-        geometry = VolumeGeometry.identity((array.shape[2], array.shape[1], array.shape[0]), spacing)
+        geometry = VolumeGeometry.identity(voxel_order(array.shape), spacing)
         return cls(array, geometry, is_2d=is_2d, **kwargs)
 
 
@@ -269,10 +273,7 @@ def array_to_sitk(array: np.ndarray, geometry: VolumeGeometry, is_2d: bool = Fal
 
 def mask_to_sitk(mask: np.ndarray, geometry: VolumeGeometry, is_2d: bool = False):
     """A ``(K, J, I)`` mask as a uint8 ``SimpleITK.Image`` on ``geometry`` (2D when ``is_2d``)."""
-    mask = np.asarray(mask)
-    if mask.shape != geometry.shape:
-        raise ValueError(f"mask shape {mask.shape} does not match grid {geometry.shape}")
-    return array_to_sitk(mask.astype(np.uint8), geometry, is_2d)
+    return array_to_sitk(np.asarray(mask).astype(np.uint8), geometry, is_2d)
 
 
 def write_image(image: MedicalImage, path: str | os.PathLike, compress: bool = True) -> Path:

@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InputError
+from .geometry import array_order
 
 __all__ = ["MaskMetrics", "dice", "hd95"]
 
@@ -44,7 +45,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float] | None = 
     import torch
     from monai.metrics import HausdorffDistanceMetric
 
-    array_spacing = None if spacing is None else tuple(float(s) for s in reversed(tuple(spacing)))[-pred.ndim:]
+    array_spacing = None if spacing is None else tuple(float(s) for s in array_order(spacing))[-pred.ndim:]
     p = torch.from_numpy(pred[None, None].astype(np.float32))
     t = torch.from_numpy(truth[None, None].astype(np.float32))
     with warnings.catch_warnings():

@@ -45,8 +45,9 @@ class IntensitySettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "IntensitySettings":
-        return cls(data.get("mode", "auto"), tuple(data.get("window", DEFAULT_CT_WINDOW)),
-                   tuple(data.get("percentiles", (0.5, 99.5))))
+        default = cls()
+        return cls(data.get("mode", default.mode), tuple(data.get("window", default.window)),
+                   tuple(data.get("percentiles", default.percentiles)))
 
 
 def intensity_window(volume: np.ndarray, settings: IntensitySettings = IntensitySettings(),

@@ -26,11 +26,13 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..io import new_sibling
+from ..inference.automatic import KEEP_COMPONENTS
+from ..files import new_sibling
+from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
-__all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "read_metadata", "validate_metadata",
-           "read_weights", "weights_sha256", "write_adapter", "sweep_leftovers", "check_output_folder",
-           "model_identity"]
+__all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "METADATA_DEFAULTS", "read_metadata",
+           "validate_metadata", "read_weights", "weights_sha256", "write_adapter", "sweep_leftovers",
+           "check_output_folder", "model_identity"]
 
 WEIGHTS_FILE = "adapter.safetensors"
 METADATA_FILE = "metadata.json"
@@ -39,6 +41,8 @@ ADAPTER_FILES = frozenset({WEIGHTS_FILE, METADATA_FILE})
 #: Bounds on the sizes metadata may ask for: what fine-tuning can produce, with room to spare.
 LIMITS = {"embedding_adapter_channels": 1024, "lora_rank": 256, "encoder_stage": 64, "lora_targets": 16,
           "metadata_bytes": 4 * 1024 * 1024}
+#: What metadata that omits a segmentation setting means (fine-tuning's defaults; it writes them all).
+METADATA_DEFAULTS = {"axis": "axial", "keep_components": KEEP_COMPONENTS[0], "label_name": "label"}
 _NEW, _OLD = ".adapter-new", ".adapter-old"
 
 
@@ -60,17 +64,18 @@ def _numbers(value: Any, count: int) -> bool:
 
 def _check_settings(metadata: dict, where: str) -> None:
     """The segmentation settings an adapter carries: intensity, label, axis, components."""
-    intensity = metadata.get("intensity", {})
-    if (not isinstance(intensity, dict) or intensity.get("mode", "auto") not in ("auto", "percentile", "ct", "none")
-            or not _numbers(intensity.get("window", [40, 400]), 2)
-            or not _numbers(intensity.get("percentiles", [0.5, 99.5]), 2)):
+    intensity, defaults = metadata.get("intensity", {}), IntensitySettings()
+    if (not isinstance(intensity, dict) or intensity.get("mode", defaults.mode) not in INTENSITY_MODES
+            or not _numbers(intensity.get("window", list(defaults.window)), 2)
+            or not _numbers(intensity.get("percentiles", list(defaults.percentiles)), 2)):
         raise InputError(f"{where}: metadata intensity settings are malformed")
     label_value = metadata.get("label_value")
     if label_value is not None:
         _int(label_value, f"{where}: label_value", -2**31, 2**31 - 1)
-    if metadata.get("keep_components", "largest") not in ("largest", "all"):
-        raise InputError(f"{where}: keep_components must be largest or all")
-    if not isinstance(metadata.get("axis", "axial"), str) or not isinstance(metadata.get("label_name", ""), str):
+    if metadata.get("keep_components", METADATA_DEFAULTS["keep_components"]) not in KEEP_COMPONENTS:
+        raise InputError(f"{where}: keep_components must be {' or '.join(KEEP_COMPONENTS)}")
+    if (not isinstance(metadata.get("axis", METADATA_DEFAULTS["axis"]), str)
+            or not isinstance(metadata.get("label_name", METADATA_DEFAULTS["label_name"]), str)):
         raise InputError(f"{where}: metadata axis and label_name must be text")
 
 

@@ -14,8 +14,8 @@ from .. import loading
 from ..errors import InputError
 from ..models import PromptableModel
 from ..preprocessing import IntensitySettings
-from .adapter_format import (METADATA_FILE, WEIGHTS_FILE, model_identity, read_metadata, read_weights,
-                             write_adapter)
+from .adapter_format import (METADATA_DEFAULTS, METADATA_FILE, WEIGHTS_FILE, model_identity, read_metadata,
+                             read_weights, write_adapter)
 
 __all__ = ["AdapterInfo", "EmbeddingAdapter", "add_embedding_adapter", "inject_lora", "is_trained",
            "trainable_state", "save_adapter", "apply_adapter", "load_trained_state", "check_base",
@@ -33,9 +33,15 @@ class AdapterInfo:
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "AdapterInfo":
-        return cls(IntensitySettings.from_dict(metadata.get("intensity", {})), metadata.get("label_name", "label"),
-                   metadata.get("label_value"), bool(metadata.get("automatic", False)),
-                   metadata.get("keep_components", "largest"), metadata)
+        return cls(IntensitySettings.from_dict(metadata.get("intensity", {})),
+                   metadata.get("label_name", METADATA_DEFAULTS["label_name"]), metadata.get("label_value"),
+                   bool(metadata.get("automatic", False)),
+                   metadata.get("keep_components", METADATA_DEFAULTS["keep_components"]), metadata)
+
+    @property
+    def axis(self) -> str:
+        """The slice orientation the adapter was trained on (it has seen slices of that one only)."""
+        return self.metadata.get("axis", METADATA_DEFAULTS["axis"])
 
 
 class EmbeddingAdapter(torch.nn.Module):

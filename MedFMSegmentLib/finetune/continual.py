@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import MedicalImage, read_image, read_label
 from ..preprocessing import IntensitySettings
-from .adapter_format import read_metadata, read_weights, weights_sha256
+from .adapter_format import METADATA_DEFAULTS, read_metadata, read_weights, weights_sha256
 from .lineage import ParentAdapter
 from .trainer import DEFAULT_STEPS, FinetuneConfig, finetune
 
@@ -58,8 +58,8 @@ def config_from_parent(parent: ParentAdapter, **overrides: Any) -> FinetuneConfi
         "embedding_adapter_channels": int(adapter["channels"]) if adapter else 0,
         "embedding_adapter_scope": "automatic" if not adapter or adapter.get("prompt_free_only") else "all",
         "intensity": IntensitySettings.from_dict(meta.get("intensity", {})),
-        "label_value": meta.get("label_value"), "label_name": meta.get("label_name", "label"),
-        "axis": meta.get("axis", "axial"), "keep_components": meta.get("keep_components", "largest"),
+        "label_value": meta.get("label_value"),
+        **{key: meta.get(key, default) for key, default in METADATA_DEFAULTS.items()},
     }
     fixed = sorted(set(overrides) & (set(shaped) - {"model_name"}))
     if fixed:

@@ -13,6 +13,8 @@ from torch import nn
 
 from ..errors import InputError
 
+__all__ = ["check_first_stage", "encode_head", "encode_tail", "stage_prefix"]
+
 
 def _stages(encoder: nn.Module) -> tuple[str, nn.ModuleList]:
     if hasattr(encoder, "layers") and hasattr(encoder, "patch_embed"):  # TinyViT

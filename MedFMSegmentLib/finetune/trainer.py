@@ -18,7 +18,7 @@ from ..metrics import dice
 from .. import loading
 from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
-from .adapter_format import LIMITS, model_identity
+from .adapter_format import LIMITS, METADATA_DEFAULTS, model_identity
 from .augment import augment_slice as _augment, jittered_box as _box
 from .comparison import comparison_metadata, evaluate, evaluate_start
 from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
@@ -29,7 +29,7 @@ __all__ = ["FinetuneConfig", "check_cases", "check_config", "finetune", "prepare
            "resolve_encoder_mode", "DEFAULT_STEPS", "EMBEDDING_ADAPTER_SCOPES", "ENCODER_MODES"]
 MAX_STEPS = 1_000_000
 # Defaults per encoder mode (FinetuneConfig.steps / decoder_lr = None): a frozen encoder makes a
-# step far cheaper, so it gets more steps (benchmarked: bench/results/finetune_cpu_2000steps.json).
+# step far cheaper, so it gets more steps (figures: docs/benchmarks.md).
 DEFAULT_STEPS = {"lora": 800, "frozen": 2000, "partial": 800}
 DEFAULT_DECODER_LR = {"lora": 1e-4, "frozen": 3e-4, "partial": 1e-4}
 DEFAULT_EMBEDDING_ADAPTER = {"lora": 0, "frozen": 64, "partial": 64}
@@ -50,7 +50,7 @@ class FinetuneConfig:
     # stage, its input cached) or "auto" (see resolve_encoder_mode)
     encoder: str = "auto"
     # frozen encoder: slice embeddings computed; flipped, then augmented copies fill what slices leave
-    # (HC18, three seeds: automatic Dice +0.017 and box +0.005 on average)
+    # (on HC18, better automatic and box Dice than the slices alone)
     embedding_budget: int = 240
     lora_rank: int = 4
     lora_alpha: float = 8.0
@@ -65,7 +65,7 @@ class FinetuneConfig:
     lr: float = 3e-4  # LoRA and embedding-adapter weights
     decoder_lr: float | None = None  # None: DEFAULT_DECODER_LR of the encoder mode
     label_value: int | None = None
-    label_name: str = "label"
+    label_name: str = METADATA_DEFAULTS["label_name"]
     seed: int = 0
     validation_fraction: float = 0.2
     max_validation_slices: int = 8
@@ -79,9 +79,9 @@ class FinetuneConfig:
     automatic_fraction: float = 0.5
     foreground_fraction: float = 0.8
     box_jitter: float = 0.1
-    axis: str = "axial"
+    axis: str = METADATA_DEFAULTS["axis"]
     intensity: IntensitySettings = field(default_factory=IntensitySettings)
-    keep_components: str = "largest"
+    keep_components: str = METADATA_DEFAULTS["keep_components"]
 
 
 @dataclass
@@ -370,10 +370,9 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     use_amp = model.device.type == "cuda"
-    # bfloat16 autocast on a CPU that computes it natively: a LoRA step took 1.25 s against 2.36 s
-    # in float32, a last-stage ("partial") step 0.45 s against 0.70 s (bench_perf.py
-    # --finetune-only). The frozen mode's
-    # decoder-only steps (0.20 s) are benchmarked in float32 and stay there.
+    # bfloat16 autocast on a CPU that computes it natively: LoRA and last-stage ("partial") steps
+    # run faster than in float32 (python -m bench perf --finetune-only; figures in
+    # docs/benchmarks.md). The frozen mode's decoder-only steps stay in float32.
     if model.device.type == "cpu" and mode in ("lora", "partial"):
         from ..backends import cpu_has_native_bf16
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import InputError
-from ..geometry import in_plane_axes, slice_from_volume
+from ..geometry import in_plane_axes, slice_from_volume, voxel_order
 from ..models import PromptableModel
 from ..preprocessing import SliceTransform
 from .settings import PredictorSettings, ProgressCallback, check_cancel
@@ -178,7 +178,7 @@ class SliceEmbedder:
         self.model = model
         self.volume = volume
         self.spacing = tuple(float(v) for v in spacing)
-        self.size = (volume.shape[2], volume.shape[1], volume.shape[0])
+        self.size = voxel_order(volume.shape)
         self.cache = cache
         self.settings = settings
         self._transforms: dict[int, SliceTransform] = {}

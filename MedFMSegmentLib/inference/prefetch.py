@@ -88,11 +88,6 @@ class BackgroundEmbedder:
         """Whether the worker thread is alive (it ends shortly after :meth:`stop`)."""
         return self._thread.is_alive()
 
-    @property
-    def stopped(self) -> bool:
-        """Whether :meth:`stop` was called."""
-        return self._stopped
-
     def _run(self) -> None:
         while True:
             with self._condition:

@@ -292,6 +292,13 @@ def _segment_on_axis(decoder: SliceDecoder, prompts: Prompts, shape: tuple[int, 
     def predict(index: int, box: Box2D | None) -> np.ndarray:
         return decoder.predict(index, box, clicks_on(index, "pos"), clicks_on(index, "neg"))
 
+    def each(indices: Sequence[int], box: Box2D | None) -> None:
+        for n, index in enumerate(indices):
+            check_cancel(cancel)
+            write(index, predict(index, box))
+            if progress:
+                progress(n + 1, len(indices))
+
     everything = (0, decoder.num_slices - 1)
     if prompts.box is not None:
         box2d, first, last = box_on_axis(prompts.box, axis)
@@ -300,11 +307,7 @@ def _segment_on_axis(decoder: SliceDecoder, prompts: Prompts, shape: tuple[int, 
         if not propagate_:
             planned = range(first, last + 1)
             decoder.prefetch(planned, cancel=cancel)
-            for n, index in enumerate(planned):
-                check_cancel(cancel)
-                write(index, predict(index, box2d))
-                if progress:
-                    progress(n + 1, len(planned))
+            each(planned, box2d)
             return result
         limits = (first, last) if last > first else everything
         decoder.prefetch(range(limits[0], limits[1] + 1), cancel=cancel)
@@ -315,11 +318,7 @@ def _segment_on_axis(decoder: SliceDecoder, prompts: Prompts, shape: tuple[int, 
                   cancel, on_update=on_update)
         return result
     clicked = sorted({int(round(s)) for _, _, s in slice_pts["pos"]})
-    for n, index in enumerate(clicked):
-        check_cancel(cancel)
-        write(index, predict(index, None))
-        if progress:
-            progress(n + 1, len(clicked))
+    each(clicked, None)
     if propagate_ and len(clicked) == 1:
         start = clicked[0]
         propagate(decoder, result, start, slice_from_volume(result, axis, start), everything, None, clicks_on,

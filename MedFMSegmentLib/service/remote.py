@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..api import SegmentResult
+from ..api import SegmentResult, check_segment_request
 from ..errors import CancelledError, InputError
 from ..io import label_format, read_image, write_label
 from ..prompts import Prompts
@@ -94,11 +94,7 @@ def segment_file_remote(image_path: str | os.PathLike, output_path: str | os.Pat
     if checkpoint is not None:
         raise InputError("--checkpoint cannot be sent to a service: it serves the models it was started with")
     image = read_image(image_path)
-    if fmt == ".png" and not image.is_2d and image.geometry.size[2] != 1:
-        raise InputError("PNG output needs a 2D image; use .nii.gz, .nrrd or .seg.nrrd for volumes")
-    prompts.validate(image.geometry)
-    if prompts.is_empty and adapter is None:
-        raise InputError("at least one prompt (--box or --point) is needed without an automatic adapter")
+    check_segment_request(image, fmt, prompts, adapter is not None)
     client, names = connect(server, token_file)
     with service_errors(server):
         model = None if adapter else model_name
@@ -115,8 +111,10 @@ def segment_file_remote(image_path: str | os.PathLike, output_path: str | os.Pat
             mask = reply.mask if reply.mask is not None else follow_job(client, reply.job_id)
         name = "Segment_1"
         if adapter:
+            from ..finetune.adapter_format import METADATA_DEFAULTS
+
             found = [a for a in client.adapters() if a["name"] == adapter]
-            name = found[0]["metadata"].get("label_name", "label") if found else "label"
+            name = (found[0]["metadata"] if found else {}).get("label_name", METADATA_DEFAULTS["label_name"])
         device = names.get("device", "service")
     write_label(mask, image.geometry, output_path, is_2d=image.is_2d, segment_name=name)
     return SegmentResult(output_path, mask, int(mask.sum()), f"{device} via {server}", "service")

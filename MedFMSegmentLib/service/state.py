@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +51,6 @@ class Limits:
 class _Volume:
     image: MedicalImage
     nbytes: int
-    last_used: float
 
 
 class ServiceState:
@@ -161,9 +159,8 @@ class ServiceState:
             raise InputError(f"volume of {nbytes} bytes is over the service's memory budget")
         with self._lock:
             if volume_id in self._volumes:
-                self._volumes[volume_id].last_used = time.monotonic()
                 return
-            self._volumes[volume_id] = _Volume(image, nbytes, time.monotonic())
+            self._volumes[volume_id] = _Volume(image, nbytes)
             while len(self._volumes) > 1 and (
                     sum(v.nbytes for v in self._volumes.values()) > self.limits.volume_memory_bytes
                     or len(self._volumes) > self.limits.max_volumes):
@@ -175,7 +172,6 @@ class ServiceState:
             if entry is None:
                 raise KeyError(volume_id)
             self._volumes.move_to_end(volume_id)
-            entry.last_used = time.monotonic()
             return entry.image
 
     def has_volume(self, volume_id: str) -> bool:

@@ -15,14 +15,13 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import CancelledError, InputError
+from ..geometry import ORIENTATIONS
 from ..prompts import Prompts
 from .jobs import Job
 from .state import ServiceState, check_adapter_name
 
 __all__ = ["PROMPT_FIELDS", "FINETUNE_FIELDS", "check_fields", "parse_prompt", "check_prompt", "segment_2d",
            "prompt_job", "automatic_job", "finetune_job", "resolve_axis"]
-
-AXES = ("auto", "axial", "coronal", "sagittal")
 
 
 def _name(value: Any, what: str) -> str:
@@ -65,12 +64,11 @@ def _list(value: Any, what: str) -> list:
 def _intensity(value: Any) -> dict | None:
     if value is None:
         return None
+    from ..preprocessing import INTENSITY_MODES, IntensitySettings
+
     if not isinstance(value, dict) or set(value) - {"mode", "window"}:
         raise InputError("intensity must be {\"mode\": ..., \"window\": [level, width]}")
-    mode = value.get("mode", "auto")
-    if mode not in ("auto", "percentile", "ct", "none"):
-        raise InputError("intensity mode must be auto, percentile, ct or none")
-    result = {"mode": mode}
+    result = {"mode": _choice(value.get("mode", IntensitySettings().mode), "intensity mode", INTENSITY_MODES)}
     if "window" in value:
         result["window"] = _numbers(value["window"], 2, "intensity window")
     return result
@@ -88,6 +86,8 @@ def check_fields(body: Any, allowed: dict[str, Callable[[Any], Any]], what: str)
 
 def resolve_axis(value: Any) -> str | int:
     """A slicing axis: ``auto``/``axial``/``coronal``/``sagittal`` or a voxel axis 0 (I), 1 (J), 2 (K)."""
+    from ..inference import AXES
+
     if isinstance(value, int) and not isinstance(value, bool) and value in (0, 1, 2):
         return value
     if value in AXES:
@@ -98,15 +98,25 @@ def resolve_axis(value: Any) -> str | int:
 def _strategy(value: Any) -> str | None:
     from ..inference import BOX3D_STRATEGIES
 
-    if value is not None and value not in BOX3D_STRATEGIES:
-        raise InputError(f"box3d_strategy must be one of {', '.join(BOX3D_STRATEGIES)}")
-    return value
+    return None if value is None else _choice(value, "box3d_strategy", BOX3D_STRATEGIES)
 
 
 def _keep(value: Any) -> str | None:
-    if value is not None and value not in ("largest", "all"):
-        raise InputError("keep_components must be largest or all")
-    return value
+    from ..inference.automatic import KEEP_COMPONENTS
+
+    return None if value is None else _choice(value, "keep_components", KEEP_COMPONENTS)
+
+
+def _encoder(value: Any) -> str:
+    from ..finetune.trainer import ENCODER_MODES
+
+    return _choice(value, "encoder", ENCODER_MODES)
+
+
+def _scope(value: Any) -> str:
+    from ..finetune.trainer import EMBEDDING_ADAPTER_SCOPES
+
+    return _choice(value, "embedding_adapter_scope", EMBEDDING_ADAPTER_SCOPES)
 
 
 PROMPT_FIELDS: dict[str, Callable[[Any], Any]] = {
@@ -134,9 +144,12 @@ def parse_prompt(body: Any) -> tuple[Prompts, dict]:
 def _axis(state: ServiceState, volume_id: str, options: dict) -> str | int:
     """The axis setting of a prompt: the request's, or an adapter's own orientation for ``auto``
     (an adapter knows slices of one orientation only), as :func:`MedFMSegmentLib.api.segment_image`."""
-    axis = options.get("axis", "auto")
+    from ..finetune.adapters import AdapterInfo
+    from ..inference.settings import DEFAULT_AXIS
+
+    axis = options.get("axis", DEFAULT_AXIS)
     if options.get("adapter") and axis == "auto":
-        axis = state.adapter_metadata(options["adapter"]).get("axis", "axial")
+        axis = AdapterInfo.from_metadata(state.adapter_metadata(options["adapter"])).axis
     return axis
 
 
@@ -175,7 +188,7 @@ def _prepare(state: ServiceState, volume_id: str, options: dict):
 
     session, _ = state.session(volume_id, options.get("model"), options.get("adapter"), options.get("intensity"))
     session.set_axis(_axis(state, volume_id, options))
-    settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or "auto")
+    settings = PredictorSettings(box3d_strategy=options.get("box3d_strategy") or PredictorSettings().box3d_strategy)
     if session.settings != settings:  # a job paused between slices keeps the settings it runs with
         session.settings = settings
     return session
@@ -242,7 +255,7 @@ def automatic_job(state: ServiceState, volume_id: str, body: Any) -> Callable[[J
         session, info = state.session(volume_id, adapter=options["adapter"], intensity=options.get("intensity"))
         if not info.automatic:
             raise InputError(f"adapter {options['adapter']!r} was not trained for automatic segmentation")
-        session.set_axis(info.metadata.get("axis", "axial"))
+        session.set_axis(info.axis)
         return _tracked(job, session, session.num_slices, lambda: segment_automatic(
             session, keep=options.get("keep_components") or info.keep_components, progress=job.progress,
             cancel=state.turns.checkpoint(job.cancel)))
@@ -255,7 +268,7 @@ FINETUNE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "model": lambda v: _name(v, "model"),
     "overwrite": lambda v: bool(_bool(v, "overwrite")),
     "steps": lambda v: _int(v, "steps", 1, 100000),
-    "encoder": lambda v: _choice(v, "encoder", ("auto", "lora", "frozen", "partial")),
+    "encoder": _encoder,
     "label_value": lambda v: None if v is None else _int(v, "label_value", 1, 65535),
     "label_name": lambda v: _name(v, "label_name"),
     "seed": lambda v: _int(v, "seed"),
@@ -264,8 +277,8 @@ FINETUNE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "max_validation_slices": lambda v: _int(v, "max_validation_slices", 1, 1000),
     "embedding_budget": lambda v: _int(v, "embedding_budget", 1, 100000),
     "embedding_adapter_channels": lambda v: _int(v, "embedding_adapter_channels", 0, 1024),
-    "embedding_adapter_scope": lambda v: _choice(v, "embedding_adapter_scope", ("automatic", "all")),
-    "axis": lambda v: _choice(v, "axis", ("axial", "coronal", "sagittal")),
+    "embedding_adapter_scope": _scope,
+    "axis": lambda v: _choice(v, "axis", ORIENTATIONS),
     "from": check_adapter_name,  # continue this adapter (finetune --from), its settings kept
 }
 #: What a continued adapter takes from its parent; a request cannot set them.

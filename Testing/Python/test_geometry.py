@@ -7,8 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import oblique_geometry
-from MedFMSegmentLib.geometry import (VolumeGeometry, in_plane_axes, ras_to_lps, slice_from_volume,
-                                      slice_into_volume, to_slice_coords)
+from MedFMSegmentLib.geometry import (VolumeGeometry, array_order, in_plane_axes, ras_to_lps, slice_from_volume,
+                                      slice_into_volume, to_slice_coords, voxel_order)
 from MedFMSegmentLib.io import mask_to_sitk
 
 
@@ -116,3 +116,14 @@ def test_plane_to_voxel_slice_on_an_oblique_anisotropic_grid(left_handed):
         inverse[0, :3] / np.linalg.norm(inverse[0, :3]))
     centre = geometry.index_to_ras(np.array([9.0, 11.0, 7.0]))
     assert plane_to_voxel_slice(ijk_to_ras, geometry.size, _plane(tilted, centre)) is None
+
+
+def test_array_and_voxel_order_match_simpleitk():
+    image = sitk.Image([5, 3, 2], sitk.sitkUInt8)  # size (I, J, K)
+    image.SetSpacing((0.5, 1.5, 3.0))
+    array = sitk.GetArrayFromImage(image)
+    assert voxel_order(array.shape) == image.GetSize()
+    assert array_order(image.GetSize()) == array.shape
+    assert array_order(image.GetSpacing()) == (3.0, 1.5, 0.5)
+    assert array_order((0.5, 1.5)) == (1.5, 0.5)
+    assert VolumeGeometry.from_sitk(image).shape == array.shape

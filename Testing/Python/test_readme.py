@@ -121,3 +121,22 @@ def test_limitations_quote_only_benchmark_figures():
     figures = set(re.findall(r"\b0\.\d{3}\b", limitations)) | set(re.findall(r"\b(\d+(?:\.\d+)?) ms\b", limitations))
     assert figures
     assert sorted(f for f in figures if f not in benchmarks) == []
+
+
+def test_layout_table_names_every_package_and_top_level_folder():
+    """docs/how-it-works.md's "Where things are" table names each library package and each tracked
+    top-level folder, and nothing that does not exist."""
+    table = (ROOT / "docs" / "how-it-works.md").read_text(encoding="utf-8").split("## Where things are", 1)[1]
+    named = {part.strip().strip("`") for row in re.findall(r"^\| (`[^|]+)", table, flags=re.M) for part in row.split(",")}
+    for path in named:
+        assert (ROOT / path).exists(), f"the layout table names {path}, which does not exist"
+    packages = {f"MedFMSegmentLib/{p.parent.name}/" for p in (ROOT / "MedFMSegmentLib").glob("*/__init__.py")}
+    assert packages <= named, sorted(packages - named)
+    listed = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:  # the tracked folders; outside a checkout, every source folder
+        folders = {f"{path.split('/', 1)[0]}/" for path in listed.stdout.split() if "/" in path}
+    else:
+        folders = {f"{p.name}/" for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+                   and not p.name.endswith(".egg-info") and p.name not in ("build", "dist", "venv")}
+    assert all(any(n.startswith(f) for n in named) for f in folders), sorted(
+        f for f in folders if not any(n.startswith(f) for n in named))
