@@ -206,7 +206,7 @@ def report_section(result: dict) -> list[str]:
             "on 127.0.0.1 against the same calls in process.", "",
             "| measurement | result |", "|---|---|",
             f"| 2D prompt on an embedded slice, through the service / in process (median of {trip['repeats']}) | "
-            f"{trip['service_ms']:.1f} ms / {trip['in_process_ms']:.1f} ms (+{trip['added_ms']:.1f} ms) |",
+            f"{trip['service_ms']:.1f} ms / {trip['in_process_ms']:.1f} ms ({trip['added_ms']:+.1f} ms) |",
             f"| a bare authenticated request | {trip['bare_request_ms']:.1f} ms |",
             f"| upload of a 512 x 512 x 300 int16 volume ({upload['raw_mb']:.0f} MB) / again (already held) | "
             f"{upload['seconds']:.2f} s / {upload['again_seconds']:.2f} s |",

@@ -133,8 +133,6 @@ def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
     from ..progress import finetune_progress
     from ..service.remote_finetune import finetune_remote
 
-    if args.parent is not None:
-        raise InputError("--from cannot be used with --server (continue the adapter on this machine)")
     if args.checkpoint is not None:
         raise InputError("--checkpoint cannot be sent to a service: it serves the models it was started with")
     settings = {"model": args.model, "steps": args.steps, "encoder": args.encoder, "rank": args.rank,
@@ -142,13 +140,18 @@ def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
                 "embedding_adapter_scope": args.embedding_adapter_scope, "label_value": args.label_value,
                 "seed": args.seed, "embedding_budget": args.embedding_budget,
                 "label_name": args.label_name or (f"label {args.label_value}" if args.label_value else "label")}
+    if args.parent is not None:  # as overrides_from_args: the parent's settings shape the rest
+        settings = {"model": args.model, "steps": args.steps, "seed": args.seed,
+                    "embedding_budget": args.embedding_budget}
 
     def started(job: str, name: str) -> None:
         print(f"fine-tuning job {job} on {args.server} (adapter {name} there)", flush=True)
 
     with finetune_progress() as progress:
         output, metadata = finetune_remote(images, labels, args.output, server=args.server, token_file=args.token_file,
-                                           overwrite=args.overwrite, settings=settings, progress=progress,
-                                           on_started=started)
-    print(f"adapter written to {output} ({summary_line(metadata)})", flush=True)
+                                           overwrite=args.overwrite, settings=settings, parent=args.parent,
+                                           replay=not args.no_replay, progress=progress, on_started=started)
+    replayed = "" if args.parent is None else \
+        f", {metadata['lineage'][-1]['cases_replayed']} of the parent's cases replayed"
+    print(f"adapter written to {output} ({summary_line(metadata)}{replayed})", flush=True)
     return EXIT_OK

@@ -103,9 +103,17 @@ def is_loopback(host: str) -> bool:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, with Nagle's algorithm off for every connection it accepts.
+
+    asyncio sets TCP_NODELAY on a connection only when its socket's protocol is ``IPPROTO_TCP``
+    (protocol 0 does not count), so the socket is made so, and the listening socket carries
+    TCP_NODELAY too (Linux passes it on). Without it each answer uvicorn writes in two parts
+    (headers, then body) waits for the client's delayed ACK: about 40 ms a request.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:

@@ -263,3 +263,37 @@ def test_default_token_file_is_private_and_removed_a_named_one_is_reused(tmp_pat
     assert service.token == "a-token-chosen-by-the-user-0123456789"
     assert service.client().info()["device"] == "cpu"
     assert service.stop() == 0 and named.exists()
+
+
+def test_served_connections_turn_nagle_off():
+    """The service's socket, served by uvicorn as `serve` serves it: the accepted connection has
+    TCP_NODELAY, so an answer written as headers then body never waits for a delayed ACK."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from MedFMSegmentLib.service.server import _bind
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    sock = _bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        connection = http.client.HTTPConnection(*sock.getsockname()[:2], timeout=30)
+        connection.request("POST", "/", body=b"{}")
+        assert connection.getresponse().read() == b"ok"
+        served = [c.transport.get_extra_info("socket") for c in server.server_state.connections]
+        assert len(served) == 1
+        assert served[0].getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        connection.close()
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

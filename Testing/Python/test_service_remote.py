@@ -148,6 +148,51 @@ def test_remote_finetune_prints_the_local_lines_and_writes_an_adapter_segment_lo
                                   read_label(tmp_path / "auto.nii.gz").array)
 
 
+def test_remote_finetune_from_continues_a_local_adapter_as_a_local_run_does(service, client, cases, tmp_path):
+    """``finetune --from ADAPTER --server``: the local adapter travels as an upload and its own
+    training case with the new one; the adapter written here is the local ``--from`` run's (weights,
+    lineage, training files). Continuing that child again reuses the service's copy of it."""
+    from MedFMSegmentLib.finetune.adapter_format import read_metadata, read_weights, weights_sha256
+
+    parent = tmp_path / "parent"
+    first = cli("finetune", "--image", cases[6][0], "--label", cases[6][1], "--encoder", "frozen", "--steps", "3",
+                "--embedding-budget", "6", "--device", "cpu", "-o", parent)
+    assert first.returncode == 0, first.stderr
+    more = ["--image", cases[7][0], "--label", cases[7][1], "--steps", "2", "--embedding-budget", "6"]
+    held = {a["name"] for a in client.adapters()}
+    remote = cli("finetune", "--from", parent, *more, "-o", tmp_path / "child", "--server", service["url"],
+                 "--token-file", service["token_file"])
+    assert remote.returncode == 0, remote.stderr
+    local = cli("finetune", "--from", parent, *more, "--device", "cpu", "-o", tmp_path / "child-local")
+    assert local.returncode == 0, local.stderr
+    lines, here = remote.stdout.splitlines(), local.stdout.splitlines()
+    assert lines[1:-1] == here[:-1] and len([line for line in lines if line.startswith("step ")]) == 2
+    assert lines[-1] == here[-1].replace(str(tmp_path / "child-local"), str(tmp_path / "child"))
+    assert lines[-1].endswith(", 1 of the parent's cases replayed)")
+    added = {a["name"] for a in client.adapters()} - held
+    assert added == {"parent", "child"}  # the parent's upload and the new adapter
+    mine, theirs = read_metadata(tmp_path / "child"), read_metadata(tmp_path / "child-local")
+    for key, value in read_weights(tmp_path / "child-local", theirs).items():
+        assert np.array_equal(read_weights(tmp_path / "child", mine)[key].numpy(), value.numpy()), key
+    timed = ("date", "lineage", "training_seconds")  # lineage: compared without its dates below
+    assert {k: v for k, v in mine.items() if k not in timed} == {k: v for k, v in theirs.items() if k not in timed}
+    assert [{k: v for k, v in e.items() if k != "date"} for e in mine["lineage"]] == \
+        [{k: v for k, v in e.items() if k != "date"} for e in theirs["lineage"]]
+    entry = mine["lineage"][-1]
+    assert entry["parent_weights_sha256"] == weights_sha256(parent) and entry["cases_replayed"] == 1
+    assert entry["names_added"] == [str(cases[7][1])]
+    assert mine["training_cases"]["files"] == [[str(cases[n][0]), str(cases[n][1])] for n in (6, 7)]
+
+    # The child written here is the service's "child": continuing it sends no adapter.
+    again = cli("finetune", "--from", tmp_path / "child", "--no-replay", *more, "-o", tmp_path / "grandchild",
+                "--server", service["url"], "--token-file", service["token_file"])
+    assert again.returncode == 0, again.stderr
+    assert {a["name"] for a in client.adapters()} - held == {"parent", "child", "grandchild"}
+    chain = read_metadata(tmp_path / "grandchild")["lineage"]
+    assert len(chain) == 2 and chain[0] == mine["lineage"][0] and chain[-1]["cases_replayed"] == 0
+    assert chain[-1]["parent_weights_sha256"] == weights_sha256(tmp_path / "child")
+
+
 def test_ctrl_c_cancels_the_remote_fine_tuning(service, client, cases, tmp_path):
     command = [sys.executable, "-m", "MedFMSegmentLib.cli", "finetune", "--image", str(cases[6][0]), "--label",
                str(cases[6][1]), "--encoder", "frozen", "--steps", "5000", "--embedding-budget", "4", "-o",
