@@ -91,6 +91,26 @@ def timed_segment(model, image, box, strategy: str) -> dict:
             "load_before": round(load_before, 2), "load_after": round(os.getloadavg()[0], 2)}
 
 
+def report_section(result: dict) -> list[str]:
+    """The suite's part of ``docs/benchmarks.md`` (``python -m bench report``)."""
+    load = result["machine"]["load_average"]
+    out = ["## box3d_speed", "",
+           f"3D box strategies on {result['cases']} hippocampus cases (`python -m bench box3d_speed`), decoded "
+           f"from embeddings stored once; estimated seconds = slices embedded x {result['encoder_s_per_slice_median']:.3f} s "
+           f"(the encoder's median in this run) + decoding; load average {load[0]:.2f} at the end.", "",
+           "| Variant | Dice | Slices embedded | Decoding (s) | Estimated (s) |", "|---|---|---|---|---|"]
+    for name, row in result["summary"].items():
+        out.append(f"| {name} | {row['dice_mean']:.3f} | {row['embeddings_mean']:.1f} | {row['decode_s_mean']:.2f} | "
+                   f"{row['estimated_s_mean']:.1f} |")
+    out += ["", "The `segment` path timed on a fresh session, same run:", "",
+            "| Strategy | Cases | Dice | Seconds per case | First slice (s) | Load before/after |", "|---|---|---|---|---|---|"]
+    for name, entry in result["real"].items():
+        out.append(f"| {name} | {len(entry['case'])} | {np.mean(entry['dice']):.3f} | {np.mean(entry['seconds']):.1f} | "
+                   f"{np.mean(entry['first_slice_s']):.2f} | {np.mean(entry['load_before']):.2f}/"
+                   f"{np.mean(entry['load_after']):.2f} |")
+    return out + [""]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench box3d_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--hippocampus", type=int, default=20)
