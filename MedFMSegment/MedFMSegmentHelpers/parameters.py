@@ -26,7 +26,7 @@ class MedFMSegmentParameterNode:
     serviceMode: Annotated[str, Choice(["local", "remote"])] = "local"
     serviceUrl: str = ""
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
-    box3dStrategy: Annotated[str, Choice(["auto", "propagate", "consensus"])] = "auto"
+    box3dStrategy: Annotated[str, Choice(["auto", "propagate", "consensus", "sparse"])] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     modelName: str = "litemedsam"
     checkpointPath: Path

@@ -35,6 +35,7 @@ from .consensus import segment_box_consensus
 from .embeddings import EmbeddingCache, SessionCache, SliceEmbedder
 from .propagate import propagate, propagate_box_logits
 from .settings import PredictorSettings, ProgressCallback, UpdateCallback, check_cancel
+from .sparse import segment_box_sparse
 from .slices import SliceDecoder
 
 __all__ = ["SegmentationSession"]
@@ -245,7 +246,7 @@ class SegmentationSession:
         * ``propagate=True`` with a one-slice prompt propagates until the structure ends.
         * Clicks on several slices (no box) segment each clicked slice.
         * A box alone spanning several slices on every axis, with the axis left on ``"auto"`` and
-          the settings' strategy meaning consensus for it: :mod:`.consensus`.
+          the settings' strategy meaning consensus or sparse for it: :mod:`.consensus`, :mod:`.sparse`.
 
         Args:
             prompts: Box and clicks in voxel indices (i, j, k).
@@ -265,9 +266,10 @@ class SegmentationSession:
         # user or by an adapter trained on one orientation), for a box alone.
         if (self.auto_axis and prompts.box is not None and propagate is not False and not prompts.positives
                 and not prompts.negatives and all(prompts.box[a + 3] > prompts.box[a] for a in range(3))
-                and self.settings.uses_consensus(prompts.box)):
-            return segment_box_consensus(self.along, prompts.box, geometry.shape, geometry.spacing, self.settings,
-                                         progress, cancel, on_update)
+                and self.settings.strategy_for(prompts.box) in ("consensus", "sparse")):
+            run = segment_box_consensus if self.settings.uses_consensus(prompts.box) else segment_box_sparse
+            return run(self.along, prompts.box, geometry.shape, geometry.spacing, self.settings, progress, cancel,
+                       on_update)
         decoder = self.along(self.axis_for(prompts))
         return _segment_on_axis(decoder, prompts, geometry.shape, propagate, progress, cancel, on_update)
 

@@ -23,7 +23,7 @@ UpdateCallback = Callable[[int, int, np.ndarray], None]
 #: Logit written where a strategy did not segment a slice (sigmoid ~2e-9).
 NOT_SEGMENTED_LOGIT = -20.0
 #: How a box spanning several slices on every axis is segmented (see :class:`PredictorSettings`).
-BOX3D_STRATEGIES = ("auto", "propagate", "consensus")
+BOX3D_STRATEGIES = ("auto", "propagate", "consensus", "sparse")
 #: Slicing axes a session accepts by name (a voxel axis number 0, 1, 2 is accepted too).
 AXES = ("auto", "axial", "coronal", "sagittal")
 #: The axis a session slices along unless told (``auto``: see :func:`~MedFMSegmentLib.inference.choose_axis`).
@@ -54,14 +54,18 @@ class PredictorSettings:
             (None: 16 on a GPU, 0 = lazily on a CPU).
         box3d_strategy: One of :data:`BOX3D_STRATEGIES`: ``"propagate"`` (slice by slice along
             one axis), ``"consensus"`` (three axes combined, about 4x the encoder work: see
-            :mod:`~MedFMSegmentLib.inference.consensus`), or ``"auto"``: consensus for a box whose
-            sides sum to at most ``consensus_max_slices`` voxels, else propagate.
+            :mod:`~MedFMSegmentLib.inference.consensus`), ``"sparse"`` (two axes, a fraction of the
+            longest side's slices: :mod:`~MedFMSegmentLib.inference.sparse`), or ``"auto"``: consensus for
+            a box whose sides sum to at most ``consensus_max_slices`` voxels, else propagate.
         consensus_rounds: Box re-placement rounds of the consensus strategy (decoder calls only,
             on slices already embedded).
         consensus_max_slices: The ``"auto"`` strategy's limit: the box's sides in voxels, summed
             (the slices consensus embeds); it bounds consensus's encoder time.
         consensus_three_axis_rounds: Further consensus rounds that also re-box the box's middle
             axis (decoder calls only).
+        sparse_stride: The ``sparse`` strategy embeds every this many slices (1: all of them).
+        sparse_rounds: Box track re-placement rounds of the ``sparse`` strategy (decoder calls only).
+        sparse_rebox_after: From this round on, ``sparse`` also re-boxes the shortest side.
     """
 
     box_margin_px: float = 5.0
@@ -77,6 +81,9 @@ class PredictorSettings:
     consensus_max_slices: int = 192
     consensus_rounds: int = 6
     consensus_three_axis_rounds: int = 6
+    sparse_stride: int = 4
+    sparse_rounds: int = 6
+    sparse_rebox_after: int = 3
 
     def __post_init__(self) -> None:
         if self.box3d_strategy not in BOX3D_STRATEGIES:
@@ -88,6 +95,9 @@ class PredictorSettings:
             raise InputError(f"consensus rounds must be 0 or more, got {self.consensus_rounds}")
         if self.consensus_three_axis_rounds < 0:
             raise InputError(f"consensus three-axis rounds must be 0 or more, got {self.consensus_three_axis_rounds}")
+        if self.sparse_stride < 1 or self.sparse_rounds < 0 or self.sparse_rebox_after < 0:
+            raise InputError(f"sparse stride must be 1 or more, rounds and rebox-after 0 or more, got "
+                             f"{self.sparse_stride}, {self.sparse_rounds}, {self.sparse_rebox_after}")
 
     def batch_size_for(self, device: torch.device) -> int:
         """Slices embedded ahead per batch: 16 on a GPU, 0 (lazily, one by one) on a CPU, where
@@ -105,14 +115,18 @@ class PredictorSettings:
             return int(min(8 << 30, total // 4))
         return 1 << 30
 
-    def uses_consensus(self, box: tuple[float, ...]) -> bool:
-        """Whether :attr:`box3d_strategy` means consensus for this voxel ``box``
-        (i0, j0, k0, i1, j1, k1): always for ``"consensus"``, for ``"auto"`` when the box's three
-        sides in voxels sum to at most :attr:`consensus_max_slices`."""
+    def strategy_for(self, box: tuple[float, ...]) -> str:
+        """The strategy :attr:`box3d_strategy` means for this voxel ``box`` (i0, j0, k0, i1, j1,
+        k1): itself, or for ``"auto"`` consensus when the box's three sides in voxels sum to at
+        most :attr:`consensus_max_slices`, else propagate."""
         if self.box3d_strategy == "auto":
             slices = sum(int(round(box[a + 3])) - int(round(box[a])) + 1 for a in range(3))
-            return slices <= self.consensus_max_slices
-        return self.box3d_strategy == "consensus"
+            return "consensus" if slices <= self.consensus_max_slices else "propagate"
+        return self.box3d_strategy
+
+    def uses_consensus(self, box: tuple[float, ...]) -> bool:
+        """Whether :attr:`box3d_strategy` means consensus for this voxel ``box``."""
+        return self.strategy_for(box) == "consensus"
 
 
 def check_cancel(cancel, what: str = "segmentation") -> None:
