@@ -1,7 +1,8 @@
 """A small client of ``medfmsegment serve``: plain Python (http.client), no Qt, no extra package.
 
-Each call is one short HTTP request on a kept-alive connection, so a UI can poll a job from a
-timer. Arrays go as frames (:mod:`.wire`). Errors raise :class:`ServiceError` with the HTTP
+Each call is one or two short HTTP requests on a kept-alive connection, so a UI can poll a job
+from a timer. The requests and the reading of their answers are :mod:`.protocol`'s (the Slicer
+module sends the same ones through Qt); arrays go as frames (:mod:`.wire`). Errors raise :class:`ServiceError` with the HTTP
 status and the server's one-line message (status 0: the service could not be reached).
 
 Example:
@@ -14,66 +15,19 @@ Example:
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from ..geometry import slice_into_volume, voxel_axis_of
-from .wire import MEDIA_TYPE, WireError, decode_frame, encode_frame, geometry_to_dict, volume_id
+from . import protocol
+from .protocol import API, HttpRequest, JobStatus, PromptReply, Response, ServiceError, Steps, checked
 
-__all__ = ["ServiceClient", "ServiceError", "PromptReply", "JobStatus", "read_token"]
-
-API = "/v1"
-
-
-class ServiceError(Exception):
-    """A refused or failed request: ``status`` (HTTP, 0 when unreachable) and a one-line message."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-@dataclass
-class PromptReply:
-    """What a prompt gave: ``mask`` at once (a one-slice prompt) or a ``job_id`` to follow.
-
-    ``array_axis``/``index``/``plane``: the segmented slice of a one-slice prompt (numpy axis of the
-    ``(K, J, I)`` mask and the slice's position), for a viewer that updates one slice only.
-    """
-
-    mask: np.ndarray | None = None
-    job_id: str | None = None
-    array_axis: int | None = None
-    index: int | None = None
-    plane: np.ndarray | None = None
-
-
-@dataclass
-class JobStatus:
-    """A job's state (``queued``, ``running``, ``done``, ``failed``, ``cancelled``) and progress."""
-
-    job_id: str
-    kind: str
-    state: str
-    done: int
-    planned: int
-    stage: str
-    message: str
-    metrics: dict = field(default_factory=dict)
-    updates: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return self.state in ("done", "failed", "cancelled")
+__all__ = ["ServiceClient", "ServiceError", "PromptReply", "JobStatus", "read_token", "API"]
 
 
 def read_token(token_file: str | os.PathLike | None = None) -> str | None:
@@ -86,16 +40,10 @@ def read_token(token_file: str | os.PathLike | None = None) -> str | None:
     return os.environ.get("MEDFMSEGMENT_TOKEN") or None
 
 
-def _mask_from_frame(header: dict, arrays: list[np.ndarray]) -> np.ndarray:
-    if header.get("kind") == "slice":
-        mask = np.zeros(tuple(header["shape"]), dtype=bool)
-        slice_into_volume(mask, voxel_axis_of(int(header["array_axis"])), int(header["index"]), arrays[0])
-        return mask
-    return arrays[0].astype(bool, copy=False)
-
-
 class ServiceClient:
     """Client of one service at ``url`` (``http://host:port``); thread-safe (one request at a time).
+
+    Each verb runs the :mod:`.protocol` generator of the same name over this client's connection.
 
     Args:
         url: The service's address, as its ready line printed it.
@@ -124,22 +72,17 @@ class ServiceClient:
         kind = http.client.HTTPSConnection if self._parsed.scheme == "https" else http.client.HTTPConnection
         return kind(self._parsed.hostname, self._parsed.port, timeout=self.timeout)
 
-    def request(self, method: str, path: str, body: bytes | dict | None = None,
-                query: dict | None = None) -> tuple[int, str, bytes]:
-        """Send one request; ``(status, content type, body)`` of a 2xx answer, else ServiceError."""
+    def exchange(self, request: HttpRequest) -> Response:
+        """Send one request; its answer whatever the status (status 0: the service was not reached)."""
         headers = {"Authorization": f"Bearer {self.token or ''}"}
-        if isinstance(body, dict):
-            body = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        elif body is not None:
-            headers["Content-Type"] = MEDIA_TYPE
-        target = API + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        if request.content_type is not None:
+            headers["Content-Type"] = request.content_type
         with self._lock:
             for attempt in (0, 1):
                 if self._connection is None:
                     self._connection = self._connect()
                 try:
-                    self._connection.request(method, target, body=body, headers=headers)
+                    self._connection.request(request.method, request.target, body=request.body, headers=headers)
                     response = self._connection.getresponse()
                     data = response.read()
                     break
@@ -149,27 +92,30 @@ class ServiceClient:
                     # A kept-alive connection the server closed: retry once on a fresh one.
                     if attempt == 1 or not isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError,
                                                             BrokenPipeError)):
-                        raise ServiceError(0, f"cannot reach the service at {self.url}: {exc}") from None
+                        return Response(0, "", b"", f"cannot reach the service at {self.url}: {exc}")
             if response.getheader("Connection", "").lower() == "close":
                 self._connection.close()
                 self._connection = None
+        return Response(response.status, response.getheader("Content-Type", ""), data, response.reason)
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None,
+                query: dict | None = None) -> tuple[int, str, bytes]:
+        """Send one request; ``(status, content type, body)`` of a 2xx answer, else ServiceError."""
+        json_body, frame = (body, None) if isinstance(body, dict) else (None, body)
+        response = self.exchange(HttpRequest(method, path, json=json_body, frame=frame, query=query))
         if not 200 <= response.status < 300:
-            try:
-                message = json.loads(data)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = data[:200].decode("utf-8", "replace").strip() or response.reason
-            raise ServiceError(response.status, str(message))
-        return response.status, response.getheader("Content-Type", ""), data
+            raise response.error()
+        return response.status, response.content_type, response.data
 
-    def _json(self, method: str, path: str, body: dict | None = None, query: dict | None = None) -> Any:
-        return json.loads(self.request(method, path, body, query)[2] or b"null")
-
-    def _frame(self, method: str, path: str, body: dict | None = None, query: dict | None = None):
-        _, kind, data = self.request(method, path, body, query)
+    def _run(self, steps: Steps) -> Any:
+        """Run one :mod:`.protocol` verb: send each request it yields, hand it the answer."""
+        steps = checked(steps)
         try:
-            return decode_frame(data)
-        except WireError as exc:
-            raise ServiceError(0, f"malformed answer from the service: {exc}") from None
+            request = next(steps)
+            while True:
+                request = steps.send(self.exchange(request))
+        except StopIteration as stop:
+            return stop.value
 
     def close(self) -> None:
         with self._lock:
@@ -180,38 +126,24 @@ class ServiceClient:
     # ------------------------------------------------------------------ resources
     def info(self) -> dict:
         """Versions, device, models, adapters and limits of the service."""
-        return self._json("GET", "/info")
+        return self._run(protocol.info())
 
     def has_volume(self, vid: str) -> bool:
-        try:
-            self.request("HEAD", f"/volumes/{vid}")
-            return True
-        except ServiceError as exc:
-            if exc.status == 404:
-                return False
-            raise
+        return self._run(protocol.has_volume(vid))
 
     def upload_volume(self, array_kji: np.ndarray, geometry, is_2d: bool = False, modality: str | None = None) -> str:
         """Send a ``(K, J, I)`` volume on ``geometry`` once; returns its content-derived id (nothing
         is sent when the service already holds it)."""
-        array = np.ascontiguousarray(array_kji)
-        vid = volume_id(array, geometry, is_2d)
-        if self.has_volume(vid):
-            return vid
-        frame = encode_frame([array], {"geometry": geometry_to_dict(geometry), "is_2d": bool(is_2d),
-                                       "modality": modality, "volume_id": vid}, level=self.compression)
-        return self._json("POST", "/volumes", frame)["volume_id"]
+        return self._run(protocol.upload_volume(array_kji, geometry, is_2d, modality, compression=self.compression))
 
     def delete_volume(self, vid: str) -> None:
-        self._json("DELETE", f"/volumes/{vid}")
+        self._run(protocol.delete_volume(vid))
 
     def focus(self, vid: str, axis: str | int, index: int, model: str | None = None, adapter: str | None = None,
               radius: int = 2) -> dict:
         """Embed slice ``index`` along ``axis`` (a name or voxel axis 0 = I, 1 = J, 2 = K) and
         ``radius`` neighbours each side ahead of a prompt, in the background."""
-        body = {"axis": axis, "index": int(index), "radius": int(radius)}
-        body.update({k: v for k, v in (("model", model), ("adapter", adapter)) if v is not None})
-        return self._json("POST", f"/volumes/{vid}/focus", body)
+        return self._run(protocol.focus(vid, axis, index, model, adapter, radius))
 
     def prompt(self, vid: str, prompts, *, axis: str | int = "auto", model: str | None = None,
                adapter: str | None = None, box3d_strategy: str | None = None, propagate: bool | None = None,
@@ -219,75 +151,50 @@ class ServiceClient:
         """Segment from ``prompts`` (a :class:`~MedFMSegmentLib.prompts.Prompts` or its dict: box,
         points, negatives in voxel indices): a one-slice prompt answers with ``.mask``, others
         with ``.job_id``."""
-        body = dict(prompts.to_dict() if hasattr(prompts, "to_dict") else prompts)
-        body["axis"] = axis
-        for key, value in (("model", model), ("adapter", adapter), ("box3d_strategy", box3d_strategy),
-                           ("propagate", propagate), ("intensity", intensity)):
-            if value is not None:
-                body[key] = value
-        status, _, data = self.request("POST", f"/volumes/{vid}/prompts", body)
-        if status == 202:
-            return PromptReply(job_id=json.loads(data)["job_id"])
-        header, arrays = decode_frame(data)
-        mask = _mask_from_frame(header, arrays)
-        if header.get("kind") == "slice":
-            return PromptReply(mask=mask, array_axis=int(header["array_axis"]), index=int(header["index"]),
-                               plane=arrays[0])
-        return PromptReply(mask=mask)
+        return self._run(protocol.prompt(vid, prompts, axis=axis, model=model, adapter=adapter,
+                                         box3d_strategy=box3d_strategy, propagate=propagate, intensity=intensity))
 
     def automatic(self, vid: str, adapter: str, keep_components: str | None = None) -> str:
         """Start prompt-free segmentation of a volume with ``adapter``; returns the job id."""
-        body = {"adapter": adapter} | ({"keep_components": keep_components} if keep_components else {})
-        return self._json("POST", f"/volumes/{vid}/automatic", body)["job_id"]
+        return self._run(protocol.automatic(vid, adapter, keep_components))
 
     def finetune(self, images: list, labels: list, config: dict) -> str:
         """Start fine-tuning a new adapter (``config["name"]``) on image/label pairs: volume ids, or
         :class:`~MedFMSegmentLib.io.MedicalImage` objects (uploaded first); returns the job id."""
-        def ids(items: list) -> list[str]:
-            return [item if isinstance(item, str) else self.upload_volume(item.array, item.geometry, item.is_2d)
-                    for item in items]
-
-        return self._json("POST", "/finetune", {"images": ids(images), "labels": ids(labels), "config": config})["job_id"]
+        return self._run(protocol.finetune(images, labels, config, compression=self.compression))
 
     def job(self, job_id: str) -> JobStatus:
-        data = self._json("GET", f"/jobs/{job_id}")
-        return JobStatus(**{k: data[k] for k in JobStatus.__dataclass_fields__ if k in data})
+        return self._run(protocol.job(job_id))
 
     def updates(self, job_id: str, since: int = 0) -> tuple[int, list[tuple[int, int, np.ndarray]]]:
         """``(next cursor, [(array_axis, index, plane), ...])``: result slices written since ``since``
         (``array_axis``: numpy axis of the ``(K, J, I)`` mask). Replaying all of them in order on an
         empty mask gives the final result."""
-        header, arrays = self._frame("GET", f"/jobs/{job_id}/updates", query={"since": int(since)})
-        return int(header["next"]), [(int(a), int(i), plane) for (a, i), plane in zip(header["slices"], arrays)]
+        return self._run(protocol.updates(job_id, since))
 
     def reports(self, job_id: str, since: int = 0) -> tuple[int, list[dict]]:
         """``(next cursor, [report, ...])``: a job's progress reports since ``since``, each as the
         library gave it (fine-tuning: ``{"stage": "embedding", "done", "total"}``, then
         ``{"step", "steps", "loss", "val_dice"}`` per step), so a client can print every one."""
-        data = self._json("GET", f"/jobs/{job_id}/reports", query={"since": int(since)})
-        return int(data["next"]), list(data["reports"])
+        return self._run(protocol.reports(job_id, since))
 
     def result(self, job_id: str):
         """A finished job's result: the ``(K, J, I)`` bool mask, or a dict (fine-tuning: the adapter)."""
-        _, kind, data = self.request("GET", f"/jobs/{job_id}/result")
-        if kind.startswith(MEDIA_TYPE):
-            return _mask_from_frame(*decode_frame(data))
-        return json.loads(data)
+        return self._run(protocol.result(job_id))
 
     def cancel(self, job_id: str) -> JobStatus:
-        data = self._json("POST", f"/jobs/{job_id}/cancel")
-        return JobStatus(**{k: data[k] for k in JobStatus.__dataclass_fields__ if k in data})
+        return self._run(protocol.cancel(job_id))
 
     def adapters(self) -> list[dict]:
         """Adapters of the service: ``{"name", "metadata"}`` each."""
-        return self._json("GET", "/adapters")
+        return self._run(protocol.adapters())
 
     def download_adapter(self, name: str, folder: str | os.PathLike) -> Path:
         """Copy the service's adapter ``name`` into the new local folder ``folder`` (written atomically)."""
         from .archive import ArchiveError, unpack_adapter
 
         try:
-            return unpack_adapter(self.request("GET", f"/adapters/{name}/archive")[2], folder)
+            return unpack_adapter(self._run(protocol.adapter_archive(name)), folder)
         except ArchiveError as exc:
             raise ServiceError(0, str(exc)) from None
 
@@ -300,7 +207,7 @@ class ServiceClient:
             data = pack_adapter(folder)
         except ArchiveError as exc:
             raise ServiceError(0, str(exc)) from None
-        return json.loads(self.request("PUT", f"/adapters/{name or Path(folder).name}/archive", data)[2])
+        return self._run(protocol.upload_adapter_archive(name or Path(folder).name, data))
 
     def wait(self, job_id: str, poll: float = 0.2, progress: Callable[[JobStatus], None] | None = None,
              timeout: float | None = None):

@@ -5,9 +5,10 @@ The controller never calls the service itself: it yields :class:`Call` objects (
 later through a callback, so nothing in Slicer's main thread waits on the network.
 
 * :class:`RunnerTransport` runs a call at once on an object with the verbs (a stand-in in tests).
-* :class:`HttpTransport` turns each call into HTTP exchanges (:data:`VERBS`: request bodies as the
-  service reads them, answers parsed as :class:`~MedFMSegmentLib.service.client.ServiceClient`
-  parses them) and hands each exchange to an ``exchange(request, on_response)`` function:
+* :class:`HttpTransport` turns each call into HTTP exchanges (the verbs of
+  :mod:`MedFMSegmentLib.service.protocol`, the ones
+  :class:`~MedFMSegmentLib.service.client.ServiceClient` runs) and hands each exchange to an
+  ``exchange(request, on_response)`` function:
   :class:`BlockingExchange` (``http.client`` through a ``ServiceClient``; tests and scripts) or,
   in Slicer, the module's ``QNetworkAccessManager`` exchange, whose answers arrive from Qt's
   event loop. ``on_response(status, content_type, data, reason)``: status 0 when unreachable,
@@ -16,16 +17,10 @@ later through a callback, so nothing in Slicer's main thread waits on the networ
 
 from __future__ import annotations
 
-import json
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Protocol
 
-import numpy as np
-
-from ..geometry import slice_into_volume, voxel_axis_of
-from ..service.client import API, JobStatus, PromptReply, ServiceError
-from ..service.wire import MEDIA_TYPE, WireError, decode_frame, encode_frame, geometry_to_dict, volume_id
+from ..service.protocol import VERBS, HttpRequest, Response, Steps, checked
 
 __all__ = ["Call", "Transport", "RunnerTransport", "HttpRequest", "HttpTransport", "BlockingExchange", "VERBS"]
 
@@ -67,139 +62,6 @@ class RunnerTransport:
         done(result, None)
 
 
-@dataclass
-class HttpRequest:
-    """One HTTP request to the service: ``target`` is the path with the API prefix and query."""
-
-    method: str
-    path: str
-    json: dict | None = None
-    frame: bytes | None = None
-    query: dict | None = None
-
-    @property
-    def target(self) -> str:
-        return API + self.path + ("?" + urllib.parse.urlencode(self.query) if self.query else "")
-
-    @property
-    def body(self) -> bytes | None:
-        return json.dumps(self.json).encode() if self.json is not None else self.frame
-
-    @property
-    def content_type(self) -> str | None:
-        return "application/json" if self.json is not None else MEDIA_TYPE if self.frame is not None else None
-
-
-@dataclass
-class _Response:
-    status: int  # 0: the service could not be reached (``reason`` says why)
-    content_type: str
-    data: bytes
-    reason: str = ""
-
-    def json(self) -> Any:
-        return json.loads(self.data or b"null")
-
-    def frame(self) -> tuple[dict, list]:
-        try:
-            return decode_frame(self.data)
-        except WireError as exc:
-            raise ServiceError(0, f"malformed answer from the service: {exc}") from None
-
-    def error(self) -> ServiceError:
-        if self.status == 0:
-            return ServiceError(0, self.reason or "cannot reach the service")
-        try:
-            message = str(json.loads(self.data)["error"])
-        except (ValueError, KeyError, TypeError):
-            message = self.data[:200].decode("utf-8", "replace").strip() or self.reason or f"HTTP {self.status}"
-        return ServiceError(self.status, message)
-
-
-Steps = Generator[HttpRequest, _Response, Any]
-
-
-def _checked(steps: Steps) -> Steps:
-    """``steps`` with each non-2xx answer raised into it as :class:`ServiceError` (HEAD 404: passed on)."""
-    request = next(steps)
-    while True:
-        response = yield request
-        try:
-            if 200 <= response.status < 300 or (request.method == "HEAD" and response.status == 404):
-                request = steps.send(response)
-            else:
-                request = steps.throw(response.error())
-        except StopIteration as stop:
-            return stop.value
-
-
-def _mask(header: dict, arrays: list) -> np.ndarray:
-    if header.get("kind") != "slice":
-        return arrays[0].astype(bool, copy=False)
-    mask = np.zeros(tuple(header["shape"]), bool)
-    slice_into_volume(mask, voxel_axis_of(int(header["array_axis"])), int(header["index"]), arrays[0])
-    return mask
-
-
-# ---------------------------------------------------------------------------- the verbs as HTTP
-def _upload_volume(array_kji, geometry, is_2d: bool = False, compression: int = 0) -> Steps:
-    array = np.ascontiguousarray(array_kji)
-    vid = volume_id(array, geometry, is_2d)
-    if (yield HttpRequest("HEAD", f"/volumes/{vid}")).status != 404:
-        return vid  # the service holds it already: nothing is sent
-    frame = encode_frame([array], {"geometry": geometry_to_dict(geometry), "is_2d": bool(is_2d), "modality": None,
-                                   "volume_id": vid}, level=compression)
-    return (yield HttpRequest("POST", "/volumes", frame=frame)).json()["volume_id"]
-
-
-def _prompt(vid: str, prompts, *, axis="auto", model=None, adapter=None, box3d_strategy=None, propagate=None) -> Steps:
-    body = dict(prompts.to_dict(), axis=axis)
-    body.update({k: v for k, v in (("model", model), ("adapter", adapter), ("box3d_strategy", box3d_strategy),
-                                   ("propagate", propagate)) if v is not None})
-    response = yield HttpRequest("POST", f"/volumes/{vid}/prompts", json=body)
-    if response.status == 202:
-        return PromptReply(job_id=response.json()["job_id"])
-    header, arrays = response.frame()
-    if header.get("kind") != "slice":
-        return PromptReply(mask=_mask(header, arrays))
-    return PromptReply(mask=_mask(header, arrays), array_axis=int(header["array_axis"]), index=int(header["index"]),
-                       plane=arrays[0])
-
-
-def _focus(vid: str, axis, index: int, model=None, adapter=None, radius: int = 2) -> Steps:
-    body = {"axis": axis, "index": int(index), "radius": int(radius)}
-    body.update({k: v for k, v in (("model", model), ("adapter", adapter)) if v is not None})
-    return (yield HttpRequest("POST", f"/volumes/{vid}/focus", json=body)).json()
-
-
-def _job_status(data: dict) -> JobStatus:
-    return JobStatus(**{k: data[k] for k in JobStatus.__dataclass_fields__ if k in data})
-
-
-def _job(job_id: str) -> Steps:
-    return _job_status((yield HttpRequest("GET", f"/jobs/{job_id}")).json())
-
-
-def _updates(job_id: str, since: int = 0) -> Steps:
-    header, arrays = (yield HttpRequest("GET", f"/jobs/{job_id}/updates", query={"since": int(since)})).frame()
-    return int(header["next"]), [(int(a), int(i), plane) for (a, i), plane in zip(header["slices"], arrays)]
-
-
-def _result(job_id: str) -> Steps:
-    response = yield HttpRequest("GET", f"/jobs/{job_id}/result")
-    if not response.content_type.startswith(MEDIA_TYPE):
-        return response.json()
-    return _mask(*response.frame())
-
-
-def _cancel(job_id: str) -> Steps:
-    return _job_status((yield HttpRequest("POST", f"/jobs/{job_id}/cancel", json={})).json())
-
-
-VERBS: dict[str, Callable[..., Steps]] = {"upload_volume": _upload_volume, "prompt": _prompt, "focus": _focus,
-                                          "job": _job, "updates": _updates, "result": _result, "cancel": _cancel}
-
-
 class HttpTransport:
     """Runs each call as its HTTP exchanges, one after the other, through ``exchange``.
 
@@ -215,13 +77,13 @@ class HttpTransport:
     def send(self, call: Call, done: Done) -> None:
         kwargs = dict(call.kwargs, compression=self.compression) if call.verb == "upload_volume" else call.kwargs
         try:
-            steps = _checked(VERBS[call.verb](*call.args, **kwargs))
+            steps = checked(VERBS[call.verb](*call.args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - a bad call is the caller's error
             done(None, exc)
             return
         self._step(steps, None, done)
 
-    def _step(self, steps: Steps, response: _Response | None, done: Done) -> None:
+    def _step(self, steps: Steps, response: Response | None, done: Done) -> None:
         try:
             request = next(steps) if response is None else steps.send(response)
         except StopIteration as stop:
@@ -232,7 +94,7 @@ class HttpTransport:
             return
 
         def on_response(status: int, content_type: str, data: bytes, reason: str = "") -> None:
-            self._step(steps, _Response(int(status or 0), content_type or "", data or b"", reason), done)
+            self._step(steps, Response(int(status or 0), content_type or "", data or b"", reason), done)
 
         try:
             self.exchange(request, on_response)
@@ -249,16 +111,8 @@ class BlockingExchange:
         self.client = client
 
     def __call__(self, request: HttpRequest, on_response: Callable) -> None:
-        body = request.json if request.json is not None else request.frame
-        try:
-            status, content_type, data = self.client.request(request.method, request.path, body, request.query)
-        except ServiceError as exc:
-            if exc.status == 0:
-                on_response(0, "", b"", exc.message)
-            else:
-                on_response(exc.status, "application/json", json.dumps({"error": exc.message}).encode())
-            return
-        on_response(status, content_type, data)
+        response = self.client.exchange(request)
+        on_response(response.status, response.content_type, response.data, response.reason)
 
 
 def blocking_transport(client) -> HttpTransport:
