@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the settings' training steps")
     parser.add_argument("--embedding-budget", type=int, default=None, help="override the embedding budget")
     parser.add_argument("--sizes", default=None, help="override the training-case counts, e.g. 3,5")
+    parser.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1")
     parser.add_argument("-o", "--output", default=str(RESULT))
     args = parser.parse_args(argv)
     if not DATA_DIR.is_dir():
@@ -245,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             settings[name] = getattr(args, name)
     if args.sizes:
         settings["sizes"] = [int(n) for n in args.sizes.split(",")]
+    if args.seeds:
+        settings["seeds"] = [int(n) for n in args.seeds.split(",")]
     parts = [p for p in (args.parts or ("hc18" if args.quick else "hippocampus,hc18")).split(",") if p]
     loop_parts = (args.loop_parts or ",".join(parts)).split(",")
     result = {"benchmark": "learning_curves", "quick": args.quick, "machine": machine(), "settings": settings,

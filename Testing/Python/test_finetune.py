@@ -152,8 +152,8 @@ def test_finetune_cli_offers_the_trainer_encoder_modes():
     from MedFMSegmentLib.cli import finetune as finetune_command
     from MedFMSegmentLib.finetune.trainer import ENCODER_MODES
 
-    subparsers = argparse.ArgumentParser().add_subparsers()
-    parser = finetune_command.register(subparsers)
+    parser = argparse.ArgumentParser()
+    finetune_command.add_arguments(parser)
     action = next(a for a in parser._actions if "--encoder" in a.option_strings)
     assert tuple(action.choices) == ENCODER_MODES and action.default == "auto"
 
