@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import InputError
+from .openvino_graphs import quiet_torch_threads
 from .openvino import (CACHE_ENV, OpenVINOAccelerator, cache_dir, cpu_has_native_bf16, openvino_version,
                        weights_digest)
 
@@ -186,25 +186,3 @@ def accelerate(model: PromptableModel, backend: str = "auto", precision: str | N
     return model
 
 
-@contextmanager
-def quiet_torch_threads(model: PromptableModel) -> Iterator[None]:
-    """Run the PyTorch work between a model's OpenVINO calls on one thread.
-
-    After a parallel PyTorch operation, PyTorch's OpenMP threads keep spinning for some
-    milliseconds, and an OpenVINO graph started then shares the cores with them and runs
-    measurably slower. So the small PyTorch steps of a prompt (upsampling, thresholding,
-    statistics) run single-threaded when ``model`` runs on OpenVINO; elsewhere this does nothing.
-
-    ``torch.set_num_threads`` is process-wide for threads that start meanwhile; the count is
-    restored on exit.
-    """
-    accelerator = getattr(model, "accelerator", None)
-    threads = torch.get_num_threads()
-    if getattr(accelerator, "name", None) != "openvino" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

@@ -18,9 +18,10 @@ import os
 import shutil
 import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -31,8 +32,9 @@ from ..files import atomic_write_text, new_sibling, safe_name
 if TYPE_CHECKING:
     from ..models import PromptableModel
 
-__all__ = ["CACHE_ENV", "DECODER_PART", "Source", "cache_dir", "compile_int8_encoder", "compile_part", "cpu_has_native_bf16",
-           "example_images", "fingerprint", "openvino_version", "weights_digest"]
+__all__ = ["CACHE_ENV", "DECODER_PART", "Source", "cache_dir", "compile_int8_encoder", "compile_part", "compute_threads",
+           "cpu_has_native_bf16", "example_images", "fingerprint", "openvino_version", "quiet_torch_threads",
+           "weights_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,40 @@ def cpu_has_native_bf16() -> bool:
         return "BF16" in _get_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     except Exception:  # noqa: BLE001 - an unreadable property means: do not rely on bf16
         return False
+
+
+_quiet = threading.local()  # per thread: the count its open quiet_torch_threads block put aside
+
+
+def compute_threads() -> int:
+    """This thread's PyTorch thread count as configured, also inside :func:`quiet_torch_threads`
+    (where it is 1 for a moment): what OpenVINO graphs compile with and what their cache keys
+    name, so a graph first used inside such a block still runs on every thread."""
+    return getattr(_quiet, "threads", None) or torch.get_num_threads()
+
+
+@contextmanager
+def quiet_torch_threads(model: PromptableModel) -> Iterator[None]:
+    """Run the PyTorch work between a model's OpenVINO calls on one thread.
+
+    After a parallel PyTorch operation, PyTorch's OpenMP threads keep spinning for some
+    milliseconds, and an OpenVINO graph started then shares the cores with them and runs
+    measurably slower. So the small PyTorch steps of a prompt (upsampling, thresholding,
+    statistics) run single-threaded when ``model`` runs on OpenVINO; elsewhere this does nothing.
+    The count (PyTorch keeps it per thread) is restored on exit.
+    """
+    accelerator = getattr(model, "accelerator", None)
+    threads = torch.get_num_threads()
+    if getattr(accelerator, "name", None) != "openvino" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    _quiet.threads = threads
+    try:
+        yield
+    finally:
+        _quiet.threads = None
+        torch.set_num_threads(threads)
 
 
 def cache_dir() -> Path:
@@ -201,7 +237,7 @@ def _precision_check_file(part: str, model: PromptableModel, digest: str, precis
         cpu = _get_core().get_property("CPU", "FULL_DEVICE_NAME")
     except Exception:  # noqa: BLE001
         cpu = "unknown"
-    cpu_key = hashlib.sha256(f"{cpu}|{torch.get_num_threads()}".encode()).hexdigest()[:16]
+    cpu_key = hashlib.sha256(f"{cpu}|{compute_threads()}".encode()).hexdigest()[:16]
     return _cache_folder(part, model, digest) / f"check-{precision}-{cpu_key}.json"
 
 
@@ -278,7 +314,7 @@ def _save_atomically(converted, folder: Path, meta: dict) -> None:
 def _compile_config(precision: str = "f32") -> dict:
     # The precision always explicit: on CPUs with AMX/AVX-512-BF16 OpenVINO would otherwise pick
     # bf16 on its own. LATENCY + torch's thread count: one request at a time, as the predictor uses it.
-    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()),
+    return {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": max(1, compute_threads()),
             "INFERENCE_PRECISION_HINT": precision}
 
 
@@ -317,7 +353,7 @@ def compile_part(part: str, model: PromptableModel, source: Source, example_fn: 
     giving bad masks, and later processes skip the check.
     """
     digest = source.digest
-    key = (part, model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), precision)
+    key = (part, model.spec.name, digest, compute_threads(), str(cache_dir()), precision)
     with _process_lock:
         compiled = _process_cache.get(key)
         if compiled is not None:
@@ -360,7 +396,7 @@ def compile_int8_encoder(model: PromptableModel, source: Source, images: torch.T
     from .int8 import CALIBRATION_VERSION, nncf_version, quantize_encoder
 
     digest = source.digest
-    key = ("encoder-int8", model.spec.name, digest, torch.get_num_threads(), str(cache_dir()), float_precision)
+    key = ("encoder-int8", model.spec.name, digest, compute_threads(), str(cache_dir()), float_precision)
     with _process_lock:
         compiled = _process_cache.get(key)
         if compiled is not None:

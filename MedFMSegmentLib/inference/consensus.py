@@ -31,7 +31,7 @@ from .settings import (NOT_SEGMENTED_LOGIT, PredictorSettings, ProgressCallback,
                        emit_changes)
 from .slices import SliceDecoder
 
-__all__ = ["rebox_logits", "segment_box_consensus"]
+__all__ = ["rebox_logits", "segment_box_consensus", "track_logits"]
 
 
 def segment_box_consensus(along: Callable[[int], SliceDecoder], box: Sequence[float], shape: tuple[int, int, int],
@@ -68,27 +68,44 @@ def segment_box_consensus(along: Callable[[int], SliceDecoder], box: Sequence[fl
     decoder.prefetch(targets, cancel=cancel)
     result = short_logits > 0
     for round_number in range(rounds):
-        seen = [(index, mask_bbox(slice_from_volume(source, longest, index))) for index in targets]
-        seen = [(index, b) for index, b in seen if b is not None]
-        if not seen:
+        tracked = track_logits(decoder, source, rect, targets, cancel)
+        if tracked is None:
             break
         middle_logits = 0.0
         if round_number >= settings.consensus_rounds:
             middle_logits = rebox_logits(along(middle), source, box, cancel)
-        boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], targets)
         long_logits = np.full(shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
-        for index, b in zip(targets, boxes):
-            check_cancel(cancel)
-            slice_box = expand_box(b, decoder.box_margin(), decoder.slice_shape, rect)
-            if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:
-                continue  # the fitted track left the 3D box here
-            slice_into_volume(long_logits, longest, index, decoder.decode_logits(index, slice_box))
+        for index, logits in tracked.items():
+            slice_into_volume(long_logits, longest, index, logits)
         combined = (short_logits + middle_logits + long_logits) > 0
         emit_changes(result, combined, longest, on_update)
         result = source = combined
         if progress:
             progress(3 + round_number, stages)
     return result
+
+
+def track_logits(decoder: SliceDecoder, source: np.ndarray, rect: Sequence[float], slices: Sequence[int],
+                 cancel: threading.Event | None = None) -> dict[int, np.ndarray] | None:
+    """Logits of each of ``slices`` along the decoder's axis, decoded with a smooth box track
+    fitted to ``source``'s boxes on them (plus ``box_margin_px``, clipped to the 3D box's ``rect``);
+    a slice where the track leaves the 3D box gets :data:`NOT_SEGMENTED_LOGIT`. None when
+    ``source`` is empty on all of them."""
+    axis = decoder.voxel_axis
+    seen = [(index, mask_bbox(slice_from_volume(source, axis, index))) for index in slices]
+    seen = [(index, b) for index, b in seen if b is not None]
+    if not seen:
+        return None
+    boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], list(slices))
+    logits = {}
+    for index, b in zip(slices, boxes):
+        check_cancel(cancel)
+        slice_box = expand_box(b, decoder.box_margin(), decoder.slice_shape, rect)
+        if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:  # the track left the 3D box
+            logits[index] = np.full(decoder.slice_shape, NOT_SEGMENTED_LOGIT, np.float32)
+        else:
+            logits[index] = decoder.decode_logits(index, slice_box)
+    return logits
 
 
 def rebox_logits(decoder: SliceDecoder, mask: np.ndarray, box: Sequence[float],

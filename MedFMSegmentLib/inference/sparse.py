@@ -24,12 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..geometry import axes_by_extent, box_on_axis, slice_from_volume, slice_into_volume
-from ..prompts import expand_box, mask_bbox, smooth_box_track
-from .consensus import rebox_logits
+from ..geometry import axes_by_extent, box_on_axis, slice_into_volume
+from .consensus import rebox_logits, track_logits
 from .propagate import propagate_box_logits
-from .settings import (NOT_SEGMENTED_LOGIT, PredictorSettings, ProgressCallback, UpdateCallback, check_cancel,
-                       emit_changes)
+from .settings import NOT_SEGMENTED_LOGIT, PredictorSettings, ProgressCallback, UpdateCallback, emit_changes
 from .slices import SliceDecoder
 
 __all__ = ["interpolate_logits", "outward_order", "segment_box_sparse", "sparse_slices"]
@@ -90,22 +88,12 @@ def segment_box_sparse(along: Callable[[int], SliceDecoder], box: Sequence[float
     decoder.prefetch(chosen, cancel=cancel)
     result = source = short_logits > 0
     for round_number in range(settings.sparse_rounds):
-        seen = [(index, mask_bbox(slice_from_volume(source, longest, index))) for index in chosen]
-        seen = [(index, b) for index, b in seen if b is not None]
-        if not seen:
+        logits = track_logits(decoder, source, rect, chosen, cancel)
+        if logits is None:
             break
         rebox = 0.0
         if round_number >= settings.sparse_rebox_after:
             rebox = rebox_logits(along(shortest), source, box, cancel)
-        boxes = smooth_box_track([i for i, _ in seen], [b for _, b in seen], chosen)
-        logits = {}
-        for index, b in zip(chosen, boxes):
-            check_cancel(cancel)
-            slice_box = expand_box(b, decoder.box_margin(), decoder.slice_shape, rect)
-            if slice_box[0] > slice_box[2] or slice_box[1] > slice_box[3]:  # the track left the 3D box
-                logits[index] = np.full(decoder.slice_shape, NOT_SEGMENTED_LOGIT, np.float32)
-            else:
-                logits[index] = decoder.decode_logits(index, slice_box)
         long_logits = np.full(shape, NOT_SEGMENTED_LOGIT, dtype=np.float32)
         for index in range(first, last + 1):
             slice_into_volume(long_logits, longest, index, interpolate_logits(logits, index))

@@ -433,3 +433,23 @@ def test_quiet_torch_threads_only_around_openvino(f32_litemedsam, torch_litemeds
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_graphs_compile_with_the_configured_threads_inside_a_quiet_block():
+    """Inside ``quiet_torch_threads`` PyTorch runs on one thread, but a graph first compiled there
+    (and its cache keys) must still take the configured count, restored when the block ends."""
+    from types import SimpleNamespace
+
+    from MedFMSegmentLib.backends import quiet_torch_threads
+    from MedFMSegmentLib.backends.openvino_graphs import _compile_config, compute_threads
+
+    on_openvino = SimpleNamespace(accelerator=SimpleNamespace(name="openvino"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with quiet_torch_threads(on_openvino):
+            assert torch.get_num_threads() == 1
+            assert compute_threads() == 2 and _compile_config()["INFERENCE_NUM_THREADS"] == 2
+        assert torch.get_num_threads() == 2 and compute_threads() == 2
+    finally:
+        torch.set_num_threads(before)
