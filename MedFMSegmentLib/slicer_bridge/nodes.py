@@ -29,6 +29,12 @@ from ..geometry import VolumeGeometry, roi_corners
 from ..io import MedicalImage
 from ..prompts import Prompts
 
+__all__ = ["add_segment", "DEFAULT_SEGMENT_COLOR", "image_to_volume_node", "labelmap_from_mask",
+           "list_adapters", "markups_to_prompts", "mask_region", "mask_to_segment", "merged_mask",
+           "node_to_world_matrix", "roi_corners_world", "roi_to_box", "segment_to_mask", "SegmentUndoStack",
+           "slice_view_voxel_slice", "union_region", "volume_geometry", "volume_ijk_to_world",
+           "volume_node_to_image", "volume_shape", "write_mask_region"]
+
 #: Colour given to segments the AI creates (RGB in 0..1).
 DEFAULT_SEGMENT_COLOR = (0.9, 0.3, 0.2)
 
