@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["DATA_DIR", "HC18", "HIPPOCAMPUS", "CT", "CT_VOLUME", "require_data", "bbox3d", "hippocampus_names",
            "hippocampus_case", "hippocampus_split", "hippocampus_largest", "hc18_names", "hc18_case",
-           "hc18_split", "ct_case"]
+           "hc18_split", "ct_case", "ct_series_classes"]
 
 DATA_DIR = Path(os.environ.get("MEDFMSEGMENT_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 HIPPOCAMPUS = DATA_DIR / "msd_hippocampus_mri"
@@ -114,3 +114,20 @@ def ct_case():
     seg = read_image(CT / "example_seg_dicom.nii.gz").array.astype(int)
     labels, counts = np.unique(seg[seg > 0], return_counts=True)
     return folder, bbox3d(seg == labels[np.argmax(counts)])
+
+
+def ct_series_classes():
+    """``(MedicalImage, classes)`` of the CT series: TotalSegmentator's class map (v2 ids, a model's
+    output, a rough reference only) resampled onto the series' grid; None when absent."""
+    import SimpleITK as sitk
+
+    from MedFMSegmentLib.io import find_dicom_series, mask_to_sitk, read_dicom_series
+
+    folder = CT / "example_ct_dicom"
+    if not folder.is_dir():
+        return None
+    (_, files), = find_dicom_series(folder)
+    image = read_dicom_series(files, source=str(folder))
+    grid = mask_to_sitk(np.zeros(image.geometry.shape, bool), image.geometry)
+    seg = sitk.ReadImage(str(CT / "example_seg_dicom.nii.gz"))
+    return image, sitk.GetArrayFromImage(sitk.Resample(seg, grid, sitk.Transform(), sitk.sitkNearestNeighbor))

@@ -72,7 +72,9 @@ def hardware(run: dict | None) -> str:
         device = str((run or {}).get("device", "unknown"))
         return device.split(" (")[0].replace("NVIDIA ", "")
     flags = machine.get("cpu_vector_flags")
-    extra = " (AVX-512-BF16)" if flags and "avx512_bf16" in flags else ""
+    extra = ""
+    if flags:
+        extra = " (AVX-512-BF16)" if "avx512_bf16" in flags else "" if "avx512f" in flags else " (AVX2, no AVX-512)"
     return f"{machine.get('cpu_count', '?')}-core {machine.get('cpu', 'CPU')}{extra}"
 
 

@@ -101,7 +101,7 @@ def test_hc18_split_keeps_subjects_apart(data_dir):
 
 
 @pytest.mark.parametrize("suite", ["core", "perf", "finetune", "batch", "gpu", "adapter_pairs", "automatic",
-                                   "box3d_ceiling", "encoder_gpu", "model_cost", "demo"])
+                                   "box3d_ceiling", "encoder_gpu", "model_cost", "demo", "encoder_views"])
 def test_suite_imports_as_a_package_module_and_parses_its_options(suite, capsys):
     with pytest.raises(SystemExit) as done:
         dispatcher.main([suite, "--help"])
@@ -121,3 +121,27 @@ def test_a_new_suite_adds_its_own_section_and_headline_rows(monkeypatch):
     page = report.render(results)
     assert "## roundtrip\n\nadded latency 1.5 ms" in page
     assert "| Prompt through the service | +1.5 ms | 2-core CPU | [`roundtrip`](benchmarks.md#roundtrip) |" in page
+
+
+def test_encoder_views_mosaic_tiles_come_from_fixed_groups_and_match_their_slices():
+    """The mosaic a slice is cut from is its fixed group of four, whatever else was asked for, and
+    each tile's embedding is its own slice's (tiny random-weight model: plumbing only)."""
+    import numpy as np
+    import torch
+
+    from bench.encoder_views import mosaic_embeddings
+    from MedFMSegmentLib.inference import SegmentationSession
+    from MedFMSegmentLib.io import MedicalImage
+    from MedFMSegmentLib.models import tiny_random_model_for_tests
+
+    volume = np.random.default_rng(0).random((9, 20, 24)).astype(np.float32)  # (K, J, I), 9 axial slices
+    session = SegmentationSession(tiny_random_model_for_tests(), MedicalImage.from_array(volume))
+    alone = mosaic_embeddings(session, 2, [5])
+    together = mosaic_embeddings(session, 2, [4, 5, 6, 7, 8])
+    assert sorted(alone) == [4, 5, 6, 7] and sorted(together) == [4, 5, 6, 7, 8]
+    assert torch.equal(alone[5], together[5]) and together[5].shape == session.embedding_along(2, 5).shape
+    flipped = volume.copy()
+    flipped[5] = flipped[5][::-1]  # change slice 5 only: its tile changes most, the others less
+    changed = mosaic_embeddings(SegmentationSession(session.model, MedicalImage.from_array(flipped)), 2, [4, 5])
+    differences = {k: float((changed[k] - together[k]).abs().mean()) for k in (4, 5, 6, 7)}
+    assert max(differences, key=differences.get) == 5
