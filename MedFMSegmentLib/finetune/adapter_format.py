@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.automatic import KEEP_COMPONENTS
-from ..files import new_sibling
+from ..files import new_sibling, process_alive
 from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
 __all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "METADATA_DEFAULTS", "read_metadata",
@@ -47,8 +47,10 @@ _NEW, _OLD = ".adapter-new", ".adapter-old"
 
 
 def _leftover_pattern(name: str) -> re.Pattern:
-    """Hidden siblings this module (or an earlier version of it) creates beside adapter ``name``."""
-    return re.compile(rf"^\.{re.escape(name)}(\.[0-9a-f]{{12}}(\{_NEW}|\{_OLD})?|\.old)$")
+    """Hidden siblings this module (or an earlier version of it) creates beside adapter ``name``:
+    :func:`~MedFMSegmentLib.files.new_sibling` names them ``.NAME.PID-HEX12`` plus a suffix (older
+    versions ``.NAME.HEX12``)."""
+    return re.compile(rf"^\.{re.escape(name)}(\.((?P<pid>[0-9]+)-)?[0-9a-f]{{12}}(\{_NEW}|\{_OLD})?|\.old)$")
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
@@ -217,8 +219,14 @@ def sweep_leftovers(folder: str | os.PathLike) -> None:
     if not folder.parent.is_dir():
         return
     pattern = _leftover_pattern(folder.name)
-    leftovers = sorted((p for p in folder.parent.iterdir() if pattern.match(p.name) and p.is_dir()
-                        and not p.is_symlink()), key=lambda p: (not p.name.endswith((_OLD, ".old")), p.name))
+
+    def abandoned(path: Path) -> bool:  # a live writer's folders are its own business
+        match = pattern.match(path.name)
+        return bool(match) and path.is_dir() and not path.is_symlink() and not (
+            match["pid"] and process_alive(int(match["pid"])))
+
+    leftovers = sorted((p for p in folder.parent.iterdir() if abandoned(p)),
+                       key=lambda p: (not p.name.endswith((_OLD, ".old")), p.name))
     if not os.path.lexists(folder):
         for candidate in leftovers:
             if _is_complete(candidate):

@@ -263,3 +263,23 @@ def test_kill_during_training_and_saving_leaves_a_complete_adapter_or_none(tmp_p
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]
     load_adapted_model(out, base_model=tiny_random_model_for_tests())
+
+
+def test_a_killed_writers_staging_folder_is_swept_and_a_live_writers_kept(tmp_path):
+    """The staging folders a save makes are named by ``new_sibling`` (``.NAME.PID-HEX12`` plus a
+    suffix): the next save removes those of a process that is gone and keeps a running one's."""
+    from MedFMSegmentLib.files import new_sibling
+
+    out = tmp_path / "adapter"
+    model, metadata = _tiny_adapter()
+    save_adapter(model, out, metadata)
+    make = ("import sys; from pathlib import Path; from MedFMSegmentLib.files import new_sibling; "
+            "d = new_sibling(Path(sys.argv[1]), suffix='.adapter-new', directory=True); "
+            "(d / 'weights.safetensors.partial').write_bytes(b'x'); print(d)")
+    dead = Path(subprocess.run([sys.executable, "-c", make, str(out)], capture_output=True, text=True,
+                               check=True).stdout.strip())  # its process has exited: abandoned
+    live = new_sibling(out, suffix=".adapter-new", directory=True)  # this process's: in use
+    assert dead.is_dir() and live.is_dir()
+    sweep_leftovers(out)
+    assert not dead.exists() and live.is_dir()
+    load_adapted_model(out, base_model=tiny_random_model_for_tests())

@@ -199,8 +199,10 @@ def test_ctrl_c_cancels_the_remote_fine_tuning(service, client, cases, tmp_path)
     command = [sys.executable, "-m", "MedFMSegmentLib.cli", "finetune", "--image", str(cases[6][0]), "--label",
                str(cases[6][1]), "--encoder", "frozen", "--steps", "5000", "--embedding-budget", "4", "-o",
                str(tmp_path / "long"), "--server", service["url"], "--token-file", service["token_file"]]
+    # A terminal delivers Ctrl-C; a test run started in the background (``pytest &``) has SIGINT
+    # ignored, which children inherit and Python then leaves ignored: restore the default first.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                               cwd=PROJECT_ROOT)
+                               cwd=PROJECT_ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = process.stdout.readline()
     job = first.split()[2]
     while not process.stdout.readline().startswith("step "):
