@@ -18,14 +18,23 @@ import torch
 from MedFMSegmentLib.geometry import box_on_axis
 from MedFMSegmentLib.inference import PredictorSettings, SegmentationSession
 
-__all__ = ["CACHE_DIR", "cached_session", "embed_box_slices"]
+__all__ = ["CACHE_DIR", "cache_path", "cached_session", "embed_box_slices", "save_embeddings"]
 
 CACHE_DIR = Path(os.environ.get("MEDFMSEGMENT_BENCH_CACHE", "/tmp/medfmsegment_box3d"))
 
 
-def _path(model, name: str, axis: int) -> Path:
-    tag = f"{model.backend}-{getattr(model.accelerator, 'precision', 'f32')}"
+def cache_path(model, name: str, axis: int, kind: str = "") -> Path:
+    """Where case ``name``'s embeddings along ``axis`` are kept; ``kind`` tells other ways of
+    computing them (e.g. ``"mosaic2"``) apart from whole slices encoded one by one."""
+    tag = f"{model.backend}-{getattr(model.accelerator, 'precision', 'f32')}" + (f"-{kind}" if kind else "")
     return CACHE_DIR / tag / f"{name}.axis{axis}.pt"
+
+
+def save_embeddings(path: Path, store: dict) -> None:
+    """Write ``{slice index: embedding}`` to ``path`` as bfloat16, whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({index: embedding.to(torch.bfloat16) for index, embedding in store.items()}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").rename(path)
 
 
 def embed_box_slices(model, name: str, image, box) -> list[float]:
@@ -34,7 +43,7 @@ def embed_box_slices(model, name: str, image, box) -> list[float]:
     seconds: list[float] = []
     session = SegmentationSession(model, image)
     for axis in (0, 1, 2):
-        path = _path(model, name, axis)
+        path = cache_path(model, name, axis)
         if path.is_file():
             continue
         _, first, last = box_on_axis(box, axis)
@@ -43,11 +52,9 @@ def embed_box_slices(model, name: str, image, box) -> list[float]:
             start = time.perf_counter()
             embedding = session.embedding_along(axis, index)
             seconds.append(time.perf_counter() - start)
-            store[index] = embedding.to(torch.bfloat16)
-        path.parent.mkdir(parents=True, exist_ok=True)
+            store[index] = embedding
         session.cache.clear()
-        torch.save(store, path.with_suffix(".tmp"))
-        path.with_suffix(".tmp").rename(path)
+        save_embeddings(path, store)
     return seconds
 
 
@@ -56,7 +63,7 @@ def cached_session(model, name: str, image, settings: PredictorSettings | None =
     ``(axis, index)`` of every slice a strategy asked for (what it would have embedded)."""
     session = SegmentationSession(model, image, settings=settings)
     for axis in (0, 1, 2):
-        for index, embedding in torch.load(_path(model, name, axis)).items():
+        for index, embedding in torch.load(cache_path(model, name, axis)).items():
             session.embedder.store(axis, index, embedding.float())
     used: set = set()
     embedder = session.embedder

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .box3d_cache import CACHE_DIR, cached_session, embed_box_slices
+from .box3d_cache import cache_path, cached_session, embed_box_slices, save_embeddings
 from .common import add_output_option, peak_rss_mb, save
 from .data import bbox3d, ct_series_classes, hippocampus_case, hippocampus_names, require_data
 
@@ -97,17 +97,12 @@ def oracle_axis_j(session: SegmentationSession, truth: np.ndarray, box, mosaic: 
 def _stored_mosaics(model, name: str, session: SegmentationSession, box) -> dict[int, dict[int, torch.Tensor]]:
     """Mosaic embeddings of every slice of ``box`` on each axis, kept on disk beside
     :mod:`bench.box3d_cache`'s whole-slice ones."""
-    tag = f"{model.backend}-{getattr(model.accelerator, 'precision', 'f32')}-mosaic{GRID}"
     stored = {}
     for axis in (0, 1, 2):
-        path = CACHE_DIR / tag / f"{name}.axis{axis}.pt"
+        path = cache_path(model, name, axis, kind=f"mosaic{GRID}")
         if not path.is_file():
             _, first, last = box_on_axis(box, axis)
-            embeddings = {i: e.to(torch.bfloat16) for i, e in
-                          mosaic_embeddings(session, axis, list(range(first, last + 1))).items()}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(embeddings, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").rename(path)
+            save_embeddings(path, mosaic_embeddings(session, axis, list(range(first, last + 1))))
         stored[axis] = {i: e.float() for i, e in torch.load(path).items()}
     return stored
 
