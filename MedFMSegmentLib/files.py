@@ -20,10 +20,22 @@ from .errors import InputError
 
 __all__ = ["new_sibling", "process_alive", "atomic_path", "atomic_write_bytes", "atomic_write_text", "safe_name",
            "unique_names", "check_output_file", "check_output_folder", "refuse_overlap", "sweep_leftovers",
-           "is_own_temporary"]
+           "is_own_temporary", "temporary_name"]
 
-#: ``.NAME.PID-HEX`` then an optional ``.partial`` suffix (and extension): the tool's temporary names.
-_TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}(?P<rest>(\.partial.*)?)$")
+#: :func:`new_sibling`'s names: ``.NAME.PID-HEX12`` then the caller's suffix.
+_SIBLING_PATTERN = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}(?P<suffix>.*)$")
+
+
+def temporary_name(name: str) -> tuple[str, int, str] | None:
+    """``(target name, writer's process id, suffix)`` of a :func:`new_sibling` name; None for any
+    other name. Sweeps use it to tell a killed writer's leftovers from a live one's."""
+    match = _SIBLING_PATTERN.match(name)
+    return None if match is None else (match["name"], int(match["pid"]), match["suffix"])
+
+
+def _is_partial_suffix(suffix: str) -> bool:
+    """The suffixes of the files this module writes: none, or ``.partial`` (and an extension)."""
+    return suffix == "" or suffix.startswith(".partial")
 
 
 def new_sibling(path: Path, suffix: str = "", directory: bool = False) -> Path:
@@ -168,7 +180,8 @@ def _check_writable_folder(folder: Path, create: bool) -> None:
 
 def is_own_temporary(path: Path) -> bool:
     """Whether ``path`` is named like one of this tool's temporaries (see :func:`new_sibling`)."""
-    return _TEMP_PATTERN.match(path.name) is not None
+    parts = temporary_name(path.name)
+    return parts is not None and _is_partial_suffix(parts[2])
 
 
 def process_alive(pid: int) -> bool:
@@ -206,10 +219,10 @@ def sweep_leftovers(folder: str | os.PathLike, names: Iterable[str] | None = Non
     if not folder.is_dir():
         return removed
     for entry in folder.iterdir():
-        match = _TEMP_PATTERN.match(entry.name)
-        if match is None or (wanted is not None and match["name"] not in wanted):
+        parts = temporary_name(entry.name)
+        if parts is None or not _is_partial_suffix(parts[2]) or (wanted is not None and parts[0] not in wanted):
             continue
-        if process_alive(int(match["pid"])):
+        if process_alive(parts[1]):
             continue
         with contextlib.suppress(OSError):
             if entry.is_dir() and not entry.is_symlink():

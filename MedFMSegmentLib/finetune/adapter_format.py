@@ -27,7 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.automatic import KEEP_COMPONENTS
-from ..files import new_sibling, process_alive
+from ..files import new_sibling, process_alive, temporary_name
 from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
 __all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "METADATA_DEFAULTS", "read_metadata",
@@ -46,11 +46,17 @@ METADATA_DEFAULTS = {"axis": "axial", "keep_components": KEEP_COMPONENTS[0], "la
 _NEW, _OLD = ".adapter-new", ".adapter-old"
 
 
-def _leftover_pattern(name: str) -> re.Pattern:
-    """Hidden siblings this module (or an earlier version of it) creates beside adapter ``name``:
-    :func:`~MedFMSegmentLib.files.new_sibling` names them ``.NAME.PID-HEX12`` plus a suffix (older
-    versions ``.NAME.HEX12``)."""
-    return re.compile(rf"^\.{re.escape(name)}(\.((?P<pid>[0-9]+)-)?[0-9a-f]{{12}}(\{_NEW}|\{_OLD})?|\.old)$")
+def _leftover_writer(path: Path, name: str) -> int | None | bool:
+    """Whether ``path`` is a hidden sibling this module (or an earlier version of it) creates
+    beside adapter ``name``, and whose: the writer's process id for
+    :func:`~MedFMSegmentLib.files.new_sibling`'s ``.NAME.PID-HEX12`` names (plus ``.adapter-new``
+    or ``.adapter-old``), None for older versions' names without one (``.NAME.HEX12``,
+    ``.NAME.old``), False for anything else."""
+    parts = temporary_name(path.name)
+    if parts is not None and parts[0] == name and parts[2] in ("", _NEW, _OLD):
+        return parts[1]
+    legacy = re.fullmatch(rf"\.{re.escape(name)}(\.[0-9a-f]{{12}}(\{_NEW}|\{_OLD})?|\.old)", path.name)
+    return None if legacy else False
 
 
 def _int(value: Any, what: str, low: int, high: int) -> int:
@@ -218,12 +224,11 @@ def sweep_leftovers(folder: str | os.PathLike) -> None:
     folder = Path(folder)
     if not folder.parent.is_dir():
         return
-    pattern = _leftover_pattern(folder.name)
 
     def abandoned(path: Path) -> bool:  # a live writer's folders are its own business
-        match = pattern.match(path.name)
-        return bool(match) and path.is_dir() and not path.is_symlink() and not (
-            match["pid"] and process_alive(int(match["pid"])))
+        writer = _leftover_writer(path, folder.name)
+        return writer is not False and path.is_dir() and not path.is_symlink() and not (
+            writer is not None and process_alive(writer))
 
     leftovers = sorted((p for p in folder.parent.iterdir() if abandoned(p)),
                        key=lambda p: (not p.name.endswith((_OLD, ".old")), p.name))

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from MedFMSegmentLib.errors import InputError
 from MedFMSegmentLib.files import (atomic_write_text, check_output_folder, is_own_temporary, new_sibling,
-                                   refuse_overlap, safe_name, sweep_leftovers, unique_names)
+                                   refuse_overlap, safe_name, sweep_leftovers, temporary_name, unique_names)
 from MedFMSegmentLib.records import record_matches, record_path, write_record
 
 
@@ -56,6 +56,13 @@ def test_check_output_folder(tmp_path):
             check_output_folder(bad)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "new"]
     assert list((tmp_path / "new" / "deeper").iterdir()) == []  # the write probe is removed
+
+
+def test_temporary_names_give_back_their_target_writer_and_suffix(tmp_path):
+    made = new_sibling(tmp_path / "case.1.nii.gz", suffix=".adapter-new", directory=True)
+    assert temporary_name(made.name) == ("case.1.nii.gz", os.getpid(), ".adapter-new")
+    for other in ("case.nii.gz", ".case.nii.gz.partial", ".case.12-0123456789a", ".case.x-0123456789ab"):
+        assert temporary_name(other) is None, other
 
 
 def test_sweep_removes_only_dead_writers_temporaries(tmp_path):
