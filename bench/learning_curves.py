@@ -36,7 +36,7 @@ from .common import machine, peak_rss_mb
 from .data import DATA_DIR, hc18_split, hippocampus_split
 from .finetune import box_dice
 
-__all__ = ["main", "SETTINGS", "QUICK", "plot"]
+__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows"]
 
 RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
 SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
@@ -220,6 +220,76 @@ def plot(result: dict, output: Path) -> list[Path]:
         plt.close(figure)
         written.append(path)
     return written
+
+
+_PART_NAMES = {"hippocampus": ("Hippocampus MRI (3D)", "cases"), "hc18": ("HC18 ultrasound (2D)", "images")}
+
+
+def _spread(values: list[float]) -> str:
+    """Mean, with the range over seeds when there are several."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def summary_rows(part: dict) -> list[dict]:
+    """One row per training-set size: means (and values) over the seeds run."""
+    rows = []
+    for n in sorted({p["cases"] for p in part["points"]}):
+        points = [p for p in part["points"] if p["cases"] == n]
+        rows.append({"cases": n, "seeds": len(points),
+                     **{key: [p[key] for p in points] for key in
+                        ("adapted_automatic", "adapted_box", "baseline_dice", "training_seconds", "baseline_steps",
+                         "steps", "process_peak_rss_mb")}})
+    return rows
+
+
+def report_section(result: dict) -> list[str]:
+    """The suite's part of ``docs/benchmarks.md`` (``python -m bench report``)."""
+    from .report import _machine_line
+
+    settings = result["settings"]
+    quick = " **Quick run** (`--quick`: too few steps for automatic mode; checks the suite only)." if result.get("quick") else ""
+    out = ["## learning_curves", "",
+           f"`python -m bench learning_curves` ({_machine_line(result)}): {result['adapter']} against "
+           f"{result['baseline']}, on training cases drawn per seed from a pool of {settings['pool']} (seeds "
+           f"{', '.join(map(str, settings['seeds']))}); the same test cases for every point. Dice is per case, "
+           f"averaged (3D Dice for volumes); with several seeds the range over seeds follows in brackets.{quick}", ""]
+    for key in ("hippocampus", "hc18"):
+        if key not in result:
+            continue
+        part = result[key]
+        name, unit = _PART_NAMES[key]
+        tests = len(part["test_cases"])
+        out += [f"**{name}**: {tests} test {unit if tests != 1 else unit[:-1]}; zero-shot box Dice {part['zero_shot_box']:.3f}.", "",
+                f"| Training {unit} | Adapted, automatic | Adapted, box | MONAI U-Net from scratch | Training (s) | "
+                "Adapter / U-Net steps | Peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
+        for row in summary_rows(part):
+            out.append(f"| {row['cases']} | {_spread(row['adapted_automatic'])} | {_spread(row['adapted_box'])} | "
+                       f"{_spread(row['baseline_dice'])} | {np.mean(row['training_seconds']):.0f} | "
+                       f"{np.mean(row['steps']):.0f} / {np.mean(row['baseline_steps']):.0f} | "
+                       f"{max(row['process_peak_rss_mb']):.0f} |")
+        loop = part.get("correction_loop")
+        if loop:
+            out += ["", f"Correction loop ({name}): each round adds the {settings['loop_add']} worst automatic results "
+                    f"of {settings['loop_candidates']} unseen {unit} with their labels as the correction and continues the "
+                    f"adapter (the parent's {unit} replayed); first {unit}: the first {settings['forgetting_cases']} "
+                    f"training {unit} (the forgetting check).", "",
+                    f"| Round | Training {unit} | Training (s) | Test, automatic | Same {unit} trained at once | "
+                    f"First {unit} | Drop on first {unit} |", "|---|---|---|---|---|---|---|"]
+            for r in loop:
+                out.append(f"| {r['round']} | {r['cases']} | {r['training_seconds']:.0f} | {r['test']:.3f} | "
+                           f"{_f(r.get('test_trained_at_once'))} | {r['first_cases']:.3f} | "
+                           f"{_f(r.get('first_cases_drop'), 4)} |")
+        plot_file = f"learning_curves_{key}.png"
+        if (RESULT.parent / plot_file).is_file():
+            out += ["", f"![{name} learning curve](../bench/results/{plot_file})"]
+        out.append("")
+    return out
+
+
+def _f(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,3 +145,26 @@ def test_encoder_views_mosaic_tiles_come_from_fixed_groups_and_match_their_slice
     changed = mosaic_embeddings(SegmentationSession(session.model, MedicalImage.from_array(flipped)), 2, [4, 5])
     differences = {k: float((changed[k] - together[k]).abs().mean()) for k in (4, 5, 6, 7)}
     assert max(differences, key=differences.get) == 5
+
+
+def test_learning_curves_section_averages_seeds_and_lists_the_correction_rounds():
+    from bench import learning_curves
+
+    def point(cases, seed, auto):
+        return {"cases": cases, "seed": seed, "training_seconds": 100.0 + seed, "steps": 2000, "adapted_automatic": auto,
+                "adapted_box": 0.9, "baseline_dice": 0.5, "baseline_steps": 40, "baseline_seconds": 100.0,
+                "process_peak_rss_mb": 1000.0 + seed}
+
+    loop = [{"round": 0, "cases": 3, "training_seconds": 100.0, "test": 0.8, "first_cases": 0.85},
+            {"round": 1, "cases": 5, "training_seconds": 40.0, "test": 0.82, "first_cases": 0.845,
+             "first_cases_drop": 0.005, "test_trained_at_once": 0.83}]
+    result = {"settings": {**learning_curves.SETTINGS, "seeds": [0, 1]}, "adapter": "adapter", "baseline": "U-Net",
+              "machine": {"cpu": "CPU", "cpu_count": 2},
+              "hc18": {"test_cases": ["a.png"], "zero_shot_box": 0.91, "correction_loop": loop,
+                       "points": [point(1, 0, 0.6), point(1, 1, 0.8), point(3, 0, 0.9)]}}
+    lines = learning_curves.report_section(result)
+    assert ("| 1 | 0.700 (0.600-0.800) | 0.900 (0.900-0.900) | 0.500 (0.500-0.500) | 100 | 2000 / 40 | 1001 |"
+            in lines)
+    assert "| 3 | 0.900 | 0.900 | 0.500 | 100 | 2000 / 40 | 1000 |" in lines
+    assert "| 1 | 5 | 40 | 0.820 | 0.830 | 0.845 | 0.0050 |" in lines
+    assert any("1 test image;" in line for line in lines) and not any("Quick run" in line for line in lines)
