@@ -153,6 +153,7 @@ class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadab
 
     def onSceneStartClose(self, caller, event) -> None:
         self._detachController()
+        self.writer, self.pending = None, None  # their undo snapshots and cases belong to the closed scene
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -203,15 +204,13 @@ class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadab
     # ------------------------------------------------------------------ prompts (markups)
     def _attachController(self) -> None:
         """Observe the panel's prompt nodes (compared as objects, never by ID)."""
+        from MedFMSegmentHelpers.segment_editor import ensureSegmentation
         from MedFMSegmentHelpers.settings import ensure_library_on_path
 
         p = self._parameterNode
         if p is None or self.logic.client is None or not p.inputVolume or not self.parent.isEntered:
             return
-        if not p.segmentation:
-            p.segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                                f"{p.inputVolume.GetName()} MedFMSegment")
-            p.segmentation.CreateDefaultDisplayNodes()
+        ensureSegmentation(p)
         wanted = (p.inputVolume, p.segmentation, p.roiNode, p.positivePoints, p.negativePoints)
         if self.controller is None:
             self.controller = self.logic.newController(status=self.setStatus)
@@ -268,12 +267,10 @@ class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadab
         self.automatic.cancel()
 
     def onOpenEffect(self) -> None:
+        from MedFMSegmentHelpers.segment_editor import ensureSegmentation, openEffect
+
         p = self._parameterNode
-        slicer.util.selectModule("SegmentEditor")
-        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
-        editor.setSegmentationNode(p.segmentation)
-        editor.setSourceVolumeNode(p.inputVolume)
-        editor.setActiveEffectByName("MedFMSegment")
+        openEffect(p.inputVolume, ensureSegmentation(p))
 
     def onAutomatic(self) -> None:
         from MedFMSegmentLib.slicer_bridge import mask_to_segment

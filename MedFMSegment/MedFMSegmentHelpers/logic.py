@@ -154,7 +154,9 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
         return "; ".join(parts)
 
     def stopService(self) -> None:
-        """Stop the local service's process tree, or forget the remote connection."""
+        """Stop the local service's process tree, or forget the remote connection; listeners (an
+        active Segment Editor effect) hear of it, so none keeps a controller on a closed service."""
+        wasRunning = self.process is not None or self.client is not None
         if self.process is not None:
             self.process.stop()
             self.process = None
@@ -169,6 +171,8 @@ class MedFMSegmentLogic(ScriptedLoadableModuleLogic):
                 pass
         self.client = None
         self.serviceInfo = {}
+        if wasRunning:
+            self._notify("Service stopped.")
 
     def _closeTransport(self) -> None:
         transport, self.transport = self.transport, None

@@ -33,7 +33,8 @@ class QtExchange:
     def __call__(self, request, onResponse: Callable) -> None:
         networkRequest = qt.QNetworkRequest(qt.QUrl(self.url + request.target))
         networkRequest.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
-        networkRequest.setTransferTimeout(self.timeout_ms)
+        if hasattr(networkRequest, "setTransferTimeout"):  # Qt >= 5.15; older wrappers lack it
+            networkRequest.setTransferTimeout(self.timeout_ms)
         if request.method == "GET":
             reply = self.manager.get(networkRequest)
         elif request.method == "HEAD":
@@ -54,7 +55,10 @@ class QtExchange:
             onResponse(int(status or 0), contentType, data, reason)
 
     def close(self) -> None:
-        """Abort what is still in flight (its answers are dropped)."""
+        """Abort what is still in flight; each waiting task hears that no answer will come (status
+        0), so none waits for good."""
         waiting, self._waiting = self._waiting, {}
-        for reply in waiting:
+        for reply, onResponse in waiting.items():
             reply.abort()
+            reply.deleteLater()
+            onResponse(0, "", b"", f"the connection to {self.url} was closed")

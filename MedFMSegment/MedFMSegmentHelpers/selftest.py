@@ -80,6 +80,17 @@ class MedFMSegmentTest(ScriptedLoadableModuleTest):
         self.assertEqual(int(segment_to_mask(segmentation, segment_id, volume).sum()), 0, "Segment Editor undo")
         editor.setActiveEffectByName("")
 
+        self.delayDisplay("The panel's Segment Editor button on a segmentation without segments")
+        slicer.util.selectModule("MedFMSegment")
+        panel = slicer.modules.medfmsegment.widgetRepresentation().self()
+        empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Empty")
+        panel._parameterNode.inputVolume, panel._parameterNode.segmentation = volume, empty
+        panel.onOpenEffect()
+        self.assertEqual(empty.GetSegmentation().GetNumberOfSegments(), 1, "a segment to write into was added")
+        self.assertEqual(editor.currentSegmentID(), empty.GetSegmentation().GetNthSegmentID(0))
+        self.assertEqual(editor.activeEffect().name, "MedFMSegment")
+        editor.setActiveEffectByName("")
+
         self.delayDisplay("Adaptation: 5 steps")
         from MedFMSegmentLib.slicer_bridge.cases import training_pair
 

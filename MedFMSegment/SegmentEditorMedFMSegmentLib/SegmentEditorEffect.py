@@ -167,9 +167,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         sliceToRAS = slicer.util.arrayFromVTKMatrix(viewWidget.sliceLogic().GetSliceNode().GetSliceToRAS())
         return slice_view_voxel_slice(volumeNode, sliceToRAS)
 
+    def _segmentSelected(self) -> bool:
+        """Results go into the selected segment: with none selected, say so instead of prompting."""
+        if self.scriptedEffect.parameterSetNode().GetSelectedSegmentID():
+            return True
+        self.setStatus("Add or select a segment first: the result goes into the selected segment.")
+        return False
+
     def processInteractionEvents(self, callerInteractor, eventId, viewWidget):
         if self.controller is None or viewWidget.className() != "qMRMLSliceWidget":
             return False
+        if eventId == vtk.vtkCommand.LeftButtonPressEvent and not self._segmentSelected():
+            return True
         xy = callerInteractor.GetEventPosition()
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
             self._press = xy
@@ -200,6 +209,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def onPropagate(self) -> None:
         if self.controller is None or self.view.prompts is None:
             self.setStatus("Draw a box or click first.")
+            return
+        if not self._segmentSelected():
             return
         self.controller.submit(self.view.prompts, plane=self.view.plane, propagate=True)
 
