@@ -1,10 +1,12 @@
 """What the module needs installed in Slicer's Python, found without importing it, and how to install it.
 
-``Resources/requirements.txt`` is derived from the project's ``pyproject.toml`` dependencies,
-pinned to the versions of ``requirements-lock.txt`` (what the library was tested with), without
-torch (SlicerPyTorch installs the build that fits the GPU) and SimpleITK (Slicer bundles it).
-Regenerate it with ``python MedFMSegment/MedFMSegmentHelpers/dependencies.py --write``; a test
-checks that it matches.
+``Resources/requirements.txt`` holds the project's ``pyproject.toml`` dependencies as their
+ranges (what the library supports), each with the version of ``requirements-lock.txt`` the
+library was tested with as a ``# tested: VERSION`` comment, without torch (SlicerPyTorch installs
+the build that fits the GPU) and SimpleITK (Slicer bundles it). A package installed at any
+version in its range counts as present, so a version another extension installed is kept; what is
+missing or out of range is installed at its tested version. Regenerate the file with
+``python MedFMSegment/MedFMSegmentHelpers/dependencies.py --write``; a test checks that it matches.
 
 Installing never replaces an installed torch: the rest is installed with a pip constraints file
 that pins torch (and SimpleITK, when present) to the installed version, so a package that needs
@@ -21,8 +23,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-__all__ = ["EXCLUDED", "BUNDLED", "IMPORT_NAMES", "requirements_from_project", "read_requirements", "requirement_name",
-           "installed_version", "missing_requirements", "torch_status", "constraints_for", "install_summary"]
+__all__ = ["EXCLUDED", "BUNDLED", "IMPORT_NAMES", "requirements_from_project", "read_requirements", "read_tested_versions",
+           "requirement_name", "installed_version", "satisfies", "missing_requirements", "install_lines", "torch_status",
+           "constraints_for", "install_summary"]
 
 #: Distributions never installed by the module: torch (through SlicerPyTorch) and SimpleITK (bundled).
 EXCLUDED = ("torch", "simpleitk")
@@ -46,9 +49,9 @@ def requirement_name(line: str) -> str:
 
 
 def requirements_from_project(pyproject_text: str, lock_text: str) -> list[str]:
-    """``name==version`` for each ``[project] dependencies`` entry and each of the ``service`` extra
-    (torch and SimpleITK left out), the version taken from the lock file; a dependency missing
-    from the lock keeps its range."""
+    """The lines of ``Resources/requirements.txt``: each ``[project] dependencies`` entry and each
+    of the ``service`` extra (torch and SimpleITK left out) as its range, followed by
+    ``  # tested: VERSION`` when the lock file pins it."""
     block = re.search(r"(?ms)^dependencies\s*=\s*\[(.*?)^\]", pyproject_text)
     entries = re.findall(r'"([^"]+)"', block.group(1)) if block else []
     service = re.search(r"(?m)^service\s*=\s*\[(.*?)\]", pyproject_text)  # the module runs the service
@@ -60,7 +63,8 @@ def requirements_from_project(pyproject_text: str, lock_text: str) -> list[str]:
         name = requirement_name(entry)
         if name in EXCLUDED:
             continue
-        result.append(f"{name}=={pins[name]}" if name in pins else entry.replace(" ", ""))
+        line = entry.replace(" ", "")
+        result.append(f"{line}  # tested: {pins[name]}" if name in pins else line)
     return result
 
 
@@ -68,6 +72,16 @@ def read_requirements(path: str | Path) -> list[str]:
     """The requirement lines of a requirements file (comments and blank lines dropped)."""
     lines = [line.split("#", 1)[0].strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     return [line for line in lines if line and requirement_name(line) not in EXCLUDED]
+
+
+def read_tested_versions(path: str | Path) -> dict[str, str]:
+    """``{distribution: version}`` from the ``# tested: VERSION`` comments of a requirements file."""
+    tested = {}
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        match = re.search(r"#\s*tested:\s*(\S+)", line)
+        if match and requirement_name(line):
+            tested[requirement_name(line)] = match.group(1)
+    return tested
 
 
 def installed_version(name: str) -> str | None:
@@ -78,18 +92,46 @@ def installed_version(name: str) -> str | None:
         return None
 
 
+def _specifier_set(text: str):
+    try:
+        from packaging.specifiers import SpecifierSet
+    except ImportError:  # pip always carries a copy
+        from pip._vendor.packaging.specifiers import SpecifierSet
+    return SpecifierSet(text)
+
+
+def satisfies(version: str, requirement: str) -> bool:
+    """Whether an installed ``version`` is in ``requirement``'s range (``monai>=1.4,<1.7``); an
+    unparsable version counts as outside it."""
+    specifier = requirement[len(_NAME.match(requirement).group(0)):].split(";", 1)[0].strip()
+    if not specifier:
+        return True
+    try:
+        return _specifier_set(specifier).contains(version, prereleases=True)
+    except Exception:  # noqa: BLE001 - an odd version string: reinstall rather than trust it
+        return False
+
+
 def missing_requirements(requirements: list[str],
                          version_of: Callable[[str], str | None] = installed_version) -> list[str]:
-    """The requirements not installed, or installed at another pinned version (bundled ones: any version)."""
+    """The requirements not installed, or installed outside their range (bundled ones: any version)."""
     missing = []
     for line in requirements:
-        have = version_of(requirement_name(line))
-        pinned = line.split("==", 1)[1] if "==" in line else None
-        if requirement_name(line) in BUNDLED:
-            pinned = None
-        if have is None or (pinned is not None and have != pinned):
+        name = requirement_name(line)
+        have = version_of(name)
+        if have is None or (name not in BUNDLED and not satisfies(have, line)):
             missing.append(line)
     return missing
+
+
+def install_lines(missing: list[str], tested: dict[str, str]) -> list[str]:
+    """What pip is asked for: each missing requirement at its tested version (when that is in its
+    range), else its range."""
+    lines = []
+    for line in missing:
+        version = tested.get(requirement_name(line))
+        lines.append(f"{requirement_name(line)}=={version}" if version and satisfies(version, line) else line)
+    return lines
 
 
 def torch_status() -> tuple[str, str]:
@@ -134,7 +176,8 @@ def _main(argv: list[str]) -> int:
                                       (root / "requirements-lock.txt").read_text(encoding="utf-8"))
     text = ("# Generated from pyproject.toml and requirements-lock.txt by\n"
             "#   python MedFMSegment/MedFMSegmentHelpers/dependencies.py --write\n"
-            "# torch comes from the PyTorch extension; SimpleITK comes with Slicer.\n" + "\n".join(lines) + "\n")
+            "# torch comes from the PyTorch extension; SimpleITK comes with Slicer. An installed version in a\n"
+            "# line's range is kept; Install installs what is missing at its tested version.\n" + "\n".join(lines) + "\n")
     target = root / "MedFMSegment" / "Resources" / "requirements.txt"
     if "--write" in argv:
         target.write_text(text, encoding="utf-8")

@@ -1,8 +1,9 @@
 """Install the service's Python packages into Slicer's Python, asking first, never touching torch.
 
-torch comes from the PyTorch extension (it picks the CUDA build); the rest is installed from the
-module's requirements file under a pip constraints file that pins the installed torch, SimpleITK,
-numpy and scipy, so no dependency can replace them. Failures end in one status line that says
+torch comes from the PyTorch extension (it picks the CUDA build); what is missing or outside its
+range in the module's requirements file is installed at its tested version, under a pip
+constraints file that pins the installed torch, SimpleITK, numpy and scipy, so no dependency can
+replace them. Failures end in one status line that says
 what to do (``slicer.util.pip_install`` shows its own error dialog in newer Slicer versions).
 """
 
@@ -53,7 +54,8 @@ def installDependencies(requirementsPath: str, statusLabel) -> bool:
             statusLabel.text = f"Installing {len(missing)} package(s); the Python console shows pip's progress..."
             slicer.app.processEvents()
             requirements = folder / "requirements.txt"
-            requirements.write_text("\n".join(missing) + "\n", encoding="utf-8")
+            tested = dependencies.read_tested_versions(requirementsPath)
+            requirements.write_text("\n".join(dependencies.install_lines(missing, tested)) + "\n", encoding="utf-8")
             constraints = folder / "constraints.txt"
             constraints.write_text("\n".join(dependencies.constraints_for()) + "\n", encoding="utf-8")
             slicer.util.pip_install(["-r", str(requirements), "-c", str(constraints)])

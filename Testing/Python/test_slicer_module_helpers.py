@@ -95,16 +95,29 @@ def test_kill_tree_ends_the_real_child_behind_a_launcher(tmp_path):
 
 # ---------------------------------------------------------------------------- dependencies
 def test_missing_requirements_and_constraints_keep_torch_and_bundled_packages():
-    installed = {"numpy": "1.26.4", "scipy": "1.11.0", "monai": "1.6.1", "peft": "0.10.0", "torch": "2.5.1+cu121",
-                 "simpleitk": "2.4.0"}
-    requirements = ["numpy==2.4.6", "scipy==1.17.1", "monai==1.6.1", "peft==0.21.2", "openvino==2026.4.1"]
+    installed = {"numpy": "1.26.4", "scipy": "1.11.0", "monai": "1.5.0", "peft": "0.10.0", "torch": "2.5.1+cu121",
+                 "simpleitk": "2.4.0", "fastapi": "0.164.0"}
+    requirements = ["numpy>=2,<3", "scipy>=1.10", "monai>=1.4,<1.7", "peft>=0.13,<0.22", "openvino>=2025.0",
+                    "fastapi==0.165.0"]
     missing = dependencies.missing_requirements(requirements, installed.get)
-    assert missing == ["peft==0.21.2", "openvino==2026.4.1"], "bundled numpy/scipy are kept whatever their version"
+    # monai 1.5.0 (another extension's, say) is in range and kept; bundled numpy/scipy whatever their version
+    assert missing == ["peft>=0.13,<0.22", "openvino>=2025.0", "fastapi==0.165.0"]
+    tested = {"peft": "0.21.2", "openvino": "2026.4.1", "fastapi": "0.165.0"}
+    assert dependencies.install_lines(missing, tested) == ["peft==0.21.2", "openvino==2026.4.1", "fastapi==0.165.0"]
+    assert dependencies.install_lines(["peft>=0.13,<0.22"], {"peft": "0.30.0"}) == ["peft>=0.13,<0.22"]
+    assert not dependencies.satisfies("not-a-version", "monai>=1.4") and dependencies.satisfies("9", "tqdm")
     constraints = dependencies.constraints_for(installed.get)
     assert "torch==2.5.1+cu121" in constraints and "simpleitk==2.4.0" in constraints and "numpy==1.26.4" in constraints
     summary = dependencies.install_summary(missing, ("ok", "2.5.1"))
     assert all(line in summary for line in missing) and "PyTorch is kept" in summary
     assert "PyTorch (through the PyTorch extension" in dependencies.install_summary([], ("missing", ""))
+
+
+def test_the_module_requirements_name_a_tested_version_in_each_range():
+    path = Path(dependencies.__file__).parents[1] / "Resources" / "requirements.txt"
+    lines, tested = dependencies.read_requirements(path), dependencies.read_tested_versions(path)
+    assert {dependencies.requirement_name(line) for line in lines} == set(tested)
+    assert all(dependencies.satisfies(tested[dependencies.requirement_name(line)], line) for line in lines)
 
 
 def test_torch_status_from_metadata_without_importing_torch():
@@ -114,10 +127,10 @@ def test_torch_status_from_metadata_without_importing_torch():
     assert ("torch" in sys.modules) == before
 
 
-def test_requirements_generator_pins_from_the_lock_and_drops_torch():
+def test_requirements_generator_keeps_ranges_notes_the_locked_version_and_drops_torch():
     pyproject = 'dependencies = [\n    "torch>=2.1",\n    "SimpleITK>=2.3",\n    "monai>=1.4,<1.7",\n    "new-pkg>=1",\n]\n'
     lock = "monai==1.6.1\ntorch==2.14.1\n"
-    assert dependencies.requirements_from_project(pyproject, lock) == ["monai==1.6.1", "new-pkg>=1"]
+    assert dependencies.requirements_from_project(pyproject, lock) == ["monai>=1.4,<1.7  # tested: 1.6.1", "new-pkg>=1"]
 
 
 # ---------------------------------------------------------------------------- panel choices
