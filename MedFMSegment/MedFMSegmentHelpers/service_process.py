@@ -29,6 +29,9 @@ class ServiceProcess:
                  startup_timeout_s: float = 300.0) -> None:
         self.on_ready, self.on_failed = on_ready, on_failed
         self.process: qt.QProcess | None = None
+        # The last stopped or failed QProcess, kept referenced: dropping the only reference inside
+        # one of its own signals would make PythonQt delete it while Qt still uses it.
+        self._retired: qt.QProcess | None = None
         self.ready: dict | None = None
         self.log: list[str] = []
         self._stdout, self._stderr = LineBuffer(), LineBuffer()
@@ -63,6 +66,8 @@ class ServiceProcess:
         """Stop the service: its real Python process tree (the ready line's pid), then the launcher."""
         self._timer.stop()
         process, self.process = self.process, None
+        if process is not None:
+            self._retired = process
         if self.ready and self.ready.get("pid"):
             kill_tree(int(self.ready["pid"]))
         if process is not None:
@@ -81,6 +86,8 @@ class ServiceProcess:
         return lines
 
     def _on_stdout(self) -> None:
+        if self.process is None:  # output of a process already stopped (e.g. while waiting for it)
+            return
         for line in self._read(self.process.readAllStandardOutput().data(), self._stdout):
             ready = parse_ready_line(line) if self.ready is None else None
             if ready is not None:
@@ -91,6 +98,8 @@ class ServiceProcess:
                 logging.info(f"MedFMSegment service: {line}")
 
     def _on_stderr(self) -> None:
+        if self.process is None:
+            return
         for line in self._read(self.process.readAllStandardError().data(), self._stderr):
             logging.info(f"MedFMSegment service: {line}")
 
@@ -99,6 +108,8 @@ class ServiceProcess:
 
     def _fail(self, reason: str) -> None:
         self._timer.stop()
+        if self.process is not None:
+            self._retired = self.process  # called from the process's own signal: keep it alive
         self.process = None
         self.ready = None
         self.on_failed(reason)
