@@ -1,7 +1,8 @@
-"""The local inference service as a QProcess, and a QTimer that polls service jobs.
+"""The local inference service as a QProcess.
 
 No Python thread runs in Slicer (PythonQt holds the GIL while Qt idles): the process's output
-arrives through QProcess signals, and jobs are polled from a QTimer on the main thread.
+arrives through QProcess signals on the main thread (service jobs are polled by the panel's tasks,
+:mod:`.tasks`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import qt
 
 from .process_tools import LineBuffer, kill_tree, parse_ready_line
 
-__all__ = ["ServiceProcess", "JobPoller"]
+__all__ = ["ServiceProcess"]
 
 
 class ServiceProcess:
@@ -124,51 +125,3 @@ class ServiceProcess:
     def _on_timeout(self) -> None:
         self.stop()
         self.on_failed("the service printed no ready line in time: " + self._last_line())
-
-
-class JobPoller:
-    """Polls one service job from a QTimer until it ends.
-
-    Args:
-        client: The service client.
-        job_id: The job.
-        on_status: Called with each ``JobStatus``.
-        on_end: Called once with the last ``JobStatus`` (done, failed or cancelled, or None when
-            the service could not be reached).
-        interval_ms: Poll period.
-    """
-
-    def __init__(self, client, job_id: str, on_status: Callable, on_end: Callable, interval_ms: int = 500) -> None:
-        self.client, self.job_id = client, job_id
-        self.on_status, self.on_end = on_status, on_end
-        self._timer = qt.QTimer()
-        self._timer.setInterval(interval_ms)
-        self._timer.connect("timeout()", self._poll)
-        self._timer.start()
-
-    @property
-    def active(self) -> bool:
-        return self._timer.isActive()
-
-    def cancel(self) -> None:
-        """Ask the service to cancel; the poller reports the end when the job stops."""
-        try:
-            self.client.cancel(self.job_id)
-        except Exception as exc:  # noqa: BLE001 - the service may be gone already
-            logging.warning(f"MedFMSegment: cancel failed: {exc}")
-            self._end(None)
-
-    def _end(self, status) -> None:
-        self._timer.stop()
-        self.on_end(status)
-
-    def _poll(self) -> None:
-        try:
-            status = self.client.job(self.job_id)
-        except Exception as exc:  # noqa: BLE001 - report, never raise from a timer
-            logging.warning(f"MedFMSegment: job {self.job_id}: {exc}")
-            self._end(None)
-            return
-        self.on_status(status)
-        if status.state in ("done", "failed", "cancelled"):
-            self._end(status)

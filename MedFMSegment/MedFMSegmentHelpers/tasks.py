@@ -1,18 +1,20 @@
 """Service jobs the panel runs: fine-tuning (with a live chart) and automatic segmentation of volumes.
 
-Each task sends arrays to the service (no temp files with patient data), polls its job from a
-QTimer (:class:`~MedFMSegmentHelpers.service_process.JobPoller`), drives a progress bar and a
-Cancel button, and reports one status line per change; nothing here raises into Qt.
+Each task runs a :class:`~MedFMSegmentLib.slicer_bridge.jobs.ServiceJob` over the logic's
+non-blocking transport (uploads, status polls on a QTimer, the result: none of them waits on the
+network, so a large volume or a remote service never freezes Slicer), sends arrays only (no temp
+files with patient data), drives a progress bar and a Cancel button, and reports one status line
+per change; nothing here raises into Qt.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Optional
+from typing import Callable, Generator, Optional
 
+import qt
 import slicer
 
-from .service_process import JobPoller
 from .settings import adaptation_summary, training_line, validation_figures
 
 __all__ = ["ServiceTask", "AdaptationTask", "AutomaticTask"]
@@ -21,18 +23,34 @@ __all__ = ["ServiceTask", "AdaptationTask", "AutomaticTask"]
 class ServiceTask:
     """A progress bar, a Cancel button and a status callback around one job at a time."""
 
-    def __init__(self, logic, progressBar, cancelButton, status: Callable[[str], None]) -> None:
+    def __init__(self, logic, progressBar, cancelButton, status: Callable[[str], None], poll_ms: int = 500) -> None:
         self.logic, self.progressBar, self.cancelButton, self.status = logic, progressBar, cancelButton, status
-        self.poller: Optional[JobPoller] = None
+        self.job = None  # the ServiceJob running
+        self.runner = None  # its TaskRunner
+        self._timer = qt.QTimer()
+        self._timer.setInterval(poll_ms)
+        self._timer.connect("timeout()", self._tick)
 
     @property
     def running(self) -> bool:
-        return self.poller is not None and self.poller.active
+        return self.runner is not None and not self.runner.idle
 
-    def _follow(self, job_id: str, on_done: Callable, on_status: Optional[Callable] = None) -> None:
+    def _tick(self) -> None:
+        if self.runner is not None:
+            self.runner.tick()
+
+    def _follow(self, start: Generator, on_done: Callable, on_status: Optional[Callable] = None) -> None:
+        """Run the job that ``start`` uploads and starts; ``on_done(status, result)`` when it is done."""
+        from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob
+        from MedFMSegmentLib.slicer_bridge.transport import TaskRunner
+
+        if self.logic.transport is None:
+            self.status("Start the service first.")
+            return
         self.progressBar.visible = True
         self.progressBar.value = 0
         self.cancelButton.enabled = True
+        outcome = {}
 
         def status(job) -> None:
             if job.planned:
@@ -41,28 +59,41 @@ class ServiceTask:
             if on_status is not None:
                 on_status(job)
 
-        def end(job) -> None:
+        def end(job, result) -> None:  # inside the task: only noted, acted on once it has ended
+            outcome["job"], outcome["result"] = job, result
+
+        def ended(error) -> None:
+            if runner is not self.runner:  # a task replaced since
+                return
+            self._timer.stop()
             self.cancelButton.enabled = False
-            self.poller = None
-            if job is None:
-                self.status("The service stopped answering.")
+            job = outcome.get("job")
+            if error is not None or job is None:
+                self.progressBar.visible = False
+                if task.job_id is None:  # refused (a name taken, a bad label grid...) or unreachable
+                    self.status(f"Not started: {error}")
+                else:
+                    self.status(f"The service stopped answering: {error}" if error else "The service stopped answering.")
             elif job.state == "done":
                 self.progressBar.value = 100
                 try:
-                    on_done(job)
+                    on_done(job, outcome["result"])
                 except Exception as exc:  # noqa: BLE001 - report, never raise from a timer
                     logging.exception("MedFMSegment: loading a result failed")
                     self.status(f"Could not load the result: {exc}")
             else:
-                self.status(f"{job.state.capitalize()}: {job.message}" if job.message else job.state.capitalize())
-            if job is None or job.state != "done":
                 self.progressBar.visible = False
+                self.status(f"{job.state.capitalize()}: {job.message}" if job.message else job.state.capitalize())
 
-        self.poller = JobPoller(self.logic.client, job_id, status, end)
+        task = self.job = ServiceJob(start, status, end)
+        runner = self.runner = TaskRunner(self.logic.transport, on_end=ended)
+        self._timer.start()
+        runner.start(self.job.task())
 
     def cancel(self) -> None:
-        if self.poller is not None:
-            self.poller.cancel()
+        """Ask the service to cancel the job; the task reports the end when the job stops."""
+        if self.running and self.job.cancel_call() is not None:
+            self.runner.transport.send(self.job.cancel_call(), lambda result, error: None)
 
 
 class AdaptationTask(ServiceTask):
@@ -79,17 +110,21 @@ class AdaptationTask(ServiceTask):
         return [training_pair(training_volume_for(label, default_volume), label) for label in label_nodes]
 
     def start(self, label_nodes: list, default_volume, config: dict, on_finished: Callable[[dict], None]) -> None:
+        from MedFMSegmentLib.slicer_bridge.jobs import finetune_job
+
         pairs = self.pairs(label_nodes, default_volume)
-        job_id = self.logic.client.finetune([p[0] for p in pairs], [p[1] for p in pairs], config)
-        self._track(job_id, config.get("name", "adapter"), on_finished)
+        self._track(finetune_job([p[0] for p in pairs], [p[1] for p in pairs], config), config.get("name", "adapter"),
+                    on_finished)
 
     def update(self, pending, adapter: str, label_nodes: list, default_volume, steps: int,
                on_finished: Callable[[dict], None]) -> None:
         """Update ``adapter`` with the added cases (``PendingCases``) and the checked training cases."""
-        job_id = pending.submit(self.logic.client, adapter, self.pairs(label_nodes, default_volume), steps)
-        self._track(job_id, f"{adapter} update", on_finished)
+        from MedFMSegmentLib.slicer_bridge.jobs import finetune_job
 
-    def _track(self, job_id: str, title: str, on_finished: Callable[[dict], None]) -> None:
+        images, labels, config = pending.request(adapter, self.pairs(label_nodes, default_volume), steps)
+        self._track(finetune_job(images, labels, config), f"{adapter} update", on_finished)
+
+    def _track(self, start: Generator, title: str, on_finished: Callable[[dict], None]) -> None:
         from MedFMSegmentLib.slicer_bridge.chart import TrainingChart
 
         if self.chart is not None:
@@ -104,13 +139,12 @@ class AdaptationTask(ServiceTask):
             if line:
                 self.status(line)
 
-        def on_done(job) -> None:
-            result = self.logic.client.result(job.job_id)
+        def on_done(job, result: dict) -> None:
             self.chart.finish(*validation_figures(result.get("metadata")))
             self.status(adaptation_summary(result))
             on_finished(result)
 
-        self._follow(job_id, on_done, on_status)
+        self._follow(start, on_done, on_status)
 
     def _showChart(self) -> None:
         layoutManager = slicer.app.layoutManager()
@@ -135,17 +169,14 @@ class AutomaticTask(ServiceTask):
     def _next(self) -> None:
         from MedFMSegmentLib.slicer_bridge import volume_node_to_image
         from MedFMSegmentLib.slicer_bridge.cases import add_result_segmentation
+        from MedFMSegmentLib.slicer_bridge.jobs import automatic_job
 
         if not self._queue:
             self.status(f"Segmented {self._done} volume(s) automatically.")
             return
         volume = self._queue.pop(0)
-        image = volume_node_to_image(volume)
-        volume_id = self.logic.client.upload_volume(image.array, image.geometry, is_2d=image.array.shape[0] == 1)
-        job_id = self.logic.client.automatic(volume_id, self._adapter)
 
-        def on_done(job) -> None:
-            mask = self.logic.client.result(job.job_id)
+        def on_done(job, mask) -> None:
             if self._target is not None:
                 self._target(volume, mask)
             else:
@@ -153,7 +184,7 @@ class AutomaticTask(ServiceTask):
             self._done += 1
             self._next()
 
-        self._follow(job_id, on_done)
+        self._follow(automatic_job(volume_node_to_image(volume), self._adapter), on_done)
 
     def cancel(self) -> None:
         self._queue = []

@@ -253,6 +253,7 @@ def upload_adapter_archive(name: str, archive: bytes) -> Steps:
     return (yield HttpRequest("PUT", f"/adapters/{name}/archive", frame=archive)).json()
 
 
-# The verbs the Slicer module's prompt controller sends (each takes ``compression`` where it uploads).
+# The verbs the Slicer module sends without waiting (prompts and jobs; ``compression`` where they upload).
 VERBS: dict[str, Callable[..., Steps]] = {"upload_volume": upload_volume, "prompt": prompt, "focus": focus,
-                                          "job": job, "updates": updates, "result": result, "cancel": cancel}
+                                          "job": job, "updates": updates, "result": result, "cancel": cancel,
+                                          "automatic": automatic, "finetune": finetune}

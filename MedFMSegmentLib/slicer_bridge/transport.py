@@ -30,7 +30,7 @@ Done = Callable[[Any, "BaseException | None"], None]  # (result, error): exactly
 @dataclass
 class Call:
     """One service verb (``upload_volume``, ``prompt``, ``focus``, ``job``, ``updates``,
-    ``result``, ``cancel``) with its arguments."""
+    ``result``, ``cancel``, ``automatic``, ``finetune``) with its arguments."""
 
     verb: str
     args: tuple = ()
@@ -75,7 +75,8 @@ class HttpTransport:
         self.exchange, self.compression = exchange, compression
 
     def send(self, call: Call, done: Done) -> None:
-        kwargs = dict(call.kwargs, compression=self.compression) if call.verb == "upload_volume" else call.kwargs
+        uploads = call.verb in ("upload_volume", "finetune")
+        kwargs = dict(call.kwargs, compression=self.compression) if uploads else call.kwargs
         try:
             steps = checked(VERBS[call.verb](*call.args, **kwargs))
         except Exception as exc:  # noqa: BLE001 - a bad call is the caller's error

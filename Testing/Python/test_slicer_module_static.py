@@ -389,7 +389,10 @@ def test_add_case_and_update_adapter_are_wired_to_the_library_helper(ui_root):
     assert names["addCaseButton"] == names["updateAdapterButton"] == "QPushButton"
     source = (HELPERS / "adaptation_section.py").read_text(encoding="utf-8")
     assert "slicer_bridge.updates import PendingCases" in source and "self.adaptation.update(" in source
-    assert "pending.submit(" in (HELPERS / "tasks.py").read_text(encoding="utf-8")
+    tasks = (HELPERS / "tasks.py").read_text(encoding="utf-8")
+    assert "pending.request(" in tasks and "finetune_job(" in tasks
+    # service jobs go through the non-blocking transport: no call of the blocking client in the tasks
+    assert "client." not in tasks and "self.logic.transport" in tasks
 
 
 # ---------------------------------------------------------------------------- Qt-only behaviour, read from the code

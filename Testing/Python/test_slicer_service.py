@@ -338,3 +338,65 @@ def test_add_this_case_then_update_adapter_continues_it_in_the_service(client, d
     assert result["from"] == "panel-update" and meta["lineage"][-1]["cases_added"] == 2
     assert meta["training_cases"]["count"] == 2 and meta["date"] >= parent["metadata"]["date"]
     assert meta["base_validation_dice"] is not None and meta["adapted_validation_dice"] is not None
+
+
+def _run_ticking(runner, timeout_s: float = 600.0) -> None:
+    """Tick a TaskRunner as the panel's QTimer does, until its task ends."""
+    end = time.monotonic() + timeout_s
+    while not runner.idle and time.monotonic() < end:
+        time.sleep(0.1)
+        runner.tick()
+    assert runner.idle, "the job task did not end"
+
+
+def test_fine_tuning_and_automatic_jobs_run_as_tasks_that_poll_on_each_tick(client, data_dir):
+    """The panel's service jobs (slicer_bridge.jobs) over the HTTP its Qt transport sends: the
+    upload, every status poll and the result each come as an answer to a yielded call, and the
+    results are those of the blocking client's own requests."""
+    from test_service import cropped_case
+
+    from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob, automatic_job, finetune_job
+    from MedFMSegmentLib.slicer_bridge.transport import TaskRunner
+
+    (image, label), (other, _) = cropped_case(data_dir, 3), cropped_case(data_dir, 4)
+    ends, statuses, finished = [], [], []
+    runner = TaskRunner(blocking_transport(client), on_end=ends.append)
+    training = ServiceJob(finetune_job([image], [label], {"name": "task-adapter", "encoder": "frozen", "steps": 3,
+                                                          "embedding_budget": 4}),
+                          statuses.append, lambda status, result: finished.append((status, result)))
+    runner.start(training.task())
+    assert not runner.idle and training.job_id is not None, "it waits for the next tick after its first poll"
+    _run_ticking(runner)
+    (status, result), = finished
+    assert status.state == "done" and result["adapter"] == "task-adapter" and result["metadata"]["steps"] == 3
+    assert ends == [None] and statuses[-1] is status and len(statuses) >= 1
+
+    automatic = ServiceJob(automatic_job(other, "task-adapter"), lambda s: None,
+                           lambda status, mask: finished.append((status, mask)))
+    runner.start(automatic.task())
+    _run_ticking(runner)
+    status, mask = finished[-1]
+    expected = client.wait(client.automatic(client.upload_volume(other.array, other.geometry), "task-adapter"))
+    assert status.state == "done" and mask.shape == other.array.shape
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_a_job_task_cancelled_through_its_cancel_call_ends_cancelled_without_a_result(client, data_dir):
+    from test_service import cropped_case
+
+    from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob, finetune_job
+    from MedFMSegmentLib.slicer_bridge.transport import TaskRunner
+
+    image, label = cropped_case(data_dir, 6)
+    transport, finished = blocking_transport(client), []
+    runner = TaskRunner(transport, on_end=lambda error: None)
+    job = ServiceJob(finetune_job([image], [label], {"name": "task-cancelled", "encoder": "frozen", "steps": 5000,
+                                                     "embedding_budget": 4}),
+                     lambda status: None, lambda status, result: finished.append((status, result)))
+    assert job.cancel_call() is None, "nothing to cancel before the job exists"
+    runner.start(job.task())
+    transport.send(job.cancel_call(), lambda result, error: None)
+    _run_ticking(runner, 120)
+    (status, result), = finished
+    assert status.state == "cancelled" and result is None
+    assert "task-cancelled" not in [a["name"] for a in client.adapters()]

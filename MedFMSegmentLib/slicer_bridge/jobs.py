@@ -1,0 +1,61 @@
+"""Service jobs (automatic segmentation, fine-tuning) as tasks that never wait on the network.
+
+A :class:`ServiceJob` is run by a :class:`~.transport.TaskRunner` over the panel's transport: it
+uploads and starts the job, polls its status once per :meth:`~.transport.TaskRunner.tick` (a
+QTimer in Slicer), reports each status, and hands over the result when the job is done. So
+uploading a large volume to a remote GPU machine, polling and downloading the result all happen
+while Slicer's event loop runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Generator
+
+from ..io import MedicalImage
+from ..service.protocol import JobStatus
+from .transport import NEXT_POLL, Call, call
+
+__all__ = ["ServiceJob", "automatic_job", "finetune_job"]
+
+
+class ServiceJob:
+    """One service job as a task: ``start`` (calls ending in the job id), polls, then the result.
+
+    Args:
+        start: A generator of :class:`~.transport.Call` objects that returns the job id.
+        on_status: Called with each :class:`~MedFMSegmentLib.service.protocol.JobStatus` polled.
+        on_end: Called once with the last status and, when it is ``done``, the job's result
+            (else None).
+    """
+
+    def __init__(self, start: Generator, on_status: Callable[[JobStatus], None],
+                 on_end: Callable[[JobStatus, Any], None]) -> None:
+        self.start, self.on_status, self.on_end = start, on_status, on_end
+        self.job_id: str | None = None
+
+    def task(self) -> Generator:
+        """The generator to hand to :meth:`~.transport.TaskRunner.start`."""
+        self.job_id = yield from self.start
+        while True:
+            status = yield call("job", self.job_id)
+            self.on_status(status)
+            if status.finished:
+                break
+            yield NEXT_POLL
+        result = (yield call("result", self.job_id)) if status.state == "done" else None
+        self.on_end(status, result)
+
+    def cancel_call(self) -> Call | None:
+        """The call that cancels the job in the service (None before it has started)."""
+        return None if self.job_id is None else call("cancel", self.job_id)
+
+
+def automatic_job(image: MedicalImage, adapter: str, keep_components: str | None = None) -> Generator:
+    """Upload ``image`` and start automatic segmentation with ``adapter``; returns the job id."""
+    volume_id = yield call("upload_volume", image.array, image.geometry, is_2d=image.array.shape[0] == 1)
+    return (yield call("automatic", volume_id, adapter, keep_components))
+
+
+def finetune_job(images: list, labels: list, config: dict) -> Generator:
+    """Upload the cases and start fine-tuning with ``config``; returns the job id."""
+    return (yield call("finetune", images, labels, config))
