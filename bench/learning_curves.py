@@ -261,7 +261,11 @@ def report_section(result: dict) -> list[str]:
         part = result[key]
         name, unit = _PART_NAMES[key]
         tests = len(part["test_cases"])
-        out += [f"**{name}**: {tests} test {unit if tests != 1 else unit[:-1]}; zero-shot box Dice {part['zero_shot_box']:.3f}.", "",
+        own = part.get("machine")
+        where = (f" Measured on {_machine_line({'machine': own})}, seeds "
+                 f"{', '.join(map(str, (part.get('settings') or settings)['seeds']))}." if own and own != result.get("machine") else "")
+        out += [f"**{name}**: {tests} test {unit if tests != 1 else unit[:-1]}; zero-shot box Dice "
+                f"{part['zero_shot_box']:.3f}.{where}", "",
                 f"| Training {unit} | Adapted, automatic | Adapted, box | MONAI U-Net from scratch | Training (s) | "
                 "Adapter / U-Net steps | Peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
         for row in summary_rows(part):
@@ -292,6 +296,18 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def kept_parts(path: Path, measured: list[str]) -> dict:
+    """The parts of an earlier result at ``path`` that a run measuring ``measured`` keeps, each
+    with its own machine and settings (the file's own when the part has none)."""
+    if not path.is_file():
+        return {}
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if earlier.get("quick"):
+        return {}  # a quick run's figures never sit beside a real run's
+    return {part: {"machine": earlier.get("machine"), "settings": earlier.get("settings"), **earlier[part]}
+            for part in _PART_NAMES if part in earlier and part not in measured}
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -305,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--embedding-budget", type=int, default=None, help="override the embedding budget")
     parser.add_argument("--sizes", default=None, help="override the training-case counts, e.g. 3,5")
     parser.add_argument("--seeds", default=None, help="override the seeds, e.g. 0,1")
+    parser.add_argument("--keep-other-parts", action="store_true",
+                        help="keep the parts of the existing output that this run does not measure (each "
+                        "keeps its own machine and settings)")
     parser.add_argument("-o", "--output", default=str(RESULT))
     args = parser.parse_args(argv)
     if not DATA_DIR.is_dir():
@@ -324,10 +343,13 @@ def main(argv: list[str] | None = None) -> int:
               "adapter": "frozen encoder + embedding adapter (CPU default)",
               "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, the adapter's training time",
               "memory_note": "process_peak_rss_mb: the benchmark process's peak so far, not the point's own"}
+    if args.keep_other_parts:
+        result.update(kept_parts(Path(args.output), parts))
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         for part in parts:
             result[part] = run_part(part, settings, Path(folder), part in loop_parts)
+            result[part].update(machine=result["machine"], settings=settings)
             result["seconds"] = round(time.monotonic() - started, 1)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")

@@ -168,3 +168,21 @@ def test_learning_curves_section_averages_seeds_and_lists_the_correction_rounds(
     assert "| 3 | 0.900 | 0.900 | 0.500 | 100 | 2000 / 40 | 1000 |" in lines
     assert "| 1 | 5 | 40 | 0.820 | 0.830 | 0.845 | 0.0050 |" in lines
     assert any("1 test image;" in line for line in lines) and not any("Quick run" in line for line in lines)
+
+
+def test_learning_curves_keep_the_other_parts_of_a_real_run_with_their_own_machine(tmp_path):
+    from bench import learning_curves
+
+    earlier = {"quick": False, "machine": {"cpu": "Old CPU", "cpu_count": 2}, "settings": {"seeds": [0]},
+               "hc18": {"points": []}, "hippocampus": {"points": [], "zero_shot_box": 0.8}}
+    path = tmp_path / "learning_curves.json"
+    path.write_text(json.dumps(earlier))
+    kept = learning_curves.kept_parts(path, ["hc18"])
+    assert list(kept) == ["hippocampus"] and kept["hippocampus"]["machine"]["cpu"] == "Old CPU"
+    assert kept["hippocampus"]["zero_shot_box"] == 0.8 and kept["hippocampus"]["settings"] == {"seeds": [0]}
+    path.write_text(json.dumps({**earlier, "quick": True}))
+    assert learning_curves.kept_parts(path, ["hc18"]) == {}, "a quick run's figures are never kept"
+    assert learning_curves.kept_parts(tmp_path / "absent.json", ["hc18"]) == {}
+    result = {"settings": learning_curves.SETTINGS, "adapter": "a", "baseline": "b", "machine": {"cpu": "New CPU"},
+              "hippocampus": {**kept["hippocampus"], "test_cases": ["x"]}}
+    assert any("Measured on 2-core Old CPU" in line for line in learning_curves.report_section(result))
