@@ -36,7 +36,7 @@ from .common import machine, peak_rss_mb
 from .data import DATA_DIR, hc18_split, hippocampus_split
 from .finetune import box_dice
 
-__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows"]
+__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows", "headline_rows"]
 
 RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
 SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
@@ -290,6 +290,36 @@ def report_section(result: dict) -> list[str]:
             out += ["", f"![{name} learning curve](../bench/results/{plot_file})"]
         out.append("")
     return out
+
+
+def headline_rows(result: dict) -> list[tuple[str, str, str]]:
+    """README's rows (``python -m bench report``): per part, adapted automatic Dice against the
+    from-scratch U-Net at each training-set size, and the correction loop's first and last round.
+    None from a quick run."""
+    from .report import hardware
+
+    if result.get("quick"):
+        return []
+    rows = []
+    for key in ("hippocampus", "hc18"):
+        if key not in result:
+            continue
+        part, (name, unit) = result[key], _PART_NAMES[key]
+        where = hardware({"machine": part.get("machine") or result.get("machine")})
+        summary = summary_rows(part)
+        sizes = "/".join(str(r["cases"]) for r in summary)
+        rows.append((f"Learning curve, {name.split(' (')[0]}, {sizes} training {unit}: adapted automatic Dice / "
+                     "MONAI U-Net from scratch (same training time)",
+                     " / ".join(f"{np.mean(r['adapted_automatic']):.3f}" for r in summary) + " against "
+                     + " / ".join(f"{np.mean(r['baseline_dice']):.3f}" for r in summary), where))
+        loop = part.get("correction_loop")
+        if loop and len(loop) > 1:
+            drop = max(r.get("first_cases_drop", 0.0) for r in loop[1:])
+            rows.append((f"Correction loop, {name.split(' (')[0]}: {loop[0]['cases']} to {loop[-1]['cases']} {unit}, "
+                         f"the worst automatic results corrected and added each round",
+                         f"automatic Dice {loop[0]['test']:.3f} to {loop[-1]['test']:.3f}; first {unit} drop at most "
+                         f"{drop:.3f}", where))
+    return rows
 
 
 def _f(value, digits: int = 3) -> str:
