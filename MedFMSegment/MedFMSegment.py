@@ -154,6 +154,8 @@ class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadab
     def onSceneStartClose(self, caller, event) -> None:
         self._detachController()
         self.writer, self.pending = None, None  # their undo snapshots and cases belong to the closed scene
+        self.automatic.drop()  # their results would land in nodes of the closed scene
+        self.batch.drop()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:

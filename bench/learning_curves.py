@@ -273,11 +273,12 @@ def report_section(result: dict) -> list[str]:
                        f"{_spread(row['baseline_dice'])} | {np.mean(row['training_seconds']):.0f} | "
                        f"{np.mean(row['steps']):.0f} / {np.mean(row['baseline_steps']):.0f} | "
                        f"{max(row['process_peak_rss_mb']):.0f} |")
-        loop = part.get("correction_loop")
+        loop, own_settings = part.get("correction_loop"), part.get("settings") or settings
         if loop:
-            out += ["", f"Correction loop ({name}): each round adds the {settings['loop_add']} worst automatic results "
-                    f"of {settings['loop_candidates']} unseen {unit} with their labels as the correction and continues the "
-                    f"adapter (the parent's {unit} replayed); first {unit}: the first {settings['forgetting_cases']} "
+            out += ["", f"Correction loop ({name}): each round adds the {own_settings['loop_add']} worst automatic "
+                    f"results of {own_settings['loop_candidates']} unseen {unit} with their labels as the correction and "
+                    f"continues the adapter (the parent's {unit} replayed); first {unit}: the first "
+                    f"{own_settings['forgetting_cases']} "
                     f"training {unit} (the forgetting check).", "",
                     f"| Round | Training {unit} | Training (s) | Test, automatic | Same {unit} trained at once | "
                     f"First {unit} | Drop on first {unit} |", "|---|---|---|---|---|---|---|"]
@@ -374,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
               "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, the adapter's training time",
               "memory_note": "process_peak_rss_mb: the benchmark process's peak so far, not the point's own"}
     if args.keep_other_parts:
+        if args.quick:
+            print("learning_curves: --keep-other-parts keeps a real run's parts; a quick run cannot", file=sys.stderr)
+            return 2
         result.update(kept_parts(Path(args.output), parts))
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:

@@ -51,9 +51,10 @@ class AdaptationBatchMixin:
             self.setStatus(_("Add at least one corrected case first (Add this case)."))
             return
         labels = list(self.ui.trainingLabelsSelector.checkedNodes())
+        cases = self.pending  # the scene may close (and the panel drop them) before the job ends
 
         def finished(result: dict) -> None:
-            self.pending.clear()
+            cases.clear()
             self.ui.pendingCasesLabel.text = ""
             self.ui.adaptationResultLabel.text = self.ui.statusLabel.text
             self.updateAdapterList()

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 __all__ = ["EXCLUDED", "BUNDLED", "IMPORT_NAMES", "requirements_from_project", "read_requirements", "read_tested_versions",
-           "requirement_name", "installed_version", "satisfies", "missing_requirements", "install_lines", "torch_status",
+           "requirement_name", "installed_version", "applies", "satisfies", "missing_requirements", "install_lines", "torch_status",
            "constraints_for", "install_summary"]
 
 #: Distributions never installed by the module: torch (through SlicerPyTorch) and SimpleITK (bundled).
@@ -63,7 +63,7 @@ def requirements_from_project(pyproject_text: str, lock_text: str) -> list[str]:
         name = requirement_name(entry)
         if name in EXCLUDED:
             continue
-        line = entry.replace(" ", "")
+        line = entry.split(";", 1)[0].replace(" ", "") + (f"; {entry.split(';', 1)[1].strip()}" if ";" in entry else "")
         result.append(f"{line}  # tested: {pins[name]}" if name in pins else line)
     return result
 
@@ -92,22 +92,32 @@ def installed_version(name: str) -> str | None:
         return None
 
 
-def _specifier_set(text: str):
+def _requirement(line: str):
+    """``line`` parsed by ``packaging`` (pip always carries a copy); None when it does not parse."""
     try:
-        from packaging.specifiers import SpecifierSet
-    except ImportError:  # pip always carries a copy
-        from pip._vendor.packaging.specifiers import SpecifierSet
-    return SpecifierSet(text)
+        from packaging.requirements import InvalidRequirement, Requirement
+    except ImportError:
+        from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+    try:
+        return Requirement(line)
+    except InvalidRequirement:
+        return None
+
+
+def applies(requirement: str) -> bool:
+    """Whether a requirement line applies here (its environment marker, if any, holds)."""
+    parsed = _requirement(requirement)
+    return parsed is None or parsed.marker is None or parsed.marker.evaluate()
 
 
 def satisfies(version: str, requirement: str) -> bool:
-    """Whether an installed ``version`` is in ``requirement``'s range (``monai>=1.4,<1.7``); an
-    unparsable version counts as outside it."""
-    specifier = requirement[len(_NAME.match(requirement).group(0)):].split(";", 1)[0].strip()
-    if not specifier:
-        return True
+    """Whether an installed ``version`` is in ``requirement``'s range (``monai>=1.4,<1.7``,
+    extras and markers allowed); an unparsable version or line counts as outside it."""
+    parsed = _requirement(requirement)
+    if parsed is None:
+        return False
     try:
-        return _specifier_set(specifier).contains(version, prereleases=True)
+        return parsed.specifier.contains(version, prereleases=True)
     except Exception:  # noqa: BLE001 - an odd version string: reinstall rather than trust it
         return False
 
@@ -118,6 +128,8 @@ def missing_requirements(requirements: list[str],
     missing = []
     for line in requirements:
         name = requirement_name(line)
+        if not applies(line):
+            continue
         have = version_of(name)
         if have is None or (name not in BUNDLED and not satisfies(have, line)):
             missing.append(line)
@@ -129,8 +141,9 @@ def install_lines(missing: list[str], tested: dict[str, str]) -> list[str]:
     range), else its range."""
     lines = []
     for line in missing:
-        version = tested.get(requirement_name(line))
-        lines.append(f"{requirement_name(line)}=={version}" if version and satisfies(version, line) else line)
+        version, parsed = tested.get(requirement_name(line)), _requirement(line)
+        extras = f"[{','.join(sorted(parsed.extras))}]" if parsed is not None and parsed.extras else ""
+        lines.append(f"{requirement_name(line)}{extras}=={version}" if version and satisfies(version, line) else line)
     return lines
 
 

@@ -29,8 +29,12 @@ class QtExchange:
         self.manager = qt.QNetworkAccessManager()
         self.manager.connect("finished(QNetworkReply*)", self._onFinished)
         self._waiting: dict = {}  # reply -> on_response
+        self._closed = False
 
     def __call__(self, request, onResponse: Callable) -> None:
+        if self._closed:  # a task still running on a closed connection ends now, never reaches a service
+            onResponse(0, "", b"", f"the connection to {self.url} was closed")
+            return
         networkRequest = qt.QNetworkRequest(qt.QUrl(self.url + request.target))
         networkRequest.setRawHeader(b"Authorization", f"Bearer {self.token}".encode())
         if hasattr(networkRequest, "setTransferTimeout"):  # Qt >= 5.15; older wrappers lack it
@@ -56,7 +60,8 @@ class QtExchange:
 
     def close(self) -> None:
         """Abort what is still in flight; each waiting task hears that no answer will come (status
-        0), so none waits for good."""
+        0), so none waits for good; later requests are answered the same way at once."""
+        self._closed = True
         waiting, self._waiting = self._waiting, {}
         for reply, onResponse in waiting.items():
             reply.abort()

@@ -91,9 +91,23 @@ class ServiceTask:
         runner.start(self.job.task())
 
     def cancel(self) -> None:
-        """Ask the service to cancel the job; the task reports the end when the job stops."""
-        if self.running and self.job.cancel_call() is not None:
-            self.runner.transport.send(self.job.cancel_call(), lambda result, error: None)
+        """Ask the service to cancel the job (at once, or as soon as its upload has started it); the
+        task reports the end when the job stops."""
+        if self.running:
+            cancel = self.job.cancel_call()
+            if cancel is not None:
+                self.runner.transport.send(cancel, lambda result, error: None)
+
+    def drop(self) -> None:
+        """Cancel the job and forget it: nothing it answers later is written (the scene it was for
+        is closing)."""
+        self.cancel()
+        if self.runner is not None:
+            self.runner.drop()
+        self.runner = self.job = None
+        self._timer.stop()
+        self.cancelButton.enabled = False
+        self.progressBar.visible = False
 
 
 class AdaptationTask(ServiceTask):
@@ -129,10 +143,12 @@ class AdaptationTask(ServiceTask):
 
         if self.chart is not None:
             self.chart.remove()
-        self.chart = TrainingChart(slicer.mrmlScene, f"{title} fine-tuning")
-        self._showChart()
+            self.chart = None
 
-        def on_status(job) -> None:
+        def on_status(job) -> None:  # the chart comes with the first status: a refused job leaves none
+            if self.chart is None:
+                self.chart = TrainingChart(slicer.mrmlScene, f"{title} fine-tuning")
+                self._showChart()
             metrics = job.metrics or {}
             self.chart.add(metrics.get("step"), metrics.get("loss"), metrics.get("val_dice"), metrics.get("base_val_dice"))
             line = training_line(job.stage, job.done, job.planned, metrics)
@@ -140,7 +156,8 @@ class AdaptationTask(ServiceTask):
                 self.status(line)
 
         def on_done(job, result: dict) -> None:
-            self.chart.finish(*validation_figures(result.get("metadata")))
+            if self.chart is not None:
+                self.chart.finish(*validation_figures(result.get("metadata")))
             self.status(adaptation_summary(result))
             on_finished(result)
 

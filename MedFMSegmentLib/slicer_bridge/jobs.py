@@ -32,10 +32,13 @@ class ServiceJob:
                  on_end: Callable[[JobStatus, Any], None]) -> None:
         self.start, self.on_status, self.on_end = start, on_status, on_end
         self.job_id: str | None = None
+        self.cancel_requested = False
 
     def task(self) -> Generator:
         """The generator to hand to :meth:`~.transport.TaskRunner.start`."""
         self.job_id = yield from self.start
+        if self.cancel_requested:  # asked while the job's data was still on its way
+            yield call("cancel", self.job_id)
         while True:
             status = yield call("job", self.job_id)
             self.on_status(status)
@@ -46,7 +49,9 @@ class ServiceJob:
         self.on_end(status, result)
 
     def cancel_call(self) -> Call | None:
-        """The call that cancels the job in the service (None before it has started)."""
+        """Ask for the job to be cancelled: the call that cancels it in the service, or None before
+        it has started (the task then cancels it as soon as it has an id)."""
+        self.cancel_requested = True
         return None if self.job_id is None else call("cancel", self.job_id)
 
 

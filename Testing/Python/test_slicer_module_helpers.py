@@ -106,6 +106,10 @@ def test_missing_requirements_and_constraints_keep_torch_and_bundled_packages():
     assert dependencies.install_lines(missing, tested) == ["peft==0.21.2", "openvino==2026.4.1", "fastapi==0.165.0"]
     assert dependencies.install_lines(["peft>=0.13,<0.22"], {"peft": "0.30.0"}) == ["peft>=0.13,<0.22"]
     assert not dependencies.satisfies("not-a-version", "monai>=1.4") and dependencies.satisfies("9", "tqdm")
+    assert dependencies.satisfies("2.14.1+cu130", "torch>=2.1,<=2.14.1") and dependencies.satisfies("1.2", "a[b]>=1")
+    assert dependencies.install_lines(["uvicorn[standard]>=0.30"], {"uvicorn": "0.55.0"}) == ["uvicorn[standard]==0.55.0"]
+    windows_only = 'pywin32>=300; sys_platform == "win32"'
+    assert dependencies.missing_requirements([windows_only], {}.get) == ([windows_only] if sys.platform == "win32" else [])
     constraints = dependencies.constraints_for(installed.get)
     assert "torch==2.5.1+cu121" in constraints and "simpleitk==2.4.0" in constraints and "numpy==1.26.4" in constraints
     summary = dependencies.install_summary(missing, ("ok", "2.5.1"))

@@ -400,3 +400,12 @@ def test_a_job_task_cancelled_through_its_cancel_call_ends_cancelled_without_a_r
     (status, result), = finished
     assert status.state == "cancelled" and result is None
     assert "task-cancelled" not in [a["name"] for a in client.adapters()]
+
+    # Cancel asked while the cases were still on their way (no job id yet): cancelled as soon as it starts
+    early = ServiceJob(finetune_job([image], [label], {"name": "task-cancelled-early", "encoder": "frozen",
+                                                       "steps": 5000, "embedding_budget": 4}),
+                       lambda status: None, lambda status, result: finished.append((status, result)))
+    assert early.cancel_call() is None
+    runner.start(early.task())
+    _run_ticking(runner, 120)
+    assert finished[-1][0].state == "cancelled" and finished[-1][1] is None
