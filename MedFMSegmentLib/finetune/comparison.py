@@ -87,6 +87,7 @@ def summary_line(metadata: dict) -> str:
     """``validation Dice 0.812 adapted, 0.701 base model (4 slices)``, or why there are no figures."""
     adapted, base = metadata.get("adapted_validation_dice"), metadata.get("base_validation_dice")
     if adapted is None or base is None:
-        return "no validation slices: give more cases or slices with the structure to measure Dice"
+        return ("no validation slices, so nothing checked the adapter: it may segment worse than the base model, box "
+                "prompts included; give 3 or more cases (or more slices with the structure)")
     count = len((metadata.get("validation_comparison") or {}).get("slices") or [])
     return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices)"

@@ -80,6 +80,9 @@ def test_tiny_run_without_validation_slices_has_no_figures():
                                                             embedding_budget=4))
     assert metadata["base_validation_dice"] is None and metadata["adapted_validation_dice"] is None
     assert metadata["validation_comparison"]["slices"] == []
+    from MedFMSegmentLib.finetune.comparison import summary_line
+
+    assert "nothing checked the adapter" in summary_line(metadata) and "3 or more cases" in summary_line(metadata)
 
 
 def test_continuing_compares_with_the_base_model_not_the_parent(trained):  # noqa: F811
