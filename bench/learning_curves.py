@@ -318,8 +318,9 @@ def headline_rows(result: dict) -> list[tuple[str, str, str]]:
             drop = max(r.get("first_cases_drop", 0.0) for r in loop[1:])
             rows.append((f"Correction loop, {name.split(' (')[0]}: {loop[0]['cases']} to {loop[-1]['cases']} {unit}, "
                          f"the worst automatic results corrected and added each round",
-                         f"automatic Dice {loop[0]['test']:.3f} to {loop[-1]['test']:.3f}; first {unit} drop at most "
-                         f"{drop:.3f}", where))
+                         f"automatic Dice {loop[0]['test']:.3f} to {loop[-1]['test']:.3f}; "
+                         + (f"first {unit} drop at most {drop:.3f}" if drop > 0 else
+                            f"first {unit}' Dice never dropped (rose by at least {-drop:.3f})"), where))
     return rows
 
 
