@@ -39,8 +39,14 @@ class ServiceTask:
         if self.runner is not None:
             self.runner.tick()
 
-    def _follow(self, start: Generator, on_done: Callable, on_status: Optional[Callable] = None) -> None:
-        """Run the job that ``start`` uploads and starts; ``on_done(status, result)`` when it is done."""
+    def _follow(self, start: Generator, on_done: Callable, on_status: Optional[Callable] = None,
+                on_failed: Optional[Callable[[str, bool], None]] = None) -> None:
+        """Run the job that ``start`` uploads and starts; ``on_done(status, result)`` when it is done.
+
+        ``on_failed(line, go_on)``, when given, gets the status line of a job that did not end
+        done instead of the status bar; ``go_on`` is False when it was cancelled or the service
+        stopped answering (nothing more should be sent), True when only this job failed.
+        """
         from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob
         from MedFMSegmentLib.slicer_bridge.transport import TaskRunner
 
@@ -68,22 +74,31 @@ class ServiceTask:
             self._timer.stop()
             self.cancelButton.enabled = False
             job = outcome.get("job")
+
+            def report(line: str, go_on: bool = True) -> None:
+                if on_failed is None:
+                    self.status(line)
+                else:
+                    on_failed(line, go_on)
+
             if error is not None or job is None:
                 self.progressBar.visible = False
                 if task.job_id is None:  # refused (a name taken, a bad label grid...) or unreachable
-                    self.status(f"Not started: {error}")
+                    report(f"Not started: {error}", 400 <= getattr(error, "status", 0) < 500)  # refused: only this one
                 else:
-                    self.status(f"The service stopped answering: {error}" if error else "The service stopped answering.")
+                    report(f"The service stopped answering: {error}" if error else "The service stopped answering.",
+                           False)
             elif job.state == "done":
                 self.progressBar.value = 100
                 try:
                     on_done(job, outcome["result"])
                 except Exception as exc:  # noqa: BLE001 - report, never raise from a timer
                     logging.exception("MedFMSegment: loading a result failed")
-                    self.status(f"Could not load the result: {exc}")
+                    report(f"Could not load the result: {exc}")
             else:
                 self.progressBar.visible = False
-                self.status(f"{job.state.capitalize()}: {job.message}" if job.message else job.state.capitalize())
+                report(f"{job.state.capitalize()}: {job.message}" if job.message else job.state.capitalize(),
+                       job.state != "cancelled")
 
         task = self.job = ServiceJob(start, status, end)
         runner = self.runner = TaskRunner(self.logic.transport, on_end=ended)
@@ -174,13 +189,19 @@ class AdaptationTask(ServiceTask):
 
 
 class AutomaticTask(ServiceTask):
-    """Segments volumes one after the other with an adapter (prompt-free), each into a segmentation."""
+    """Segments volumes one after the other with an adapter (prompt-free), each into a segmentation.
+
+    A volume that fails is noted and the next one runs; the last status line says how many of
+    them were segmented and names the others with why (:class:`~MedFMSegmentLib.slicer_bridge.jobs.BatchTally`).
+    """
 
     def start(self, volume_nodes: list, adapter: str, target: Optional[Callable] = None) -> None:
         """``target(volume_node, mask)`` writes a result (default: a new segmentation per volume)."""
+        from MedFMSegmentLib.slicer_bridge.jobs import BatchTally
+
         self._queue = list(volume_nodes)
         self._adapter, self._target = adapter, target
-        self._done = 0
+        self.tally = BatchTally(len(self._queue))
         self._next()
 
     def _next(self) -> None:
@@ -188,20 +209,35 @@ class AutomaticTask(ServiceTask):
         from MedFMSegmentLib.slicer_bridge.cases import add_result_segmentation
         from MedFMSegmentLib.slicer_bridge.jobs import automatic_job
 
-        if not self._queue:
-            self.status(f"Segmented {self._done} volume(s) automatically.")
+        while self._queue:
+            volume = self._queue.pop(0)
+            name = volume.GetName()
+            try:
+                image = volume_node_to_image(volume)
+            except Exception as exc:  # noqa: BLE001 - a volume without usable image data: note it, go on
+                self.tally.fail(name, str(exc))
+                continue
+            break
+        else:
+            self.status(self.tally.summary())
             return
-        volume = self._queue.pop(0)
 
         def on_done(job, mask) -> None:
             if self._target is not None:
                 self._target(volume, mask)
             else:
                 add_result_segmentation(slicer.mrmlScene, volume, mask)
-            self._done += 1
+            self.tally.done(name)
             self._next()
 
-        self._follow(automatic_job(volume_node_to_image(volume), self._adapter), on_done)
+        def on_failed(line: str, go_on: bool) -> None:
+            self.tally.fail(name, line)
+            if not go_on:
+                self.tally.cancelled = line.startswith("Cancelled")
+                self._queue = []
+            self._next()
+
+        self._follow(automatic_job(image, self._adapter), on_done, on_failed=on_failed)
 
     def cancel(self) -> None:
         self._queue = []

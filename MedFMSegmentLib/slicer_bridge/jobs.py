@@ -15,7 +15,7 @@ from ..io import MedicalImage
 from ..service.protocol import JobStatus
 from .transport import NEXT_POLL, Call, call
 
-__all__ = ["ServiceJob", "automatic_job", "finetune_job"]
+__all__ = ["BatchTally", "ServiceJob", "automatic_job", "finetune_job"]
 
 
 class ServiceJob:
@@ -64,3 +64,36 @@ def automatic_job(image: MedicalImage, adapter: str, keep_components: str | None
 def finetune_job(images: list, labels: list, config: dict) -> Generator:
     """Upload the cases and start fine-tuning with ``config``; returns the job id."""
     return (yield call("finetune", images, labels, config))
+
+
+class BatchTally:
+    """What a batch of volumes came to: each volume segmented or not (and why), in order.
+
+    A batch goes on after a volume that fails (a damaged volume, a grid the adapter refuses), so
+    one bad volume does not stop the rest; the summary names the volumes without a result.
+
+    Args:
+        total: How many volumes the batch was given.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.segmented: list[str] = []
+        self.failed: list[tuple[str, str]] = []
+        self.cancelled = False
+
+    def done(self, name: str) -> None:
+        self.segmented.append(name)
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failed.append((name, " ".join(str(reason).split()) or "no reason given"))
+
+    def summary(self) -> str:
+        """One status line: ``Segmented 2 of 3 volumes automatically; not segmented: CT (Failed: ...)``."""
+        line = f"Segmented {len(self.segmented)} of {self.total} volume{'s' if self.total != 1 else ''} automatically"
+        if self.failed:
+            line += "; not segmented: " + "; ".join(f"{name} ({reason})" for name, reason in self.failed)
+        skipped = self.total - len(self.segmented) - len(self.failed)
+        if skipped > 0:
+            line += f"; {skipped} not started ({'cancelled' if self.cancelled else 'stopped'})"
+        return line + "."

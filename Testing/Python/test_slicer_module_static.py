@@ -428,3 +428,14 @@ def test_a_failed_service_start_and_every_exit_are_handled():
         assert "self._detachController" in method_calls(MODULE_FILE, "MedFMSegmentWidget", method), method
     assert "self._disconnect" in method_calls(EFFECT_FILE, "SegmentEditorEffect", "deactivate")
     assert "self.controller.detach" in method_calls(EFFECT_FILE, "SegmentEditorEffect", "_disconnect")
+
+
+def test_a_batch_notes_a_failed_volume_and_goes_on_to_the_next():
+    """The automatic batch gives every job's failure to its tally and runs the next volume (a
+    volume without image data too), stopping only on Cancel or a service that stopped answering;
+    its last line is the tally's summary (tested in test_slicer_service)."""
+    calls = method_calls(HELPERS / "tasks.py", "AutomaticTask", "_next")
+    assert {"self.tally.fail", "self.tally.done", "self._next", "self.tally.summary", "self._follow"} <= calls
+    follow = next(n for n in classes_of(HELPERS / "tasks.py")["AutomaticTask"].body
+                  if isinstance(n, ast.FunctionDef) and n.name == "_next")
+    assert "on_failed=on_failed" in ast.unparse(follow)

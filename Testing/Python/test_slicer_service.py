@@ -409,3 +409,19 @@ def test_a_job_task_cancelled_through_its_cancel_call_ends_cancelled_without_a_r
     runner.start(early.task())
     _run_ticking(runner, 120)
     assert finished[-1][0].state == "cancelled" and finished[-1][1] is None
+
+
+def test_a_batch_tally_names_what_was_not_segmented_and_why():
+    from MedFMSegmentLib.slicer_bridge.jobs import BatchTally
+
+    tally = BatchTally(4)
+    tally.done("MR 1")
+    tally.fail("CT 2", "Failed: the volume has\n no voxels")
+    tally.done("MR 3")
+    assert tally.summary() == ("Segmented 2 of 4 volumes automatically; not segmented: CT 2 (Failed: the volume "
+                               "has no voxels); 1 not started (stopped).")
+    tally.cancelled = True
+    assert tally.summary().endswith("1 not started (cancelled).")
+    one = BatchTally(1)
+    one.done("MR 1")
+    assert one.summary() == "Segmented 1 of 1 volume automatically."
