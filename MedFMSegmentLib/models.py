@@ -127,6 +127,11 @@ class PromptableModel(nn.Module):
         #: adapter's :class:`~MedFMSegmentLib.finetune.adapters.EmbeddingAdapter`); applied in
         #: :meth:`decode`, so cached embeddings stay the image encoder's own.
         self.embedding_adapter: nn.Module | None = None
+        #: Optional mask decoder for prompted decoding (boxes, clicks): a frozen-encoder adapter
+        #: keeps the base model's own decoder here when its validation did not show the adapted
+        #: decoder better with boxes (or nothing validated it); prompt-free decoding uses
+        #: :attr:`mask_decoder`. None: every call uses :attr:`mask_decoder`.
+        self.prompt_decoder: nn.Module | None = None
         #: Names this loaded model (base or adapted) in shared embedding caches
         #: (:class:`~MedFMSegmentLib.inference.SessionCache`).
         self.cache_token = uuid.uuid4().hex
@@ -183,9 +188,11 @@ class PromptableModel(nn.Module):
             ``(N, 1)`` predicted IoU.
         """
         prompted = boxes is not None or points is not None
-        if self.embedding_adapter is not None and not (prompted and getattr(self.embedding_adapter, "prompt_free_only", False)):
+        base_prompts = prompted and self.prompt_decoder is not None  # the base model's own prompted decoding
+        if self.embedding_adapter is not None and not base_prompts and not (
+                prompted and getattr(self.embedding_adapter, "prompt_free_only", False)):
             embedding = self.embedding_adapter(embedding)
-        if self.accelerator is not None:
+        if self.accelerator is not None and not base_prompts:
             decoded = self.accelerator.decode(self, embedding, boxes, points, point_labels, mask_input)
             if decoded is not None:
                 return decoded
@@ -194,7 +201,7 @@ class PromptableModel(nn.Module):
             boxes=boxes[:, None, :] if boxes is not None else None,
             masks=mask_input,
         )
-        logits, iou = self.mask_decoder(
+        logits, iou = (self.prompt_decoder if base_prompts else self.mask_decoder)(
             image_embeddings=embedding,
             image_pe=self.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,

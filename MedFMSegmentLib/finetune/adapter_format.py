@@ -27,6 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.automatic import KEEP_COMPONENTS
+from .box_prompts import BOX_PROMPTS
 from ..files import new_sibling, process_alive, temporary_name
 from ..preprocessing import INTENSITY_MODES, IntensitySettings
 
@@ -82,6 +83,8 @@ def _check_settings(metadata: dict, where: str) -> None:
         _int(label_value, f"{where}: label_value", -2**31, 2**31 - 1)
     if metadata.get("keep_components", METADATA_DEFAULTS["keep_components"]) not in KEEP_COMPONENTS:
         raise InputError(f"{where}: keep_components must be {' or '.join(KEEP_COMPONENTS)}")
+    if metadata.get("box_prompts", BOX_PROMPTS[0]) not in BOX_PROMPTS:
+        raise InputError(f"{where}: box_prompts must be {' or '.join(BOX_PROMPTS)}")
     if (not isinstance(metadata.get("axis", METADATA_DEFAULTS["axis"]), str)
             or not isinstance(metadata.get("label_name", METADATA_DEFAULTS["label_name"]), str)):
         raise InputError(f"{where}: metadata axis and label_name must be text")

@@ -16,6 +16,7 @@ from ..models import PromptableModel
 from ..preprocessing import IntensitySettings
 from .adapter_format import (METADATA_DEFAULTS, METADATA_FILE, WEIGHTS_FILE, model_identity, read_metadata,
                              read_weights, write_adapter)
+from .box_prompts import base_decoder_copy, use_base_prompt_decoder
 
 __all__ = ["AdapterInfo", "EmbeddingAdapter", "add_embedding_adapter", "inject_lora", "is_trained",
            "trainable_state", "save_adapter", "apply_adapter", "load_trained_state", "check_base",
@@ -135,6 +136,8 @@ def apply_adapter(model: PromptableModel, adapter_dir: str | os.PathLike, metada
     if embedding_adapter:
         add_embedding_adapter(model, int(embedding_adapter["channels"]),
                               bool(embedding_adapter.get("prompt_free_only", False)))
+    if metadata.get("box_prompts") == "base":  # the base decoder, before the adapter's weights replace it
+        use_base_prompt_decoder(model, base_decoder_copy(model))
     load_trained_state(model, state, f"adapter {adapter_dir}")
     return model.eval()
 

@@ -86,8 +86,12 @@ def comparison_metadata(base: dict | None, adapted: dict | None, slices: list, p
 def summary_line(metadata: dict) -> str:
     """``validation Dice 0.812 adapted, 0.701 base model (4 slices)``, or why there are no figures."""
     adapted, base = metadata.get("adapted_validation_dice"), metadata.get("base_validation_dice")
+    base_boxes = metadata.get("box_prompts") == "base"
     if adapted is None or base is None:
-        return ("no validation slices, so nothing checked the adapter: it may segment worse than the base model, box "
-                "prompts included; give 3 or more cases (or more slices with the structure)")
+        boxes = ("box prompts keep the base model's decoder" if base_boxes
+                 else "it may segment worse than the base model, box prompts included")
+        return (f"no validation slices, so nothing checked the adapter's automatic output ({boxes}); give 3 or more "
+                "cases (or more slices with the structure)")
     count = len((metadata.get("validation_comparison") or {}).get("slices") or [])
-    return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices)"
+    boxes = "; box prompts keep the base model's decoder, better with boxes there" if base_boxes else ""
+    return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices){boxes}"

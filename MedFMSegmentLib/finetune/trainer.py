@@ -20,6 +20,7 @@ from ..models import PromptableModel, resolve_device
 from ..preprocessing import IntensitySettings, SliceTransform, normalize_intensity
 from .adapter_format import LIMITS, METADATA_DEFAULTS, model_identity
 from .augment import augment_slice as _augment, jittered_box as _box
+from .box_prompts import base_decoder_copy, choose_box_prompts, use_base_prompt_decoder
 from .comparison import comparison_metadata, evaluate, evaluate_start
 from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
 from .encoder_split import check_first_stage, encode_head, encode_tail
@@ -396,8 +397,13 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
                     auto_scores.append(dice((logits > 0).cpu().numpy(), target.cpu().numpy() > 0))
         return float(np.mean([np.mean(scores) for scores in (box_scores, auto_scores) if scores]))
 
+    # The base model's decoder, for box prompts should validation not show the adapted one better
+    base_decoder = base_decoder_copy(model, getattr(model, "base_trainable_state", None))
+    if parent is not None and parent.metadata.get("box_prompts") == "base":
+        use_base_prompt_decoder(model, base_decoder)  # the parent's figures as it is used
     # The base model (and a parent) on the slices and prompts the adapted model gets at the end
     base_figures, parent_figures = evaluate_start(model, val, forward, config, parent is not None)
+    model.prompt_decoder = None  # training and its validation: the decoder being trained
     best_dice, best_state, best_step, bad_checks, val_dice, steps_done = -1.0, None, None, 0, float("nan"), 0
     first_eligible = min(steps, int(steps * config.select_after_fraction))  # the last step always counts
     for step in range(1, steps + 1):
@@ -437,6 +443,11 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         model.load_state_dict({k: v.to(device) for k, v in best_state.items()}, strict=False)
     model.eval()
     adapted_figures = evaluate(model, val, forward, config) if val else None
+    box_prompts = choose_box_prompts(mode, base_figures, adapted_figures)
+    if box_prompts == "base":
+        use_base_prompt_decoder(model, base_decoder)
+        if adapted_figures is not None:  # the figures of what the adapter will do
+            adapted_figures = evaluate(model, val, forward, config)
     from .. import __version__
 
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
@@ -465,6 +476,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
                               "prompt_free_only": prompt_free_only}
         if adapter_channels > 0 else None,
         "automatic": config.automatic_fraction > 0,
+        "box_prompts": box_prompts,
         "keep_components": config.keep_components,
         "seed": config.seed,
         "training_seconds": round(time.monotonic() - start, 1),

@@ -121,3 +121,39 @@ def test_the_kept_best_state_is_a_copy_not_the_live_weights():
         for parameter in model.mask_decoder.parameters():
             parameter.add_(1.0)
     assert all(torch.equal(state[k], before[k]) for k in state), "the snapshot changed with the model"
+
+
+def test_without_validation_box_prompts_keep_the_base_decoder_as_saved_and_reloaded(tmp_path):
+    """Nothing validated the adapted decoder with boxes, so box prompts decode exactly as the base
+    model does; prompt-free decoding is the adapter's; the reloaded adapter does the same."""
+    image, label = _synthetic_case(0)
+    label.array[:] = 0
+    label.array[2, 10:20, 10:20] = 1  # one slice with the structure: no validation slices
+    model, metadata = finetune([(image, label)], FinetuneConfig(model_name=TINY, steps=3, device="cpu",
+                                                                encoder="frozen", embedding_budget=4,
+                                                                decoder_lr=0.05))
+    from MedFMSegmentLib.finetune.comparison import summary_line
+
+    assert metadata["box_prompts"] == "base" and "keep the base model's decoder" in summary_line(metadata)
+    base = tiny_random_model_for_tests()
+    reloaded, _ = load_adapted_model(save_adapter(model, tmp_path / "a", metadata), model_name=TINY)
+    embedding = torch.randn(1, 32, 4, 4, generator=torch.Generator().manual_seed(1))
+    box = torch.tensor([[8.0, 8.0, 40.0, 40.0]])  # model-input pixels of the 64-px input
+    with torch.no_grad():
+        base_box, base_free = base.decode(embedding, boxes=box)[0], base.decode(embedding)[0]
+        for adapted in (model, reloaded):
+            torch.testing.assert_close(adapted.decode(embedding, boxes=box)[0], base_box, rtol=0, atol=0)
+            assert not torch.allclose(adapted.decode(embedding)[0], base_free), "prompt-free output is the adapter's"
+        torch.testing.assert_close(reloaded.decode(embedding)[0], model.decode(embedding)[0])
+        model.prompt_decoder = None  # without the base decoder, boxes would run the trained one
+        assert not torch.allclose(model.decode(embedding, boxes=box)[0], base_box)
+
+
+def test_box_prompts_follow_the_validation_figures():
+    from MedFMSegmentLib.finetune.box_prompts import choose_box_prompts
+
+    assert choose_box_prompts("frozen", None, None) == "base"
+    assert choose_box_prompts("frozen", {"box": 0.90}, {"box": 0.85}) == "base"
+    assert choose_box_prompts("frozen", {"box": 0.85}, {"box": 0.85}) == "adapted"
+    assert choose_box_prompts("frozen", {"box": None}, {"box": None}) == "base"
+    assert choose_box_prompts("lora", None, None) == "adapted", "LoRA changes the embedding the base decoder needs"
