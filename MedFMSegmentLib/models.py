@@ -173,7 +173,7 @@ class PromptableModel(nn.Module):
 
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None,
                points: torch.Tensor | None = None, point_labels: torch.Tensor | None = None,
-               mask_input: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               mask_input: torch.Tensor | None = None, automatic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Low-resolution mask logits for N prompts on one image.
 
         Args:
@@ -182,13 +182,17 @@ class PromptableModel(nn.Module):
             points: ``(N, P, 2)`` click coordinates ``(x, y)`` in model-input pixels.
             point_labels: ``(N, P)``: 1 positive, 0 negative, -1 padding.
             mask_input: ``(N, 1, 256, 256)`` previous logits, optional.
+            automatic: The prompts come from automatic mode's own output (its re-prompt), not from
+                a user: they run :attr:`mask_decoder`, the adapted decoder, even where
+                :attr:`prompt_decoder` holds the base model's for user prompts.
 
         Returns:
             ``(logits, iou)``: ``(N, 1, 256, 256)`` logits covering the padded model input, and
             ``(N, 1)`` predicted IoU.
         """
         prompted = boxes is not None or points is not None
-        base_prompts = prompted and self.prompt_decoder is not None  # the base model's own prompted decoding
+        # a user's prompts on an adapter that keeps the base model's decoder for them
+        base_prompts = prompted and not automatic and self.prompt_decoder is not None
         if self.embedding_adapter is not None and not base_prompts and not (
                 prompted and getattr(self.embedding_adapter, "prompt_free_only", False)):
             embedding = self.embedding_adapter(embedding)

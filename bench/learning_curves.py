@@ -108,10 +108,19 @@ def _point(train, test, settings, seed, embeddings) -> tuple[dict, object, dict]
     adapted = _adapted_scores(model, test, embeddings)
     rss = peak_rss_mb()
     _log(f"  adapter scored: {adapted['automatic']:.3f} automatic, {adapted['box']:.3f} box")
+    own_decoder = None
+    if model.prompt_decoder is not None:  # box prompts keep the base decoder: what the adapted one would give
+        kept, model.prompt_decoder = model.prompt_decoder, None
+        own_decoder = _adapted_scores(model, test, embeddings)
+        model.prompt_decoder = kept
+        _log(f"  with the adapted decoder for boxes: {own_decoder['automatic']:.3f} automatic, "
+             f"{own_decoder['box']:.3f} box")
     baseline = train_baseline(train, BaselineConfig(seconds=seconds, seed=seed))
     scratch = [_dice(predict_baseline(baseline, image), label) for image, label in test]
     row = {"cases": len(train), "seed": seed, "training_seconds": round(seconds, 1),
            "steps": metadata["steps"], "adapted_automatic": adapted["automatic"], "adapted_box": adapted["box"],
+           "box_prompts": metadata["box_prompts"],
+           "adapted_decoder_box": own_decoder["box"] if own_decoder else adapted["box"],
            "baseline_dice": float(np.mean(scratch)), "baseline_steps": baseline.steps,
            "baseline_seconds": baseline.seconds, "process_peak_rss_mb": round(rss, 1)}
     return row, model, metadata
@@ -273,6 +282,12 @@ def report_section(result: dict) -> list[str]:
                        f"{_spread(row['baseline_dice'])} | {np.mean(row['training_seconds']):.0f} | "
                        f"{np.mean(row['steps']):.0f} / {np.mean(row['baseline_steps']):.0f} | "
                        f"{max(row['process_peak_rss_mb']):.0f} |")
+        kept_base = [p for p in part["points"] if p.get("box_prompts") == "base"]
+        if kept_base:
+            out += ["", "Box prompts kept the base model's decoder (validation did not show the adapted one better "
+                    "with boxes, or nothing validated it) at: " + "; ".join(
+                        f"{p['cases']} {unit if p['cases'] != 1 else unit[:-1]}, seed {p['seed']} (the adapted decoder: "
+                        f"box Dice {p['adapted_decoder_box']:.3f})" for p in kept_base) + "."]
         loop, own_settings = part.get("correction_loop"), part.get("settings") or settings
         if loop:
             out += ["", f"Correction loop ({name}): each round adds the {own_settings['loop_add']} worst automatic "

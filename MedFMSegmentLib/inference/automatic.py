@@ -117,7 +117,7 @@ def segment_automatic(session: "SegmentationSession", keep: str = "largest", ref
             tight = mask_bbox(keep_largest_component(source))
             boxes = [expand_box(scale_box(tight, f, plane.shape), session.box_margin(), plane.shape)
                      for f in box_scales]
-            refined, _ = session.decode_best_box(index, boxes)
+            refined, _ = session.decode_best_box(index, boxes, automatic=True)  # the adapted decoder
             if not refined.any():
                 break
             plane = source = refined

@@ -214,9 +214,10 @@ class SegmentationSession:
         """``(rows, cols)`` float32 logits of one decoder call with no prompt."""
         return self.along(self.voxel_axis).prompt_free_logits(index)
 
-    def decode_best_box(self, index: int, boxes: Sequence[Box2D]) -> tuple[np.ndarray, int]:
-        """One decoder call with candidate boxes; the predicted IoU picks ``(mask, position)``."""
-        return self.along(self.voxel_axis).decode_best_box(index, boxes)
+    def decode_best_box(self, index: int, boxes: Sequence[Box2D], automatic: bool = False) -> tuple[np.ndarray, int]:
+        """One decoder call with candidate boxes; the predicted IoU picks ``(mask, position)``
+        (``automatic``: automatic mode's re-prompt, see :meth:`.SliceDecoder.decode`)."""
+        return self.along(self.voxel_axis).decode_best_box(index, boxes, automatic)
 
     def box_margin(self, input_px: float | None = None) -> tuple[float, float]:
         """Box margin ``(col, row)`` in slice pixels for ``input_px`` model-input pixels."""

@@ -94,13 +94,15 @@ class SliceDecoder:
             mask = self.refine(index, mask, limit=box, iterations=self.settings.refine_iterations)
         return apply_click_constraints(mask, positives, negatives)
 
-    def decode(self, index: int, box: Box2D | None = None, positives: Clicks = (), negatives: Clicks = ()
-               ) -> np.ndarray:
+    def decode(self, index: int, box: Box2D | None = None, positives: Clicks = (), negatives: Clicks = (),
+               automatic: bool = False) -> np.ndarray:
         """One decoder call: exactly this box (no margin, no refinement) and clicks, or no prompt
-        at all (what adapters trained for automatic mode take). Returns a ``(rows, cols)`` bool mask."""
+        at all (what adapters trained for automatic mode take). Returns a ``(rows, cols)`` bool mask.
+        ``automatic``: the box is automatic mode's re-prompt (see :meth:`PromptableModel.decode`)."""
         embedding = self.embedding(index)
         device = self.model.device
-        if device.type == "cuda" and box is not None and not positives and not negatives:
+        own_box = automatic and self.model.prompt_decoder is not None  # the step decodes user prompts
+        if device.type == "cuda" and box is not None and not positives and not negatives and not own_box:
             mask, _ = self.step()(embedding, box)  # one CUDA graph replay (see DecoderStep)
             return mask.cpu().numpy()
         t = self.transform
@@ -110,7 +112,7 @@ class SliceDecoder:
             coords = t.points_to_input(np.array(list(positives) + list(negatives), dtype=np.float32))
             points = torch.from_numpy(coords)[None].to(device)
             labels = torch.tensor([[1] * len(positives) + [0] * len(negatives)], device=device)
-        logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels)
+        logits, _ = self.model.decode(embedding, boxes=boxes, points=points, point_labels=labels, automatic=automatic)
         with quiet_torch_threads(self.model):
             return (t.logits_to_slice(logits)[0] > 0).cpu().numpy()
 
@@ -129,16 +131,17 @@ class SliceDecoder:
             return self.transform.logits_to_slice(logits)[0].float().cpu().numpy()
 
     @torch.inference_mode()
-    def decode_best_box(self, index: int, boxes: Sequence[Box2D]) -> tuple[np.ndarray, int]:
+    def decode_best_box(self, index: int, boxes: Sequence[Box2D], automatic: bool = False) -> tuple[np.ndarray, int]:
         """One decoder call with several candidate boxes (used as given); the decoder's own
-        predicted IoU picks one. Returns ``(mask, position in boxes)``."""
+        predicted IoU picks one. Returns ``(mask, position in boxes)``. ``automatic``: see
+        :meth:`decode`."""
         if not boxes:
             raise InputError("decode_best_box needs at least one box")
         if len(boxes) == 1:
-            return self.decode(index, boxes[0]), 0
+            return self.decode(index, boxes[0], automatic=automatic), 0
         t = self.transform
         inputs = torch.from_numpy(np.stack([t.box_to_input(b) for b in boxes])).to(self.model.device)
-        logits, iou = self.model.decode(self.embedding(index), boxes=inputs)
+        logits, iou = self.model.decode(self.embedding(index), boxes=inputs, automatic=automatic)
         best = int(torch.argmax(iou[:, 0].float()))
         with quiet_torch_threads(self.model):
             return (t.logits_to_slice(logits[best:best + 1])[0] > 0).cpu().numpy(), best

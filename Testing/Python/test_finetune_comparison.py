@@ -124,8 +124,9 @@ def test_the_kept_best_state_is_a_copy_not_the_live_weights():
 
 
 def test_without_validation_box_prompts_keep_the_base_decoder_as_saved_and_reloaded(tmp_path):
-    """Nothing validated the adapted decoder with boxes, so box prompts decode exactly as the base
-    model does; prompt-free decoding is the adapter's; the reloaded adapter does the same."""
+    """Nothing validated the adapted decoder with boxes, so a user's box prompts decode exactly as
+    the base model does; prompt-free decoding and automatic mode's re-prompt are the adapter's;
+    the reloaded adapter does the same."""
     image, label = _synthetic_case(0)
     label.array[:] = 0
     label.array[2, 10:20, 10:20] = 1  # one slice with the structure: no validation slices
@@ -145,8 +146,11 @@ def test_without_validation_box_prompts_keep_the_base_decoder_as_saved_and_reloa
             torch.testing.assert_close(adapted.decode(embedding, boxes=box)[0], base_box, rtol=0, atol=0)
             assert not torch.allclose(adapted.decode(embedding)[0], base_free), "prompt-free output is the adapter's"
         torch.testing.assert_close(reloaded.decode(embedding)[0], model.decode(embedding)[0])
-        model.prompt_decoder = None  # without the base decoder, boxes would run the trained one
-        assert not torch.allclose(model.decode(embedding, boxes=box)[0], base_box)
+        own = model.decode(embedding, boxes=box, automatic=True)[0]  # automatic mode's re-prompt: the adapted decoder
+        assert not torch.allclose(own, base_box)
+        torch.testing.assert_close(reloaded.decode(embedding, boxes=box, automatic=True)[0], own)
+        model.prompt_decoder = None  # without the base decoder, a user's boxes run the trained one too
+        torch.testing.assert_close(model.decode(embedding, boxes=box)[0], own, rtol=0, atol=0)
 
 
 def test_box_prompts_follow_the_validation_figures():
