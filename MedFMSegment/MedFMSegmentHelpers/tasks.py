@@ -47,11 +47,14 @@ class ServiceTask:
         done instead of the status bar; ``go_on`` is False when it was cancelled or the service
         stopped answering (nothing more should be sent), True when only this job failed.
         """
-        from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob
+        from MedFMSegmentLib.slicer_bridge.jobs import ServiceJob, batch_goes_on
         from MedFMSegmentLib.slicer_bridge.transport import TaskRunner
 
         if self.logic.transport is None:
-            self.status("Start the service first.")
+            if on_failed is None:
+                self.status("Start the service first.")
+            else:
+                on_failed("Start the service first.", False)
             return
         self.progressBar.visible = True
         self.progressBar.value = 0
@@ -84,7 +87,9 @@ class ServiceTask:
             if error is not None or job is None:
                 self.progressBar.visible = False
                 if task.job_id is None:  # refused (a name taken, a bad label grid...) or unreachable
-                    report(f"Not started: {error}", 400 <= getattr(error, "status", 0) < 500)  # refused: only this one
+                    report(f"Not started: {error}", batch_goes_on(error))
+                elif error is not None and batch_goes_on(error):  # this job's answer only (a result refused...)
+                    report(f"Failed: {error}")
                 else:
                     report(f"The service stopped answering: {error}" if error else "The service stopped answering.",
                            False)
@@ -222,23 +227,25 @@ class AutomaticTask(ServiceTask):
             self.status(self.tally.summary())
             return
 
-        def on_done(job, mask) -> None:
+        def on_done(job, mask) -> None:  # a write that raises ends in on_failed instead
             if self._target is not None:
                 self._target(volume, mask)
             else:
                 add_result_segmentation(slicer.mrmlScene, volume, mask)
             self.tally.done(name)
-            self._next()
+            qt.QTimer.singleShot(0, self._next)  # after this job's end is handled, not inside it
 
         def on_failed(line: str, go_on: bool) -> None:
             self.tally.fail(name, line)
             if not go_on:
-                self.tally.cancelled = line.startswith("Cancelled")
+                self.tally.cancelled = self.tally.cancelled or line.startswith("Cancelled")
                 self._queue = []
-            self._next()
+            qt.QTimer.singleShot(0, self._next)
 
         self._follow(automatic_job(image, self._adapter), on_done, on_failed=on_failed)
 
     def cancel(self) -> None:
         self._queue = []
+        if getattr(self, "tally", None) is not None:
+            self.tally.cancelled = True
         super().cancel()

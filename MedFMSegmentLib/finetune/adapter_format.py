@@ -119,6 +119,8 @@ def validate_metadata(metadata: Any, where: str = "adapter") -> dict:
             for stage in stages:
                 _int(stage, f"{where}: LoRA encoder stage", 0, LIMITS["encoder_stage"])
     _check_settings(metadata, where)
+    if lora is not None and metadata.get("box_prompts") == "base":
+        raise InputError(f"{where}: box_prompts 'base' is for frozen-encoder adapters; this one has LoRA layers")
     adapter = metadata.get("embedding_adapter")
     if adapter:
         if not isinstance(adapter, dict):

@@ -74,11 +74,16 @@ def evaluate_start(model, items: list, forward: Callable, config, continued: boo
     return base, evaluate(model, items, forward, config) if continued else None
 
 
-def comparison_metadata(base: dict | None, adapted: dict | None, slices: list, parent: dict | None = None) -> dict:
-    """The metadata fields of a comparison: both headline figures and the details."""
+def comparison_metadata(base: dict | None, adapted: dict | None, slices: list, parent: dict | None = None,
+                        adapted_decoder: dict | None = None) -> dict:
+    """The metadata fields of a comparison: both headline figures and the details.
+    ``adapted_decoder``: the adapter's figures with its own decoder for boxes, where box prompts
+    keep the base model's decoder (``adapted`` is then what the adapter does)."""
     detail = {"prompts": PROMPTS, "slices": [list(map(int, s)) for s in slices], "base": base, "adapted": adapted}
     if parent is not None:
         detail["parent"] = parent
+    if adapted_decoder is not None:
+        detail["adapted_decoder"] = adapted_decoder
     return {"base_validation_dice": (base or {}).get("dice"), "adapted_validation_dice": (adapted or {}).get("dice"),
             "validation_comparison": detail}
 
@@ -92,6 +97,10 @@ def summary_line(metadata: dict) -> str:
                  else "it may segment worse than the base model, box prompts included")
         return (f"no validation slices, so nothing checked the adapter's automatic output ({boxes}); give 3 or more "
                 "cases (or more slices with the structure)")
-    count = len((metadata.get("validation_comparison") or {}).get("slices") or [])
-    boxes = "; box prompts keep the base model's decoder, better with boxes there" if base_boxes else ""
+    comparison = metadata.get("validation_comparison") or {}
+    count = len(comparison.get("slices") or [])
+    checked = (comparison.get("base") or {}).get("box") is not None and \
+        (comparison.get("adapted_decoder") or {}).get("box") is not None
+    boxes = ("; box prompts keep the base model's decoder, " + ("better with boxes there" if checked else
+             "no validation slice held the structure to check boxes")) if base_boxes else ""
     return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices){boxes}"

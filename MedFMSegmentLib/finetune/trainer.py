@@ -443,11 +443,11 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         model.load_state_dict({k: v.to(device) for k, v in best_state.items()}, strict=False)
     model.eval()
     adapted_figures = evaluate(model, val, forward, config) if val else None
-    box_prompts = choose_box_prompts(mode, base_figures, adapted_figures)
+    box_prompts, own_decoder_figures = choose_box_prompts(mode, base_figures, adapted_figures), None
     if box_prompts == "base":
         use_base_prompt_decoder(model, base_decoder)
-        if adapted_figures is not None:  # the figures of what the adapter will do
-            adapted_figures = evaluate(model, val, forward, config)
+        if adapted_figures is not None:  # the figures of what the adapter will do; the adapted decoder's kept
+            own_decoder_figures, adapted_figures = adapted_figures, evaluate(model, val, forward, config)
     from .. import __version__
 
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
@@ -483,7 +483,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         "device": str(model.device),
         "cpu_bfloat16_autocast": cpu_bf16,
         "lineage": lineage(parent, names, date),
-        **comparison_metadata(base_figures, adapted_figures, val_slices, parent_figures),
+        **comparison_metadata(base_figures, adapted_figures, val_slices, parent_figures, own_decoder_figures),
     }
     return model, metadata
 

@@ -15,7 +15,7 @@ from ..io import MedicalImage
 from ..service.protocol import JobStatus
 from .transport import NEXT_POLL, Call, call
 
-__all__ = ["BatchTally", "ServiceJob", "automatic_job", "finetune_job"]
+__all__ = ["BatchTally", "ServiceJob", "automatic_job", "batch_goes_on", "finetune_job"]
 
 
 class ServiceJob:
@@ -64,6 +64,21 @@ def automatic_job(image: MedicalImage, adapter: str, keep_components: str | None
 def finetune_job(images: list, labels: list, config: dict) -> Generator:
     """Upload the cases and start fine-tuning with ``config``; returns the job id."""
     return (yield call("finetune", images, labels, config))
+
+
+def batch_goes_on(error: BaseException) -> bool:
+    """Whether a batch goes on to its next volume after ``error`` ended one volume's job.
+
+    Yes where only that volume is concerned: a request the service refused (4xx), memory it lacked
+    for this request (507), an answer that could not be read. No where nothing more can work: the
+    service unreachable (status 0), the token refused (401, 403), the service itself failing (5xx).
+    """
+    status = getattr(error, "status", None)
+    if not isinstance(status, int):
+        return True
+    if status == 0 or status in (401, 403):
+        return False
+    return 400 <= status < 500 or status == 507
 
 
 class BatchTally:

@@ -161,3 +161,18 @@ def test_box_prompts_follow_the_validation_figures():
     assert choose_box_prompts("frozen", {"box": 0.85}, {"box": 0.85}) == "adapted"
     assert choose_box_prompts("frozen", {"box": None}, {"box": None}) == "base"
     assert choose_box_prompts("lora", None, None) == "adapted", "LoRA changes the embedding the base decoder needs"
+
+
+def test_the_summary_says_why_box_prompts_keep_the_base_decoder():
+    from MedFMSegmentLib.finetune.comparison import comparison_metadata, summary_line
+
+    checked = {"box_prompts": "base", **comparison_metadata({"dice": 0.5, "box": 0.9, "automatic": 0.1},
+                                                            {"dice": 0.6, "box": 0.9, "automatic": 0.3}, [[0, 2, 1]],
+                                                            adapted_decoder={"dice": 0.55, "box": 0.8, "automatic": 0.3})}
+    assert checked["validation_comparison"]["adapted_decoder"]["box"] == 0.8
+    assert summary_line(checked).endswith("(1 slices); box prompts keep the base model's decoder, better with boxes there")
+    unchecked = {"box_prompts": "base", **comparison_metadata({"dice": 0.1, "box": None, "automatic": 0.1},
+                                                              {"dice": 0.3, "box": None, "automatic": 0.3}, [[0, 2, 1]],
+                                                              adapted_decoder={"dice": 0.3, "box": None, "automatic": 0.3})}
+    assert "no validation slice held the structure" in summary_line(unchecked)
+    assert "box prompts" not in summary_line({**checked, "box_prompts": "adapted"})

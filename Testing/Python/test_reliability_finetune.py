@@ -141,6 +141,9 @@ DAMAGE = {
     "negative rank": lambda f: _tamper_metadata(f, lambda m: m.update(lora={"rank": -1})),
     "bad intensity": lambda f: _tamper_metadata(f, lambda m: m.update(intensity={"window": "wide"})),
     "unknown format": lambda f: _tamper_metadata(f, lambda m: m.update(format=99)),
+    "unknown box prompts": lambda f: _tamper_metadata(f, lambda m: m.update(box_prompts="sometimes")),
+    "base box prompts with LoRA": lambda f: _tamper_metadata(f, lambda m: m.update(lora={"rank": 4},
+                                                                                    box_prompts="base")),
     "weights file missing": lambda f: (f / WEIGHTS_FILE).unlink(),
 }
 

@@ -435,7 +435,11 @@ def test_a_batch_notes_a_failed_volume_and_goes_on_to_the_next():
     volume without image data too), stopping only on Cancel or a service that stopped answering;
     its last line is the tally's summary (tested in test_slicer_service)."""
     calls = method_calls(HELPERS / "tasks.py", "AutomaticTask", "_next")
-    assert {"self.tally.fail", "self.tally.done", "self._next", "self.tally.summary", "self._follow"} <= calls
-    follow = next(n for n in classes_of(HELPERS / "tasks.py")["AutomaticTask"].body
-                  if isinstance(n, ast.FunctionDef) and n.name == "_next")
-    assert "on_failed=on_failed" in ast.unparse(follow)
+    assert {"self.tally.fail", "self.tally.done", "self.tally.summary", "self._follow", "qt.QTimer.singleShot"} <= calls
+    source = ast.unparse(next(n for n in classes_of(HELPERS / "tasks.py")["AutomaticTask"].body
+                              if isinstance(n, ast.FunctionDef) and n.name == "_next"))
+    # the next volume starts from the event loop, after this job's end is handled (never inside it)
+    assert "on_failed=on_failed" in source and source.count("qt.QTimer.singleShot(0, self._next)") == 2
+    assert "self._next()" not in source
+    assert "self.tally.cancelled = True" in ast.unparse(next(
+        n for n in classes_of(HELPERS / "tasks.py")["AutomaticTask"].body if isinstance(n, ast.FunctionDef) and n.name == "cancel"))

@@ -425,3 +425,14 @@ def test_a_batch_tally_names_what_was_not_segmented_and_why():
     one = BatchTally(1)
     one.done("MR 1")
     assert one.summary() == "Segmented 1 of 1 volume automatically."
+
+
+def test_a_batch_goes_on_after_one_volumes_refusal_and_stops_when_the_service_is_gone():
+    from MedFMSegmentLib.service.protocol import ServiceError
+    from MedFMSegmentLib.slicer_bridge.jobs import batch_goes_on
+
+    assert batch_goes_on(ServiceError(400, "the volume has no voxels"))
+    assert batch_goes_on(ServiceError(404, "unknown job")) and batch_goes_on(ServiceError(507, "out of memory"))
+    assert batch_goes_on(ValueError("a result frame that cannot be read"))
+    for status in (0, 401, 403, 500, 503):
+        assert not batch_goes_on(ServiceError(status, "gone")), status
