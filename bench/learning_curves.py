@@ -36,7 +36,7 @@ from .common import machine, peak_rss_mb
 from .data import DATA_DIR, hc18_split, hippocampus_split
 from .finetune import box_dice
 
-__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows", "headline_rows"]
+__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows", "headline_rows", "merged_points"]
 
 RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
 SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
@@ -355,6 +355,22 @@ def kept_parts(path: Path, measured: list[str]) -> dict:
             for part in _PART_NAMES if part in earlier and part not in measured}
 
 
+def merged_points(earlier: dict, part: dict) -> dict:
+    """``part`` (a run of new seeds) with the points of ``earlier`` (the same part, from an earlier
+    real run on the same test cases) whose size and seed it did not measure; the seeds are the
+    union, and the correction loop the earlier one when this run has none."""
+    if earlier.get("test_cases") != part.get("test_cases"):
+        raise ValueError("the earlier run's test cases differ: its points cannot sit beside these")
+    measured = {(p["cases"], p["seed"]) for p in part["points"]}
+    points = [p for p in earlier["points"] if (p["cases"], p["seed"]) not in measured] + part["points"]
+    settings = dict(part.get("settings") or {})
+    settings["seeds"] = sorted({p["seed"] for p in points})
+    merged = {**part, "points": sorted(points, key=lambda p: (p["cases"], p["seed"])), "settings": settings}
+    if "correction_loop" not in part and "correction_loop" in earlier:
+        merged["correction_loop"] = earlier["correction_loop"]
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
@@ -371,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-other-parts", action="store_true",
                         help="keep the parts of the existing output that this run does not measure (each "
                         "keeps its own machine and settings)")
+    parser.add_argument("--add-seeds", action="store_true",
+                        help="keep the points of the existing output's measured parts that this run does not "
+                        "measure (other seeds, same test cases): adds seeds to a real run")
     parser.add_argument("-o", "--output", default=str(RESULT))
     args = parser.parse_args(argv)
     if not DATA_DIR.is_dir():
@@ -390,16 +409,22 @@ def main(argv: list[str] | None = None) -> int:
               "adapter": "frozen encoder + embedding adapter (CPU default)",
               "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, the adapter's training time",
               "memory_note": "process_peak_rss_mb: the benchmark process's peak so far, not the point's own"}
+    if (args.keep_other_parts or args.add_seeds) and args.quick:
+        print("learning_curves: --keep-other-parts and --add-seeds keep a real run's figures; a quick run cannot",
+              file=sys.stderr)
+        return 2
     if args.keep_other_parts:
-        if args.quick:
-            print("learning_curves: --keep-other-parts keeps a real run's parts; a quick run cannot", file=sys.stderr)
-            return 2
         result.update(kept_parts(Path(args.output), parts))
+    earlier_parts = kept_parts(Path(args.output), []) if args.add_seeds else {}
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as folder:
         for part in parts:
             result[part] = run_part(part, settings, Path(folder), part in loop_parts)
             result[part].update(machine=result["machine"], settings=settings)
+            if part in earlier_parts:
+                result[part] = merged_points(earlier_parts[part], result[part])
+                result["settings"] = {**result["settings"], "seeds": sorted(
+                    set(result["settings"]["seeds"]) | set(result[part]["settings"]["seeds"]))}
             result["seconds"] = round(time.monotonic() - started, 1)
             Path(args.output).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.output, json.dumps(result, indent=2) + "\n")

@@ -190,3 +190,18 @@ def test_learning_curves_keep_the_other_parts_of_a_real_run_with_their_own_machi
     result = {"settings": learning_curves.SETTINGS, "adapter": "a", "baseline": "b", "machine": {"cpu": "New CPU"},
               "hippocampus": {**kept["hippocampus"], "test_cases": ["x"]}}
     assert any("Measured on 2-core Old CPU" in line for line in learning_curves.report_section(result))
+
+
+def test_learning_curves_add_seeds_beside_an_earlier_runs_points():
+    from bench import learning_curves
+
+    earlier = {"test_cases": ["a", "b"], "points": [{"cases": 1, "seed": 0, "x": "old"}, {"cases": 3, "seed": 0},
+                                                   {"cases": 1, "seed": 1, "x": "replaced"}],
+               "correction_loop": [{"round": 0}], "settings": {"seeds": [0]}}
+    new = {"test_cases": ["a", "b"], "points": [{"cases": 1, "seed": 1, "x": "new"}], "settings": {"seeds": [1]}}
+    merged = learning_curves.merged_points(earlier, new)
+    assert [(p["cases"], p["seed"]) for p in merged["points"]] == [(1, 0), (1, 1), (3, 0)]
+    assert merged["points"][1]["x"] == "new" and merged["settings"]["seeds"] == [0, 1]
+    assert merged["correction_loop"] == [{"round": 0}]
+    with pytest.raises(ValueError, match="test cases differ"):
+        learning_curves.merged_points({**earlier, "test_cases": ["c"]}, new)
