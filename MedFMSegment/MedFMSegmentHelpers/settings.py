@@ -67,6 +67,8 @@ def adapter_details(metadata: dict) -> str:
     if adapted is not None:
         parts.append(f"validation Dice {adapted:.3f}" + (f" (base model {base:.3f})" if base is not None else ""))
     parts += [f"{key}: {metadata[key]}" for key in ("steps", "encoder") if metadata.get(key) is not None]
+    if metadata.get("box_prompts") == "base":
+        parts.append("box prompts: the base model's decoder")
     cases = (metadata.get("training_cases") or {}).get("count")
     if cases:
         parts.append(f"training cases: {cases}")

@@ -169,6 +169,8 @@ def test_adapter_list_and_summary_show_the_side_by_side_figures():
                                      "date: 2026-12-02T18:00:00+00:00")
     assert "adapted 0.800 vs base model 0.600" in adaptation_summary({"adapter": "a", "metadata": meta})
     assert adapter_details({}) == ""
+    assert "; box prompts: the base model's decoder; " in adapter_details({**meta, "box_prompts": "base"})
+    assert "box prompts" not in adapter_details({**meta, "box_prompts": "adapted"})
 
 
 def test_training_line_shows_validation_dice_beside_the_base_models():
