@@ -324,10 +324,12 @@ def headline_rows(result: dict) -> list[tuple[str, str, str]]:
         where = hardware({"machine": part.get("machine") or result.get("machine")})
         summary = summary_rows(part)
         sizes = "/".join(str(r["cases"]) for r in summary)
+        counts = [r["seeds"] for r in summary]
+        seeds = "" if len(set(counts)) == 1 else f" (means over {'/'.join(map(str, counts))} seeds)"
         rows.append((f"Learning curve, {name.split(' (')[0]}, {sizes} training {unit}: adapted automatic Dice / "
                      "MONAI U-Net from scratch (same training time)",
                      " / ".join(f"{np.mean(r['adapted_automatic']):.3f}" for r in summary) + " against "
-                     + " / ".join(f"{np.mean(r['baseline_dice']):.3f}" for r in summary), where))
+                     + " / ".join(f"{np.mean(r['baseline_dice']):.3f}" for r in summary) + seeds, where))
         loop = part.get("correction_loop")
         if loop and len(loop) > 1:
             drop = max(r.get("first_cases_drop", 0.0) for r in loop[1:])

@@ -169,7 +169,7 @@ def test_learning_curves_section_averages_seeds_and_lists_the_correction_rounds(
     assert "| 1 | 5 | 40 | 0.820 | 0.830 | 0.845 | 0.0050 |" in lines
     assert any("1 test image;" in line for line in lines) and not any("Quick run" in line for line in lines)
     (what, value, hardware), (loop_what, loop_value, _) = learning_curves.headline_rows(result)
-    assert "1/3 training images" in what and value == "0.700 / 0.900 against 0.500 / 0.500" and hardware == "2-core CPU"
+    assert "1/3 training images" in what and value == "0.700 / 0.900 against 0.500 / 0.500 (means over 2/1 seeds)" and hardware == "2-core CPU"
     assert "3 to 5 images" in loop_what and loop_value == "automatic Dice 0.800 to 0.820; first images drop at most 0.005"
     assert learning_curves.headline_rows({**result, "quick": True}) == []
 
