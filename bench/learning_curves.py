@@ -363,6 +363,9 @@ def merged_points(earlier: dict, part: dict) -> dict:
     union, and the correction loop the earlier one when this run has none."""
     if earlier.get("test_cases") != part.get("test_cases"):
         raise ValueError("the earlier run's test cases differ: its points cannot sit beside these")
+    same = ("cpu", "cpu_count", "cpu_vector_flags", "gpu")
+    if {k: (earlier.get("machine") or {}).get(k) for k in same} != {k: (part.get("machine") or {}).get(k) for k in same}:
+        raise ValueError("the earlier run was on another machine: its training times cannot sit beside these")
     measured = {(p["cases"], p["seed"]) for p in part["points"]}
     points = [p for p in earlier["points"] if (p["cases"], p["seed"]) not in measured] + part["points"]
     settings = dict(part.get("settings") or {})

@@ -5,7 +5,7 @@ can get worse with boxes than the base model was (on one HC18 image, box Dice 0.
 0.911 zero-shot: ``bench/results/learning_curves.json``). So a frozen-encoder adapter keeps the
 adapted decoder for boxes only where its validation slices showed it at least as good with boxes
 as the base model; otherwise (worse, or no validation slices at all) a user's box and click
-prompts run the base model's decoder on the base embedding, exactly as without the adapter, and
+prompts run the base model's decoder on the base embedding, as the base model does in PyTorch, and
 automatic mode (its prompt-free pass and the box it re-prompts with) runs the adapted one, which
 was trained for exactly that. LoRA adapters change the embeddings themselves, so they always use
 their own decoder.

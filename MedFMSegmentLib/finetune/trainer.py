@@ -398,7 +398,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         return float(np.mean([np.mean(scores) for scores in (box_scores, auto_scores) if scores]))
 
     # The base model's decoder, for box prompts should validation not show the adapted one better
-    base_decoder = base_decoder_copy(model, getattr(model, "base_trainable_state", None))
+    # (frozen encoder only: LoRA changes the embedding the base decoder would need)
+    base_decoder = base_decoder_copy(model, getattr(model, "base_trainable_state", None)) if mode == "frozen" else None
     if parent is not None and parent.metadata.get("box_prompts") == "base":
         use_base_prompt_decoder(model, base_decoder)  # the parent's figures as it is used
     # The base model (and a parent) on the slices and prompts the adapted model gets at the end

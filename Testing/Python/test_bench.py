@@ -205,3 +205,5 @@ def test_learning_curves_add_seeds_beside_an_earlier_runs_points():
     assert merged["correction_loop"] == [{"round": 0}]
     with pytest.raises(ValueError, match="test cases differ"):
         learning_curves.merged_points({**earlier, "test_cases": ["c"]}, new)
+    with pytest.raises(ValueError, match="another machine"):
+        learning_curves.merged_points({**earlier, "machine": {"cpu": "Old CPU"}}, {**new, "machine": {"cpu": "New CPU"}})
