@@ -132,6 +132,10 @@ class PromptableModel(nn.Module):
         #: decoder better with boxes (or nothing validated it); prompt-free decoding uses
         #: :attr:`mask_decoder`. None: every call uses :attr:`mask_decoder`.
         self.prompt_decoder: nn.Module | None = None
+        #: Optional network that replaces prompt-free slice decoding in automatic mode: an
+        #: adapter's U-Net (:class:`~MedFMSegmentLib.finetune.baseline.SegmentationNet`) when its
+        #: held-out volumes showed it better than the adapted decoder. Prompts never use it.
+        self.automatic_net: nn.Module | None = None
         #: Names this loaded model (base or adapted) in shared embedding caches
         #: (:class:`~MedFMSegmentLib.inference.SessionCache`).
         self.cache_token = uuid.uuid4().hex

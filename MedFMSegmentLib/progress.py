@@ -155,6 +155,10 @@ class _FinetuneProgress(Progress):
             if done == total:
                 self._embedding.close()
             return
+        if report.get("stage") == "automatic_net":  # seconds of the U-Net candidate's budget
+            if report["done"] in (0, report["total"]) or report["done"] % 30 == 0:
+                self.write(f"training the U-Net for automatic mode {report['done']}/{report['total']} s")
+            return
         if report.get("val_dice") is not None:
             self._val_dice = float(report["val_dice"])
         if not self.bar_enabled:

@@ -63,6 +63,9 @@ def run_part(name, train, test, config: FinetuneConfig, log):
         if r.get("stage") == "embedding":
             if r["done"] == r["total"] or r["done"] % 20 == 0:
                 log(f"{name} embedding {r['done']}/{r['total']} at {time.monotonic() - started:.0f} s")
+        elif r.get("stage") == "automatic_net":
+            if r["done"] in (0, r["total"]):
+                log(f"{name} U-Net candidate {r['done']}/{r['total']} s at {time.monotonic() - started:.0f} s")
         elif r["step"] % 20 == 0 or r["val_dice"] is not None:
             log(f"{name} step {r['step']}/{r['steps']} loss {r['loss']:.4f} val_dice {r['val_dice']} "
                 f"at {time.monotonic() - started:.0f} s")

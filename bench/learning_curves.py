@@ -95,7 +95,9 @@ def _progress(started: float):
     def report(r: dict) -> None:
         if r.get("stage") == "embedding" and r["done"] in (1, r["total"]):
             _log(f"  embedded {r['done']}/{r['total']} at {time.monotonic() - started:.0f} s")
-        elif r.get("stage") != "embedding" and r["step"] in (1, r["steps"]):
+        elif r.get("stage") == "automatic_net" and r["done"] in (0, r["total"]):
+            _log(f"  U-Net candidate {r['done']}/{r['total']} s at {time.monotonic() - started:.0f} s")
+        elif r.get("stage") is None and r["step"] in (1, r["steps"]):
             _log(f"  step {r['step']}/{r['steps']} at {time.monotonic() - started:.0f} s")
     return report
 
@@ -120,6 +122,7 @@ def _point(train, test, settings, seed, embeddings) -> tuple[dict, object, dict]
     row = {"cases": len(train), "seed": seed, "training_seconds": round(seconds, 1),
            "steps": metadata["steps"], "adapted_automatic": adapted["automatic"], "adapted_box": adapted["box"],
            "box_prompts": metadata["box_prompts"],
+           "automatic_engine": metadata.get("automatic_engine"), "commit": machine().get("commit"),
            "adapted_decoder_box": own_decoder["box"] if own_decoder else adapted["box"],
            "baseline_dice": float(np.mean(scratch)), "baseline_steps": baseline.steps,
            "baseline_seconds": baseline.seconds, "process_peak_rss_mb": round(rss, 1)}
@@ -367,7 +370,9 @@ def merged_points(earlier: dict, part: dict) -> dict:
     if {k: (earlier.get("machine") or {}).get(k) for k in same} != {k: (part.get("machine") or {}).get(k) for k in same}:
         raise ValueError("the earlier run was on another machine: its training times cannot sit beside these")
     measured = {(p["cases"], p["seed"]) for p in part["points"]}
-    points = [p for p in earlier["points"] if (p["cases"], p["seed"]) not in measured] + part["points"]
+    commit = (earlier.get("machine") or {}).get("commit")  # points kept say the code they were measured with
+    points = [{"commit": commit, **p} for p in earlier["points"] if (p["cases"], p["seed"]) not in measured] \
+        + part["points"]
     settings = dict(part.get("settings") or {})
     settings["seeds"] = sorted({p["seed"] for p in points})
     merged = {**part, "points": sorted(points, key=lambda p: (p["cases"], p["seed"])), "settings": settings}

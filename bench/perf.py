@@ -240,11 +240,13 @@ def bench_finetune_steps(device: str, frozen_steps: int, lora_steps: int, partia
         def progress(report, stamps=stamps, embedded=embedded):
             if report.get("stage") == "embedding":
                 embedded.append(time.perf_counter())
+            elif report.get("stage") is not None:
+                pass
             elif report.get("val_dice") is None:  # steps with a validation pass would skew the median
                 stamps[report["step"]] = time.perf_counter()
 
         config = FinetuneConfig(steps=steps, device=device, encoder=mode, validate_every=10 ** 6, embedding_budget=40,
-                                cpu_bf16_autocast=autocast)
+                                cpu_bf16_autocast=autocast, automatic_net="off")
         with Timer() as t:
             finetune(cases, config, progress=progress)
         intervals = [stamps[n] - stamps[n - 1] for n in sorted(stamps) if n - 1 in stamps]

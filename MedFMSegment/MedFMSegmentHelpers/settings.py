@@ -57,6 +57,14 @@ def validation_figures(metadata: dict) -> tuple:
     return adapted, metadata.get("base_validation_dice")
 
 
+def held_out_figures(metadata: dict) -> str:
+    """`` (held-out Dice U-Net 0.861, adapter 0.802)`` when the adapter's engines were compared, else ""."""
+    engine = (metadata or {}).get("automatic_engine") or {}
+    if engine.get("unet_dice") is None or engine.get("adapter_dice") is None:
+        return ""
+    return f" (held-out Dice U-Net {engine['unet_dice']:.3f}, adapter {engine['adapter_dice']:.3f})"
+
+
 def adapter_details(metadata: dict) -> str:
     """One line of an adapter's metadata for the adapter list: base model, Dice (adapted and base), steps..."""
     metadata = metadata or {}
@@ -69,6 +77,8 @@ def adapter_details(metadata: dict) -> str:
     parts += [f"{key}: {metadata[key]}" for key in ("steps", "encoder") if metadata.get(key) is not None]
     if metadata.get("box_prompts") == "base":
         parts.append("box prompts: the base model's decoder")
+    if metadata.get("automatic_net"):
+        parts.append("automatic mode: its U-Net" + held_out_figures(metadata))
     cases = (metadata.get("training_cases") or {}).get("count")
     if cases:
         parts.append(f"training cases: {cases}")
@@ -84,6 +94,8 @@ def training_line(stage: str, done: int, planned: int, metrics: dict) -> str:
     ("" before the first validation)."""
     metrics = metrics or {}
     val, base = metrics.get("val_dice"), metrics.get("base_val_dice")
+    if stage == "automatic_net":
+        return f"training a U-Net for automatic mode: {done} of {planned} s"
     if stage != "training" or val is None:
         return ""
     line = f"training: step {done} of {planned}; validation Dice {val:.3f}"

@@ -23,6 +23,7 @@ DESCRIPTION = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..finetune.automatic_choice import AUTOMATIC_NET_MODES
     from ..finetune.continual import CONTINUE_FRACTION
     from ..finetune.trainer import (DEFAULT_EMBEDDING_ADAPTER, DEFAULT_STEPS, EMBEDDING_ADAPTER_SCOPES, ENCODER_MODES,
                                     FinetuneConfig)
@@ -66,6 +67,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="automatic: the embedding adapter acts on prompt-free (automatic) segmentation "
                              "only, box and click prompts see the raw embedding; all: every prompt "
                              f"(default {defaults.embedding_adapter_scope})")
+    parser.add_argument("--automatic-net", default=defaults.automatic_net, choices=list(AUTOMATIC_NET_MODES),
+                        help="auto: with 3 or more volumes, one is held out and a MONAI U-Net trained next to the "
+                             "adapter becomes automatic mode's engine when it segments the held-out volumes better "
+                             "(about twice the training time); off: the adapter alone (default auto)")
     parser.add_argument("--from", dest="parent", default=None, metavar="ADAPTER",
                         help="continue this adapter with the given cases (its settings and base model; "
                              "its own training cases are replayed when their files are still there)")
@@ -86,14 +91,15 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
                           device=args.device, steps=args.steps, encoder=args.encoder, lora_rank=args.rank,
                           lora_alpha=2.0 * args.rank, embedding_adapter_channels=args.embedding_adapter,
                           embedding_adapter_scope=args.embedding_adapter_scope, label_value=args.label_value,
-                          seed=args.seed, **budget,
+                          seed=args.seed, automatic_net=args.automatic_net, **budget,
                           label_name=args.label_name or (f"label {args.label_value}" if args.label_value
                                                          else "label"))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """With ``--from``: the settings the flags change; the rest come from the parent adapter."""
-    overrides = {"device": args.device, "seed": args.seed, "checkpoint": args.checkpoint}
+    overrides = {"device": args.device, "seed": args.seed, "checkpoint": args.checkpoint,
+                 "automatic_net": args.automatic_net}
     if args.model is not None:
         overrides["model_name"] = args.model
     for name in ("steps", "embedding_budget"):
@@ -138,11 +144,11 @@ def run_on_service(args: argparse.Namespace, images: list, labels: list) -> int:
     settings = {"model": args.model, "steps": args.steps, "encoder": args.encoder, "rank": args.rank,
                 "embedding_adapter_channels": args.embedding_adapter,
                 "embedding_adapter_scope": args.embedding_adapter_scope, "label_value": args.label_value,
-                "seed": args.seed, "embedding_budget": args.embedding_budget,
+                "seed": args.seed, "embedding_budget": args.embedding_budget, "automatic_net": args.automatic_net,
                 "label_name": args.label_name or (f"label {args.label_value}" if args.label_value else "label")}
     if args.parent is not None:  # as overrides_from_args: the parent's settings shape the rest
         settings = {"model": args.model, "steps": args.steps, "seed": args.seed,
-                    "embedding_budget": args.embedding_budget}
+                    "embedding_budget": args.embedding_budget, "automatic_net": args.automatic_net}
 
     def started(job: str, name: str) -> None:
         print(f"fine-tuning job {job} on {args.server} (adapter {name} there)", flush=True)

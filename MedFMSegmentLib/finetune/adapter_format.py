@@ -27,6 +27,7 @@ import torch
 
 from ..errors import InputError
 from ..inference.automatic import KEEP_COMPONENTS
+from .automatic_choice import check_net_settings
 from .box_prompts import BOX_PROMPTS
 from ..files import new_sibling, process_alive, temporary_name
 from ..preprocessing import INTENSITY_MODES, IntensitySettings
@@ -121,6 +122,7 @@ def validate_metadata(metadata: Any, where: str = "adapter") -> dict:
     _check_settings(metadata, where)
     if lora is not None and metadata.get("box_prompts") == "base":
         raise InputError(f"{where}: box_prompts 'base' is for frozen-encoder adapters; this one has LoRA layers")
+    check_net_settings(metadata.get("automatic_net"), where)
     adapter = metadata.get("embedding_adapter")
     if adapter:
         if not isinstance(adapter, dict):

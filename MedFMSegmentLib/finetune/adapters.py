@@ -16,6 +16,7 @@ from ..models import PromptableModel
 from ..preprocessing import IntensitySettings
 from .adapter_format import (METADATA_DEFAULTS, METADATA_FILE, WEIGHTS_FILE, model_identity, read_metadata,
                              read_weights, write_adapter)
+from .automatic_choice import NET_PREFIX
 from .box_prompts import base_decoder_copy, use_base_prompt_decoder
 
 __all__ = ["AdapterInfo", "EmbeddingAdapter", "add_embedding_adapter", "inject_lora", "is_trained",
@@ -102,11 +103,12 @@ def inject_lora(model: PromptableModel, rank: int, alpha: float, targets=("qkv",
 def is_trained(parameter_name: str) -> bool:
     """Whether fine-tuning trains (and an adapter file stores) this parameter of the model."""
     return ("lora_" in parameter_name or parameter_name.startswith("mask_decoder.")
-            or parameter_name.startswith("embedding_adapter."))
+            or parameter_name.startswith("embedding_adapter.") or parameter_name.startswith(NET_PREFIX))
 
 
 def trainable_state(model: PromptableModel) -> dict:
-    """LoRA weights of the encoder, the embedding adapter's and all mask decoder weights: a copy
+    """LoRA weights of the encoder, the embedding adapter's, all mask decoder weights and automatic
+    mode's U-Net when it has one: a copy
     (on a CPU ``.cpu()`` alone would alias the live weights, and a kept best state would follow
     training)."""
     state = {}
@@ -138,6 +140,10 @@ def apply_adapter(model: PromptableModel, adapter_dir: str | os.PathLike, metada
                               bool(embedding_adapter.get("prompt_free_only", False)))
     if metadata.get("box_prompts") == "base":  # the base decoder, before the adapter's weights replace it
         use_base_prompt_decoder(model, base_decoder_copy(model))
+    if metadata.get("automatic_net"):  # automatic mode's U-Net (see .automatic_choice)
+        from .baseline import SegmentationNet
+
+        model.automatic_net = SegmentationNet.from_settings(metadata["automatic_net"]).to(model.device)
     load_trained_state(model, state, f"adapter {adapter_dir}")
     return model.eval()
 

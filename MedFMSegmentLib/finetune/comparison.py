@@ -17,7 +17,7 @@ import torch
 
 from ..metrics import dice
 
-__all__ = ["NoJitter", "evaluate", "evaluate_with_state", "evaluate_start", "comparison_metadata", "summary_line", "PROMPTS"]
+__all__ = ["NoJitter", "evaluate", "evaluate_with_state", "evaluate_start", "comparison_metadata", "summary_line", "engine_line", "PROMPTS"]
 
 PROMPTS = "tight box from the label on slices with the structure; no prompt on every slice (automatic)"
 
@@ -103,4 +103,17 @@ def summary_line(metadata: dict) -> str:
         (comparison.get("adapted_decoder") or {}).get("box") is not None
     boxes = ("; box prompts keep the base model's decoder, " + ("better with boxes there" if checked else
              "no validation slice held the structure to check boxes")) if base_boxes else ""
-    return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices){boxes}"
+    return f"validation Dice {adapted:.3f} adapted, {base:.3f} base model ({count} slices){boxes}" + engine_line(metadata)
+
+
+def engine_line(metadata: dict) -> str:
+    """``; automatic mode: its U-Net, held-out Dice 0.861 against the adapter's 0.802 (1 volume)``
+    when the automatic engines were compared, else ""."""
+    engine = metadata.get("automatic_engine") or {}
+    if engine.get("unet_dice") is None or engine.get("adapter_dice") is None:
+        return "; automatic mode: its U-Net, trained on from the parent's" if engine.get("chosen") == "unet" else ""
+    mine, other = (("its U-Net", "the adapter's"), ("the adapter", "the U-Net's"))[engine["chosen"] != "unet"]
+    first, second = (engine["unet_dice"], engine["adapter_dice"])[::1 if engine["chosen"] == "unet" else -1]
+    count = len(engine.get("held_out") or [])
+    return (f"; automatic mode: {mine}, held-out Dice {first:.3f} against {other} {second:.3f} "
+            f"({count} volume{'s' * (count != 1)})")

@@ -23,6 +23,8 @@ from .augment import augment_slice as _augment, jittered_box as _box
 from .box_prompts import base_decoder_copy, choose_box_prompts, use_base_prompt_decoder
 from .comparison import comparison_metadata, evaluate, evaluate_start
 from .adapters import add_embedding_adapter, check_base, inject_lora, is_trained, load_trained_state, trainable_state
+from .automatic_choice import AUTOMATIC_NET_MODES, choose_automatic_net, held_out_cases, split_state
+from .validation import split_validation
 from .encoder_split import check_first_stage, encode_head, encode_tail
 from .lineage import ParentAdapter, case_files, lineage
 
@@ -83,6 +85,10 @@ class FinetuneConfig:
     axis: str = METADATA_DEFAULTS["axis"]
     intensity: IntensitySettings = field(default_factory=IntensitySettings)
     keep_components: str = METADATA_DEFAULTS["keep_components"]
+    # automatic mode's engine for volumes (see .automatic_choice): "auto" also trains a U-Net from
+    # scratch and keeps it when held-out volumes show it better; "off": the adapter alone
+    automatic_net: str = "auto"
+    automatic_net_seconds: float | None = None  # the U-Net's budget; None: the adapter's training time
 
 
 @dataclass
@@ -132,6 +138,11 @@ def check_config(config: FinetuneConfig) -> None:
         raise InputError(f"embedding adapter scope must be automatic or all, got {config.embedding_adapter_scope!r}")
     if config.encoder not in ENCODER_MODES:
         raise InputError(f"encoder mode must be one of {', '.join(ENCODER_MODES)}, got {config.encoder!r}")
+    if config.automatic_net not in AUTOMATIC_NET_MODES:
+        raise InputError(f"automatic net must be auto or off, got {config.automatic_net!r}")
+    seconds = config.automatic_net_seconds
+    if seconds is not None and (isinstance(seconds, bool) or not 0 < float(seconds) <= 86_400):
+        raise InputError(f"the automatic net's training time must be from 1 s to a day, got {seconds}")
 
 
 def _load_base(config: FinetuneConfig, mode: str, base_model: PromptableModel | None) -> PromptableModel:
@@ -287,7 +298,7 @@ def prepare_model(config: FinetuneConfig, mode: str, base_model: PromptableModel
     if parent is not None:
         # for the base model's validation figure (cloned: on a CPU trainable_state shares the weights' storage)
         model.base_trainable_state = {k: v.clone() for k, v in trainable_state(model).items()}
-        load_trained_state(model, parent.state, f"parent adapter {parent.path}")
+        load_trained_state(model, split_state(parent.state)[0], f"parent adapter {parent.path}")
     for name, p in model.named_parameters():
         p.requires_grad_(is_trained(name))
     model.eval()
@@ -330,18 +341,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
 
     slices = _slices(cases, config)
-    fg = [s for s in slices if s.has_foreground]
-    # validation: a held-out slice set (foreground slices mostly, a few empty ones)
-    order = rng.permutation(len(slices))
-    n_val = int(round(len(slices) * config.validation_fraction)) if config.validation_fraction > 0 else 0
-    val_ids = set(order[:n_val].tolist()) if len(fg) > 2 else set()
-    train = [s for i, s in enumerate(slices) if i not in val_ids]
-    val = [s for i, s in enumerate(slices) if i in val_ids]
-    val_fg = [s for s in val if s.has_foreground][: max(1, config.max_validation_slices * 3 // 4)]
-    val_bg = [s for s in val if not s.has_foreground][: config.max_validation_slices - len(val_fg)]
-    val = val_fg + val_bg
-    train_fg = [s for s in train if s.has_foreground] or fg
-    train_bg = [s for s in train if not s.has_foreground]
+    held_out = held_out_cases(cases, config)
+    train_fg, train_bg, val = split_validation(slices, held_out, config, rng)
     val_slices = [(s.case, s.axis, s.index) for s in val]
     forward = _forward
     if mode in ("frozen", "partial"):
@@ -449,6 +450,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         use_base_prompt_decoder(model, base_decoder)
         if adapted_figures is not None:  # the figures of what the adapter will do; the adapted decoder's kept
             own_decoder_figures, adapted_figures = adapted_figures, evaluate(model, val, forward, config)
+    automatic_net, automatic_engine = choose_automatic_net(model, cases, held_out, config, time.monotonic() - start,
+                                                           parent, progress, cancel)
     from .. import __version__
 
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
@@ -478,6 +481,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
         if adapter_channels > 0 else None,
         "automatic": config.automatic_fraction > 0,
         "box_prompts": box_prompts,
+        "automatic_net": automatic_net,
+        "automatic_engine": automatic_engine,
         "keep_components": config.keep_components,
         "seed": config.seed,
         "training_seconds": round(time.monotonic() - start, 1),

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..geometry import slice_into_volume
+from ..geometry import slice_from_volume, slice_into_volume
 from ..prompts import expand_box, mask_bbox, scale_box
 from .settings import ProgressCallback, UpdateCallback, check_cancel, emit_changes
 
@@ -88,11 +88,16 @@ def segment_automatic(session: "SegmentationSession", keep: str = "largest", ref
         on_update: Called with ``(voxel_axis, index, plane)`` as each slice is written, then for
             the slices that keeping the largest component changes.
 
+    An adapter whose held-out volumes showed its U-Net better (``session.model.automatic_net``)
+    segments the volume with that network instead; the box settings then do not apply.
+
     Returns:
         ``(K, J, I)`` boolean mask.
     """
     n = session.num_slices
     axis = session.voxel_axis
+    if getattr(session.model, "automatic_net", None) is not None:
+        return _segment_with_net(session, keep, progress, cancel, on_update)
     defaults = AUTOMATIC_DEFAULTS["image" if n == 1 else "volume"]
     box_threshold = defaults.box_threshold if box_threshold is None else box_threshold
     refine_iterations = defaults.refine_iterations if refine_iterations is None else refine_iterations
@@ -130,4 +135,18 @@ def segment_automatic(session: "SegmentationSession", keep: str = "largest", ref
         kept = keep_largest_component(result)
         emit_changes(result, kept, axis, on_update)
         result = kept
+    return result
+
+
+def _segment_with_net(session: "SegmentationSession", keep: str, progress, cancel, on_update) -> np.ndarray:
+    """Automatic mode by the adapter's U-Net: one pass over the whole image, then as above."""
+    check_cancel(cancel, "automatic segmentation")
+    result = session.model.automatic_net.segment(session.image, session.intensity)
+    if keep == "largest" and result.any():
+        result = keep_largest_component(result)
+    n, axis = session.num_slices, session.voxel_axis
+    for index in range(n) if on_update is not None else ():  # every slice, as the slice path does
+        on_update(axis, index, slice_from_volume(result, axis, index).copy())
+    if progress is not None:
+        progress(n, n)
     return result

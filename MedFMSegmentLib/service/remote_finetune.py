@@ -30,9 +30,9 @@ __all__ = ["finetune_remote", "remote_name", "parent_on_service", "write_downloa
 #: Settings a remote fine-tuning may ask for (the service's fine-tuning config fields).
 SETTINGS = ("steps", "encoder", "rank", "label_value", "label_name", "seed", "embedding_budget",
             "embedding_adapter_channels", "embedding_adapter_scope", "model", "validate_every",
-            "max_validation_slices")
+            "max_validation_slices", "automatic_net")
 #: Of those, what a continued adapter may set (the parent's settings fix the rest).
-CONTINUE_SETTINGS = ("steps", "seed", "embedding_budget", "validate_every", "max_validation_slices")
+CONTINUE_SETTINGS = ("steps", "seed", "embedding_budget", "validate_every", "max_validation_slices", "automatic_net")
 
 
 def remote_name(client: ServiceClient, wanted: str) -> str:

@@ -119,6 +119,12 @@ def _scope(value: Any) -> str:
     return _choice(value, "embedding_adapter_scope", EMBEDDING_ADAPTER_SCOPES)
 
 
+def _automatic_net(value: Any) -> str:
+    from ..finetune.automatic_choice import AUTOMATIC_NET_MODES
+
+    return _choice(value, "automatic_net", AUTOMATIC_NET_MODES)
+
+
 PROMPT_FIELDS: dict[str, Callable[[Any], Any]] = {
     "box": lambda v: None if v is None else _numbers(v, 6, "box"),
     "points": lambda v: [_numbers(p, 3, "a point") for p in (v if isinstance(v, list) else [None])],
@@ -278,6 +284,7 @@ FINETUNE_FIELDS: dict[str, Callable[[Any], Any]] = {
     "embedding_budget": lambda v: _int(v, "embedding_budget", 1, 100000),
     "embedding_adapter_channels": lambda v: _int(v, "embedding_adapter_channels", 0, 1024),
     "embedding_adapter_scope": _scope,
+    "automatic_net": _automatic_net,
     "axis": lambda v: _choice(v, "axis", ORIENTATIONS),
     "from": check_adapter_name,  # continue this adapter (finetune --from), its settings kept
 }
@@ -327,8 +334,8 @@ def finetune_job(state: ServiceState, body: Any) -> Callable[[Job], Any]:
 
         def report(item: dict) -> None:
             job.add_report(item)
-            if item.get("stage") == "embedding":
-                job.progress(item["done"], item["total"], "embedding")
+            if item.get("stage") in ("embedding", "automatic_net"):
+                job.progress(item["done"], item["total"], item["stage"])
                 return
             job.progress(item["step"], item["steps"], "training")
             with job._lock:

@@ -145,6 +145,11 @@ DAMAGE = {
     "base box prompts with LoRA": lambda f: _tamper_metadata(f, lambda m: m.update(lora={"rank": 4},
                                                                                     box_prompts="base")),
     "weights file missing": lambda f: (f / WEIGHTS_FILE).unlink(),
+    "unknown automatic net": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={"kind": "resnet"})),
+    "huge automatic net": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={
+        "kind": "monai_unet", "spatial_dims": 3, "channels": [16, 10 ** 6]})),
+    "automatic net without its weights": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={
+        "kind": "monai_unet", "spatial_dims": 3, "channels": [4, 8]})),
 }
 
 
