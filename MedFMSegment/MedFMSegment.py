@@ -22,6 +22,7 @@ from MedFMSegmentHelpers.adaptation_section import AdaptationBatchMixin
 from MedFMSegmentHelpers.setup_section import SetupSectionMixin
 from MedFMSegmentHelpers.parameters import MedFMSegmentParameterNode  # noqa: F401 - saved with the scene
 from MedFMSegmentHelpers.selftest import MedFMSegmentTest  # noqa: F401 - Slicer finds <Module>Test here
+from MedFMSegmentHelpers.settings import automatic_refusal
 from MedFMSegmentHelpers.tasks import AdaptationTask, AutomaticTask
 
 EFFECT_SOURCE = os.path.join(os.path.dirname(__file__), "SegmentEditorMedFMSegmentLib", "SegmentEditorEffect.py")
@@ -193,9 +194,12 @@ class MedFMSegmentWidget(SetupSectionMixin, AdaptationBatchMixin, ScriptedLoadab
         for button in (self.ui.segmentButton, self.ui.propagateButton, self.ui.openEffectButton):
             button.enabled = connected and hasVolume
         adapter = bool(p and p.adapterName)
-        reason = "" if adapter else _("Choose an adapter to use (Setup) first.")
-        self.ui.automaticButton.enabled = connected and hasVolume and adapter
-        self.ui.batchButton.enabled = connected and adapter
+        known = (getattr(self, "_adapters", None) or {}).get(p.adapterName) if adapter else None
+        reason = automatic_refusal((known or {}).get("metadata")) if adapter else \
+            _("Choose an adapter to use (Setup) first.")
+        self.ui.automaticButton.enabled = connected and hasVolume and adapter and not reason
+        self.ui.automaticButton.toolTip = reason or _("Segment the volume without prompts, with the adapter.")
+        self.ui.batchButton.enabled = connected and adapter and not reason
         self.ui.batchButton.toolTip = reason or _("Segment each checked volume automatically with the adapter.")
         self.ui.finetuneButton.enabled = connected
         self.ui.addCaseButton.enabled = hasVolume and bool(p and p.segmentation)

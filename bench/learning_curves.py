@@ -36,7 +36,8 @@ from .common import machine, peak_rss_mb
 from .data import DATA_DIR, hc18_split, hippocampus_split
 from .finetune import box_dice
 
-__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows", "headline_rows", "merged_points"]
+__all__ = ["main", "SETTINGS", "QUICK", "plot", "report_section", "summary_rows", "headline_rows", "merged_points",
+           "engine_lines"]
 
 RESULT = Path(__file__).resolve().parent / "results" / "learning_curves.json"
 SETTINGS = {"sizes": [1, 3, 5, 10], "seeds": [0, 1, 2], "pool": 12, "test": {"hippocampus": 20, "hc18": 30},
@@ -291,6 +292,7 @@ def report_section(result: dict) -> list[str]:
                     "with boxes, or nothing validated it) at: " + "; ".join(
                         f"{p['cases']} {unit if p['cases'] != 1 else unit[:-1]}, seed {p['seed']} (the adapted decoder: "
                         f"box Dice {p['adapted_decoder_box']:.3f})" for p in kept_base) + "."]
+        out += engine_lines(part, unit)
         loop, own_settings = part.get("correction_loop"), part.get("settings") or settings
         if loop:
             out += ["", f"Correction loop ({name}): each round adds the {own_settings['loop_add']} worst automatic "
@@ -308,6 +310,28 @@ def report_section(result: dict) -> list[str]:
         if (RESULT.parent / plot_file).is_file():
             out += ["", f"![{name} learning curve](../bench/results/{plot_file})"]
         out.append("")
+    return out
+
+
+def engine_lines(part: dict, unit: str) -> list[str]:
+    """Which engine each point's automatic mode used (chosen on held-out volumes), and the points
+    measured before that choice existed."""
+    def point(p: dict) -> str:
+        return f"{p['cases']} {unit if p['cases'] != 1 else unit[:-1]}, seed {p['seed']}"
+
+    chosen = [p for p in part["points"] if (p.get("automatic_engine") or {}).get("unet_dice") is not None]
+    older = [p for p in part["points"] if "automatic_engine" not in p]
+    out = []
+    if chosen:
+        out += ["", "Automatic mode's engine, chosen on the held-out training volume(s) (the U-Net trained for the "
+                "adapter's time on the other training volumes; both figures are held-out Dice): " + "; ".join(
+                    f"{point(p)}: {'U-Net' if p['automatic_engine']['chosen'] == 'unet' else 'adapter'} "
+                    f"({p['automatic_engine']['unet_dice']:.3f} U-Net, {p['automatic_engine']['adapter_dice']:.3f} "
+                    "adapter)" for p in chosen) + ". Training (s) includes both trainings and the check."]
+    if older and len(older) < len(part["points"]):
+        out += ["", "Measured before fine-tuning chose automatic mode's engine (the adapter alone; commit "
+                + ", ".join(sorted({str(p.get("commit")) for p in older})) + "): "
+                + "; ".join(point(p) for p in older) + "."]
     return out
 
 
@@ -329,8 +353,10 @@ def headline_rows(result: dict) -> list[tuple[str, str, str]]:
         sizes = "/".join(str(r["cases"]) for r in summary)
         counts = [r["seeds"] for r in summary]
         seeds = "" if len(set(counts)) == 1 else f" (means over {'/'.join(map(str, counts))} seeds)"
-        rows.append((f"Learning curve, {name.split(' (')[0]}, {sizes} training {unit}: adapted automatic Dice / "
-                     "MONAI U-Net from scratch (same training time)",
+        engine = (" (the adapter, or its U-Net where held-out volumes chose it)"
+                  if any((p.get("automatic_engine") or {}).get("unet_dice") is not None for p in part["points"]) else "")
+        rows.append((f"Learning curve, {name.split(' (')[0]}, {sizes} training {unit}: automatic Dice after "
+                     f"fine-tuning{engine} / MONAI U-Net from scratch (same training time)",
                      " / ".join(f"{np.mean(r['adapted_automatic']):.3f}" for r in summary) + " against "
                      + " / ".join(f"{np.mean(r['baseline_dice']):.3f}" for r in summary) + seeds, where))
         loop = part.get("correction_loop")
@@ -417,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     loop_parts = (args.loop_parts or ",".join(parts)).split(",")
     result = {"benchmark": "learning_curves", "quick": args.quick, "machine": machine(), "settings": settings,
               "adapter": "frozen encoder + embedding adapter (CPU default)",
-              "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, the adapter's training time",
+              "baseline": "MONAI UNet (16-32-64-128, 2 residual units), DiceCELoss, fine-tuning's whole training "
+                          "time (the adapter's, and the U-Net candidate's where fine-tuning trains one)",
               "memory_note": "process_peak_rss_mb: the benchmark process's peak so far, not the point's own"}
     if (args.keep_other_parts or args.add_seeds) and args.quick:
         print("learning_curves: --keep-other-parts and --add-seeds keep a real run's figures; a quick run cannot",

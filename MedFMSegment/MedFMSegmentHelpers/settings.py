@@ -57,10 +57,20 @@ def validation_figures(metadata: dict) -> tuple:
     return adapted, metadata.get("base_validation_dice")
 
 
+def automatic_refusal(metadata: dict | None) -> str:
+    """Why an adapter cannot segment without prompts ("" when it can, or its metadata is unknown):
+    one trained for box prompts only would fail on every volume of a batch."""
+    if metadata is None or metadata.get("automatic", True):
+        return ""
+    return ("This adapter was trained for box prompts only; fine-tune one with automatic mode "
+            "to segment without prompts.")
+
+
 def held_out_figures(metadata: dict) -> str:
     """`` (held-out Dice U-Net 0.861, adapter 0.802)`` when the adapter's engines were compared, else ""."""
     engine = (metadata or {}).get("automatic_engine") or {}
-    if engine.get("unet_dice") is None or engine.get("adapter_dice") is None:
+    figures = (engine.get("unet_dice"), engine.get("adapter_dice")) if isinstance(engine, dict) else (None, None)
+    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures):
         return ""
     return f" (held-out Dice U-Net {engine['unet_dice']:.3f}, adapter {engine['adapter_dice']:.3f})"
 

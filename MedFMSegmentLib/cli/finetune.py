@@ -67,10 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="automatic: the embedding adapter acts on prompt-free (automatic) segmentation "
                              "only, box and click prompts see the raw embedding; all: every prompt "
                              f"(default {defaults.embedding_adapter_scope})")
-    parser.add_argument("--automatic-net", default=defaults.automatic_net, choices=list(AUTOMATIC_NET_MODES),
-                        help="auto: with 3 or more volumes, one is held out and a MONAI U-Net trained next to the "
-                             "adapter becomes automatic mode's engine when it segments the held-out volumes better "
-                             "(about twice the training time); off: the adapter alone (default auto)")
+    parser.add_argument("--automatic-net", default=None, choices=list(AUTOMATIC_NET_MODES),
+                        help="auto: with 3 or more volumes, a fifth of them (at least one) is held out and a MONAI "
+                             "U-Net trained next to the adapter becomes automatic mode's engine when it segments "
+                             "the held-out volumes better (about twice the training time); off: the adapter alone "
+                             f"(default {defaults.automatic_net})")
     parser.add_argument("--from", dest="parent", default=None, metavar="ADAPTER",
                         help="continue this adapter with the given cases (its settings and base model; "
                              "its own training cases are replayed when their files are still there)")
@@ -91,18 +92,18 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
                           device=args.device, steps=args.steps, encoder=args.encoder, lora_rank=args.rank,
                           lora_alpha=2.0 * args.rank, embedding_adapter_channels=args.embedding_adapter,
                           embedding_adapter_scope=args.embedding_adapter_scope, label_value=args.label_value,
-                          seed=args.seed, automatic_net=args.automatic_net, **budget,
+                          seed=args.seed, automatic_net=args.automatic_net or FinetuneConfig().automatic_net,
+                          **budget,
                           label_name=args.label_name or (f"label {args.label_value}" if args.label_value
                                                          else "label"))
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """With ``--from``: the settings the flags change; the rest come from the parent adapter."""
-    overrides = {"device": args.device, "seed": args.seed, "checkpoint": args.checkpoint,
-                 "automatic_net": args.automatic_net}
+    overrides = {"device": args.device, "seed": args.seed, "checkpoint": args.checkpoint}
     if args.model is not None:
         overrides["model_name"] = args.model
-    for name in ("steps", "embedding_budget"):
+    for name in ("steps", "embedding_budget", "automatic_net"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     return overrides

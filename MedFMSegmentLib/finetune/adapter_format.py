@@ -38,7 +38,10 @@ __all__ = ["WEIGHTS_FILE", "METADATA_FILE", "FORMAT_VERSION", "LIMITS", "METADAT
 
 WEIGHTS_FILE = "adapter.safetensors"
 METADATA_FILE = "metadata.json"
-FORMAT_VERSION = 1
+#: The newest format: 2 adds automatic mode's U-Net (``automatic_net``); 1 is everything else, and
+#: fine-tuning still writes 1 when there is no U-Net, so older readers keep reading those.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 ADAPTER_FILES = frozenset({WEIGHTS_FILE, METADATA_FILE})
 #: Bounds on the sizes metadata may ask for: what fine-tuning can produce, with room to spare.
 LIMITS = {"embedding_adapter_channels": 1024, "lora_rank": 256, "encoder_stage": 64, "lora_targets": 16,
@@ -95,9 +98,11 @@ def validate_metadata(metadata: Any, where: str = "adapter") -> dict:
     """Check the fields that decide what is built from an adapter; raise one-line :class:`InputError`."""
     if not isinstance(metadata, dict):
         raise InputError(f"{where}: metadata.json must hold a JSON object")
-    if metadata.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+    if metadata.get("format", 1) not in READABLE_FORMATS:
         raise InputError(f"{where}: unknown adapter format {metadata.get('format')!r} (this version reads "
-                         f"{FORMAT_VERSION})")
+                         f"{' and '.join(map(str, READABLE_FORMATS))})")
+    if metadata.get("automatic_net") and metadata.get("format") != 2:
+        raise InputError(f"{where}: an adapter with automatic_net must be format 2")
     base = metadata.get("base_model")
     if not isinstance(base, dict) or not isinstance(base.get("name"), str):
         raise InputError(f"{where}: metadata.json lacks base_model.name")

@@ -31,24 +31,32 @@ AUTOMATIC_NET_MODES = ("auto", "off")
 MIN_CASES = 3
 NET_PREFIX = "automatic_net."
 _NET_LIMITS = {"levels": 8, "channels": 1024, "side": 4096, "patch": 1024}
+#: A continued U-Net's learning rate, as a fraction of a first training's (as ``continual.CONTINUE_FRACTION``).
+CONTINUE_LR_FRACTION = 0.4
 
 
 def _is_volume(image: MedicalImage) -> bool:
     return not (image.is_2d or image.geometry.size[2] == 1)
 
 
-def held_out_cases(cases, config) -> list[int]:
+def held_out_cases(cases, config, parent=None) -> list[int]:
     """Indices of the cases whose slices validate instead of training (sorted; may be empty).
 
-    Volumes only, from :data:`MIN_CASES` of them: a fraction ``config.validation_fraction`` of
-    them (at least one, leaving two to train on). Their own random generator, so everything else
-    is drawn as without them. 2D images (one slice each) are held out one by one by the
-    trainer's slice split already.
+    Only where the engine choice runs (``config.automatic_net`` "auto", automatic mode trained)
+    and only volumes, from :data:`MIN_CASES` of them: a fraction ``config.validation_fraction``
+    (at least one, leaving two to train on). A continued adapter holds out only cases its parent
+    trained on (the first ``parent.replayed_cases``), never a new correction. Their own random
+    generator, so everything else is drawn as without them. 2D images (one slice each) are held
+    out one by one by the trainer's slice split already.
     """
-    if len(cases) < MIN_CASES or config.validation_fraction <= 0 or not all(_is_volume(i) for i, _ in cases):
+    if (config.automatic_net == "off" or config.automatic_fraction <= 0 or len(cases) < MIN_CASES
+            or config.validation_fraction <= 0 or not all(_is_volume(i) for i, _ in cases)):
         return []
     count = min(len(cases) - 2, max(1, int(round(len(cases) * config.validation_fraction))))
-    order = np.random.default_rng([int(config.seed), 1]).permutation(len(cases))
+    pool = len(cases) if parent is None else min(len(cases), int(parent.replayed_cases))
+    if pool < count:
+        return []
+    order = np.random.default_rng([int(config.seed), 1]).permutation(pool)
     return sorted(int(i) for i in order[:count])
 
 
@@ -98,22 +106,25 @@ def _mask(label: MedicalImage, label_value) -> np.ndarray:
     return label.array != 0 if label_value is None else label.array == label_value
 
 
-def _adapter_dice(model, cases, config) -> float:
+def _adapter_dice(model, cases, config, cancel) -> float:
     from ..inference import SegmentationSession
     from ..inference.automatic import segment_automatic
 
     scores = []
     for image, label in cases:
         session = SegmentationSession(model, image, axis=config.axis, intensity=config.intensity)
-        scores.append(dice(segment_automatic(session, keep=config.keep_components), _mask(label, config.label_value)))
+        mask = segment_automatic(session, keep=config.keep_components, cancel=cancel)
+        scores.append(dice(mask, _mask(label, config.label_value)))
     return float(np.mean(scores))
 
 
-def _net_dice(net, cases, config) -> float:
+def _net_dice(net, cases, config, cancel) -> float:
     from ..inference.automatic import keep_largest_component
+    from ..inference.settings import check_cancel
 
     scores = []
     for image, label in cases:
+        check_cancel(cancel, "fine-tuning")
         mask = net.segment(image, config.intensity)
         if config.keep_components == "largest" and mask.any():
             mask = keep_largest_component(mask)
@@ -140,15 +151,20 @@ def choose_automatic_net(model, cases, held_out: list[int], config, seconds: flo
     from .baseline import BaselineConfig, train_baseline
 
     model.automatic_net = None
-    initial = parent_net(parent)
     if config.automatic_net == "off" or config.automatic_fraction <= 0:
         return None, {"chosen": "adapter", "why": "not asked for"}
+    if not all(_is_volume(i) for i, _ in cases):
+        return None, {"chosen": "adapter", "why": "2D images: the adapter"}
+    initial = parent_net(parent)
+    if initial is not None and initial.spatial_dims != 3:
+        initial = None
     if not held_out and initial is None:
-        why = ("2D images: the adapter" if not all(_is_volume(i) for i, _ in cases)
-               else f"fewer than {MIN_CASES} volumes: none to hold out")
-        return None, {"chosen": "adapter", "why": why}
+        return None, {"chosen": "adapter", "why": f"fewer than {MIN_CASES} volumes to hold one out"
+                      + (" of the parent's" if parent is not None else "")}
     train = [c for n, c in enumerate(cases) if n not in set(held_out)]
     budget = float(config.automatic_net_seconds or max(1.0, seconds))
+    # a continued U-Net learns as a continued adapter does: at a fraction of a first training's rate
+    lr = BaselineConfig().lr * (CONTINUE_LR_FRACTION if initial is not None else 1.0)
     last = [-1]
 
     def report(item: dict) -> None:
@@ -159,7 +175,7 @@ def choose_automatic_net(model, cases, held_out: list[int], config, seconds: flo
 
     started = time.monotonic()
     trained = train_baseline(train, BaselineConfig(seconds=budget, seed=config.seed, label_value=config.label_value,
-                                                   intensity=config.intensity, device=str(model.device)),
+                                                   intensity=config.intensity, device=str(model.device), lr=lr),
                              progress=report, cancel=cancel, initial=initial)
     net = trained.net.eval()
     record = {"unet_steps": trained.steps, "unet_seconds": trained.seconds}
@@ -167,7 +183,7 @@ def choose_automatic_net(model, cases, held_out: list[int], config, seconds: flo
         model.automatic_net = net
         return net.settings(), {"chosen": "unet", "why": "continued from the parent's U-Net", **record}
     checked = [cases[n] for n in held_out]
-    adapter, unet = _adapter_dice(model, checked, config), _net_dice(net, checked, config)
+    adapter, unet = _adapter_dice(model, checked, config, cancel), _net_dice(net, checked, config, cancel)
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in zip(held_out, checked)]
     record = {**record, "held_out": names, "adapter_dice": round(adapter, 4), "unet_dice": round(unet, 4),
               "check_seconds": round(time.monotonic() - started - trained.seconds, 1)}

@@ -112,10 +112,12 @@ class SegmentationNet(torch.nn.Module):
             out = self(x[None].to(device))[0].float().cpu()
             return F.interpolate(out[None], size=shape[1:], mode="bilinear", align_corners=False)[0, 0][None]
         x = _pad_to(x, tuple(_multiple(max(n, p), self.stride) for n, p in zip(shape, self.patch or shape)))
-        if self.patch is not None and any(n > p for n, p in zip(x.shape[1:], self.patch)):
+        # a patch-trained net, or a whole-volume one given a far larger volume than it trained on
+        window = self.patch or _patch_for(tuple(x.shape[1:]), self.stride)
+        if window is not None and any(n > p for n, p in zip(x.shape[1:], window)):
             from monai.inferers import sliding_window_inference
 
-            out = sliding_window_inference(x[None].to(device), self.patch, 1, self, overlap=0.25, mode="gaussian")
+            out = sliding_window_inference(x[None].to(device), window, 1, self, overlap=0.25, mode="gaussian")
         else:
             out = self(x[None].to(device))
         return out[0, 0, :shape[0], :shape[1], :shape[2]].float().cpu()
@@ -206,7 +208,7 @@ def train_baseline(cases: list[tuple[MedicalImage, MedicalImage]], config: Basel
             for image, label in cases]
     if spatial_dims == 3:  # one padded shape, divisible by the U-Net's total stride
         shape = tuple(_multiple(max(x.shape[1 + d] for x, _ in data), net.stride) for d in range(3))
-        if initial is None:
+        if net.patch is None:  # a continued whole-volume net given large volumes trains on patches too
             net.patch = _patch_for(shape, net.stride)
         if net.patch is not None:
             shape = tuple(max(n, p) for n, p in zip(shape, net.patch))

@@ -110,7 +110,7 @@ def engine_line(metadata: dict) -> str:
     """``; automatic mode: its U-Net, held-out Dice 0.861 against the adapter's 0.802 (1 volume)``
     when the automatic engines were compared, else ""."""
     engine = metadata.get("automatic_engine") or {}
-    if engine.get("unet_dice") is None or engine.get("adapter_dice") is None:
+    if not all(isinstance(engine.get(k), (int, float)) for k in ("unet_dice", "adapter_dice")):
         return "; automatic mode: its U-Net, trained on from the parent's" if engine.get("chosen") == "unet" else ""
     mine, other = (("its U-Net", "the adapter's"), ("the adapter", "the U-Net's"))[engine["chosen"] != "unet"]
     first, second = (engine["unet_dice"], engine["adapter_dice"])[::1 if engine["chosen"] == "unet" else -1]

@@ -141,7 +141,8 @@ def check_config(config: FinetuneConfig) -> None:
     if config.automatic_net not in AUTOMATIC_NET_MODES:
         raise InputError(f"automatic net must be auto or off, got {config.automatic_net!r}")
     seconds = config.automatic_net_seconds
-    if seconds is not None and (isinstance(seconds, bool) or not 0 < float(seconds) <= 86_400):
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds <= 86_400):
         raise InputError(f"the automatic net's training time must be from 1 s to a day, got {seconds}")
 
 
@@ -341,7 +342,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     decoder_lr = config.decoder_lr or DEFAULT_DECODER_LR[mode]
 
     slices = _slices(cases, config)
-    held_out = held_out_cases(cases, config)
+    held_out = held_out_cases(cases, config, parent)
     train_fg, train_bg, val = split_validation(slices, held_out, config, rng)
     val_slices = [(s.case, s.axis, s.index) for s in val]
     forward = _forward
@@ -457,7 +458,7 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     names = [(label.source or image.source or f"case {n}") for n, (image, label) in enumerate(cases)]
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     metadata = {
-        "format": 1,
+        "format": 2 if automatic_net else 1,  # readers of format 1 alone would not know the U-Net
         "base_model": {"name": base_name, "sha256": base_sha},
         "label_name": config.label_name,
         "label_value": config.label_value,

@@ -96,7 +96,8 @@ def segment_automatic(session: "SegmentationSession", keep: str = "largest", ref
     """
     n = session.num_slices
     axis = session.voxel_axis
-    if getattr(session.model, "automatic_net", None) is not None:
+    net = getattr(session.model, "automatic_net", None)
+    if net is not None and net.spatial_dims == (2 if n == 1 else 3):  # else: the slice path below
         return _segment_with_net(session, keep, progress, cancel, on_update)
     defaults = AUTOMATIC_DEFAULTS["image" if n == 1 else "volume"]
     box_threshold = defaults.box_threshold if box_threshold is None else box_threshold

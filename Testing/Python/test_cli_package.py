@@ -97,6 +97,7 @@ def _registries() -> list[tuple[str, str, object, object]]:
     from MedFMSegmentLib.inference import AXES, BOX3D_STRATEGIES, PredictorSettings
     from MedFMSegmentLib.inference.automatic import KEEP_COMPONENTS
     from MedFMSegmentLib.inference.settings import DEFAULT_AXIS
+    from MedFMSegmentLib.finetune.automatic_choice import AUTOMATIC_NET_MODES
     from MedFMSegmentLib.models import DEFAULT_DEVICE, DEFAULT_MODEL, MODEL_SPECS
     from MedFMSegmentLib.preprocessing import INTENSITY_MODES, IntensitySettings
     from MedFMSegmentLib.service.server import LOG_LEVELS, ServeSettings
@@ -112,6 +113,7 @@ def _registries() -> list[tuple[str, str, object, object]]:
             ("batch", "--format", OUTPUT_FORMATS, batch.output_format), ("batch", "--device", None, batch.device),
             ("finetune", "--encoder", ENCODER_MODES, finetune.encoder),
             ("finetune", "--embedding-adapter-scope", EMBEDDING_ADAPTER_SCOPES, finetune.embedding_adapter_scope),
+            ("finetune", "--automatic-net", AUTOMATIC_NET_MODES, None),  # None: the library default
             ("finetune", "--seed", None, finetune.seed), ("finetune", "--rank", None, finetune.lora_rank),
             ("finetune", "--device", None, finetune.device),
             ("serve", "--model", MODEL_SPECS, None), ("serve", "--log-level", LOG_LEVELS, serve.log_level),

@@ -49,6 +49,20 @@ def test_held_out_volumes_are_chosen_apart_from_everything_else():
     assert len(held_out_cases([(image, image)] * 10, config)) == 2
     assert held_out_cases([(flat, flat)] * 10, config) == []  # 2D images: the slice split holds them out
     assert held_out_cases([(image, image)] * 5, config) == held_out_cases([(image, image)] * 5, config)
+    assert held_out_cases([(image, image)] * 5, FinetuneConfig(automatic_net="off")) == []
+    assert held_out_cases([(image, image)] * 5, FinetuneConfig(automatic_fraction=0.0)) == []
+
+
+def test_a_continued_adapter_never_holds_out_a_new_correction():
+    from MedFMSegmentLib.finetune.lineage import ParentAdapter
+
+    image = MedicalImage.from_array(np.zeros((4, 5, 6), np.float32))
+    parent = ParentAdapter("parent", {}, {}, "0" * 64, replayed_cases=4)
+    for seed in range(20):
+        held = held_out_cases([(image, image)] * 6, FinetuneConfig(seed=seed), parent)
+        assert len(held) == 1 and held[0] < 4  # one of the 4 replayed cases, never case 4 or 5
+    parent.replayed_cases = 0  # the service replays nothing: every case may be a correction
+    assert held_out_cases([(image, image)] * 6, FinetuneConfig(), parent) == []
 
 
 @needs_data
@@ -72,7 +86,9 @@ def test_the_engine_is_chosen_on_the_held_out_volume_it_never_trained_on(trained
     if model.automatic_net is not None:
         mask = keep_largest_component(model.automatic_net.segment(image, FinetuneConfig().intensity))
         assert engine["unet_dice"] == pytest.approx(dice(mask, truth), abs=1e-4)
-        assert metadata["automatic_net"] == model.automatic_net.settings()
+        assert metadata["automatic_net"] == model.automatic_net.settings() and metadata["format"] == 2
+    else:
+        assert metadata["format"] == 1
     seconds = [r for r in reports if r.get("stage") == "automatic_net"]
     assert seconds[0]["total"] == 4 and seconds[-1]["done"] == 4
 
@@ -99,8 +115,13 @@ def test_a_kept_unet_reloads_segments_automatically_and_leaves_prompts_to_liteme
     rows, cols = np.nonzero(label.array[k])
     prompts = Prompts(box=(int(cols.min()), int(rows.min()), k, int(cols.max()), int(rows.max()), k))
     with_net = SegmentationSession(reloaded, image, axis="axial").segment(prompts)
-    reloaded.automatic_net = None
+    net, reloaded.automatic_net = reloaded.automatic_net, None
     np.testing.assert_array_equal(with_net, SegmentationSession(reloaded, image, axis="axial").segment(prompts))
+    # a single 2D slice is not for the 3D U-Net: the adapter's own slice path segments it
+    flat = MedicalImage.from_array(image.array[k:k + 1])
+    without = segment_automatic(SegmentationSession(reloaded, flat, axis="axial"))
+    reloaded.automatic_net = net
+    np.testing.assert_array_equal(segment_automatic(SegmentationSession(reloaded, flat, axis="axial")), without)
 
 
 @needs_data
@@ -114,6 +135,7 @@ def test_a_continued_adapter_trains_its_parents_unet_on(trained, tmp_path, litem
                                          automatic_net_seconds=2)
     engine = child_meta["automatic_engine"]
     assert engine["chosen"] == "unet" and "parent" in engine["why"] and engine["unet_steps"] >= 1
+    assert "held_out" not in engine  # one new case: nothing of the parent's to hold out
     parent_weights = {k: v for k, v in model.automatic_net.state_dict().items()}
     changed = [k for k, v in child.automatic_net.state_dict().items()
                if v.is_floating_point() and not torch.equal(v, parent_weights[k])]
@@ -135,8 +157,9 @@ def test_two_volumes_or_off_keep_the_adapter_and_say_why(litemedsam):
 def test_bad_automatic_net_settings_are_refused():
     with pytest.raises(InputError, match="auto or off"):
         check_config(FinetuneConfig(automatic_net="always"))
-    with pytest.raises(InputError, match="training time"):
-        check_config(FinetuneConfig(automatic_net_seconds=0))
+    for seconds in (0, "ten", True):
+        with pytest.raises(InputError, match="training time"):
+            check_config(FinetuneConfig(automatic_net_seconds=seconds))
 
 
 def test_large_volumes_train_on_patches_and_predict_by_sliding_window():
@@ -158,3 +181,5 @@ def test_large_volumes_train_on_patches_and_predict_by_sliding_window():
     model = train_baseline([(image, label)], BaselineConfig(seconds=1, max_steps=2, channels=(4, 8)))
     assert model.net.patch is not None and np.prod(model.net.patch) <= MAX_PATCH_VOXELS
     assert model.net.segment(image, FinetuneConfig().intensity).shape == shape
+    whole = SegmentationNet(3, (4, 8))  # trained on small volumes: a large one goes by sliding window too
+    assert whole.patch is None and whole.segment(image, FinetuneConfig().intensity).shape == shape

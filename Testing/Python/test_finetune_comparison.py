@@ -176,3 +176,19 @@ def test_the_summary_says_why_box_prompts_keep_the_base_decoder():
                                                               adapted_decoder={"dice": 0.3, "box": None, "automatic": 0.3})}
     assert "no validation slice held the structure" in summary_line(unchecked)
     assert "box prompts" not in summary_line({**checked, "box_prompts": "adapted"})
+
+
+def test_the_summary_says_which_engine_automatic_mode_uses_and_why():
+    from MedFMSegmentLib.finetune.comparison import comparison_metadata, summary_line
+
+    metadata = comparison_metadata({"dice": 0.5, "box": 0.8, "automatic": 0.2},
+                                   {"dice": 0.6, "box": 0.8, "automatic": 0.4}, [[0, 2, 1]])
+    unet = {**metadata, "automatic_engine": {"chosen": "unet", "held_out": ["a"], "unet_dice": 0.861,
+                                             "adapter_dice": 0.802}}
+    assert summary_line(unet).endswith("; automatic mode: its U-Net, held-out Dice 0.861 against the adapter's "
+                                       "0.802 (1 volume)")
+    adapter = {**metadata, "automatic_engine": {"chosen": "adapter", "held_out": ["a", "b"], "unet_dice": 0.7,
+                                                "adapter_dice": 0.8}}
+    assert summary_line(adapter).endswith("; automatic mode: the adapter, held-out Dice 0.800 against the U-Net's "
+                                          "0.700 (2 volumes)")
+    assert "automatic mode" not in summary_line({**metadata, "automatic_engine": {"chosen": "adapter", "why": "x"}})

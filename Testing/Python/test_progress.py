@@ -25,6 +25,8 @@ def _reports():
     yield {"stage": "embedding", "done": 12, "total": 12}
     yield {"step": 1, "steps": 4, "loss": 0.5, "val_dice": None}
     yield {"step": 2, "steps": 4, "loss": 0.25, "val_dice": 0.7}
+    for done in (0, 1, 30, 31, 40):  # the U-Net candidate's seconds (automatic mode for volumes)
+        yield {"stage": "automatic_net", "done": done, "total": 40}
 
 
 def test_finetune_plain_lines_are_the_ones_slicer_parses(monkeypatch):
@@ -34,7 +36,10 @@ def test_finetune_plain_lines_are_the_ones_slicer_parses(monkeypatch):
         for report in _reports():
             progress(report)
     assert out.getvalue().splitlines() == ["embedding training slices 10/12", "embedding training slices 12/12",
-                                           "step 1/4 loss 0.5000", "step 2/4 loss 0.2500 val_dice 0.700"]
+                                           "step 1/4 loss 0.5000", "step 2/4 loss 0.2500 val_dice 0.700",
+                                           "training the U-Net for automatic mode 0/40 s",
+                                           "training the U-Net for automatic mode 30/40 s",
+                                           "training the U-Net for automatic mode 40/40 s"]
 
 
 def test_finetune_bar_shows_loss_and_validation_dice():

@@ -148,7 +148,9 @@ DAMAGE = {
     "unknown automatic net": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={"kind": "resnet"})),
     "huge automatic net": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={
         "kind": "monai_unet", "spatial_dims": 3, "channels": [16, 10 ** 6]})),
-    "automatic net without its weights": lambda f: _tamper_metadata(f, lambda m: m.update(automatic_net={
+    "automatic net without its weights": lambda f: _tamper_metadata(f, lambda m: m.update(format=2, automatic_net={
+        "kind": "monai_unet", "spatial_dims": 3, "channels": [4, 8]})),
+    "automatic net in format 1": lambda f: _tamper_metadata(f, lambda m: m.update(format=1, automatic_net={
         "kind": "monai_unet", "spatial_dims": 3, "channels": [4, 8]})),
 }
 

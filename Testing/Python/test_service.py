@@ -317,7 +317,8 @@ def test_finetune_job_continues_an_adapter_and_reports_base_and_adapted_dice(cli
     parent_sha = weights_sha256(folder)
     for refused, why in (({"name": "child", "from": "hippo-update", "encoder": "lora"}, "keeps its parent's encoder"),
                          ({"name": "child", "from": "no-such-adapter"}, "no adapter named"),
-                         ({"name": "hippo-update", "from": "hippo-update"}, "exists")):
+                         ({"name": "hippo-update", "from": "hippo-update"}, "exists"),
+                         ({"name": "child", "automatic_net": "always"}, "automatic_net must be one of auto, off")):
         with pytest.raises(ServiceError) as error:
             client.finetune([new[0]], [new[1]], refused)
         assert error.value.status == 400 and why in error.value.message

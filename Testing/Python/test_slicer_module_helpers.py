@@ -171,6 +171,11 @@ def test_adapter_list_and_summary_show_the_side_by_side_figures():
     assert adapter_details({}) == ""
     assert "; box prompts: the base model's decoder; " in adapter_details({**meta, "box_prompts": "base"})
     assert "box prompts" not in adapter_details({**meta, "box_prompts": "adapted"})
+    unet = {**meta, "automatic_net": {"kind": "monai_unet"},
+            "automatic_engine": {"chosen": "unet", "unet_dice": 0.861, "adapter_dice": 0.802}}
+    assert "; automatic mode: its U-Net (held-out Dice U-Net 0.861, adapter 0.802); " in adapter_details(unet)
+    assert "U-Net" not in adapter_details({**meta, "automatic_engine": {"chosen": "adapter", "unet_dice": 0.7,
+                                                                        "adapter_dice": 0.8}})
 
 
 def test_training_line_shows_validation_dice_beside_the_base_models():
@@ -181,6 +186,7 @@ def test_training_line_shows_validation_dice_beside_the_base_models():
                                                             "(base model 0.500)")
     assert training_line("training", 50, 800, {"step": 50, "loss": 0.4}) == ""
     assert training_line("embedding", 3, 9, metrics) == ""
+    assert training_line("automatic_net", 12, 300, {}) == "training a U-Net for automatic mode: 12 of 300 s"
 
 
 # ---------------------------------------------------------------------------- cases and chart (real MRML)
@@ -273,3 +279,11 @@ def test_segment_reads_leave_no_nodes_behind(scene):
         bridge.segment_to_mask(segmentation, segment_id, v)
     assert scene.GetNumberOfNodes() == count
     assert scene.GetNodesByClass("vtkMRMLColorTableNode").GetNumberOfItems() == 0
+
+
+def test_a_box_only_adapter_disables_automatic_segmentation_with_the_reason():
+    from MedFMSegmentHelpers.settings import automatic_refusal
+
+    assert "box prompts only" in automatic_refusal({"automatic": False})
+    assert automatic_refusal({"automatic": True}) == ""
+    assert automatic_refusal(None) == ""  # not listed (yet): the service still says why if it refuses
