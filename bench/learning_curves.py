@@ -279,7 +279,7 @@ def report_section(result: dict) -> list[str]:
                  f"{', '.join(map(str, (part.get('settings') or settings)['seeds']))}." if own and own != result.get("machine") else "")
         out += [f"**{name}**: {tests} test {unit if tests != 1 else unit[:-1]}; zero-shot box Dice "
                 f"{part['zero_shot_box']:.3f}.{where}", "",
-                f"| Training {unit} | Adapted, automatic | Adapted, box | MONAI U-Net from scratch | Training (s) | "
+                f"| Training {unit} | Automatic after fine-tuning | Adapted, box | MONAI U-Net from scratch | Training (s) | "
                 "Adapter / U-Net steps | Peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
         for row in summary_rows(part):
             out.append(f"| {row['cases']} | {_spread(row['adapted_automatic'])} | {_spread(row['adapted_box'])} | "

@@ -349,7 +349,8 @@ def finetune(cases: list[tuple[MedicalImage, MedicalImage]], config: FinetuneCon
     if mode in ("frozen", "partial"):
         first_stage = min(encoder_stages) if mode == "partial" else None
         plan = [(s, False, None) for s in val] + _plan_embeddings(
-            train_fg, train_bg, max(1, config.embedding_budget - len(val)), config.foreground_fraction,
+            train_fg, train_bg, max(1, config.embedding_budget - min(len(val), config.max_validation_slices)),
+            config.foreground_fraction,
             config.augment, rng)
         embedded = []
         for n, (item, flip, augment_seed) in enumerate(plan):
